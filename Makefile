@@ -1,0 +1,74 @@
+# samora_pl: every target calls the `samora` CLI inside a virtual environment this Makefile builds on first use.
+# Newcomers need two commands: `make demo` (the whole chain on built-in data) and `make test`.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+SAMORA   := $(BIN)/samora
+STAMP    := $(VENV)/.installed-samora
+
+DATA     ?= demo
+RUN      ?= default
+LEVEL    ?= all
+TEACHER  ?= all
+FRACTION ?=
+DATA_DIR ?=
+PROFILE  ?=
+DEVICES  ?=
+NUM_NODES ?=
+PRECISION ?=
+SEED     ?=
+ARGS     ?=
+
+COMMON = data.name=$(DATA) run=$(RUN) \
+	$(if $(DATA_DIR),data.dir=$(DATA_DIR)) $(if $(PROFILE),profile=$(PROFILE)) \
+	$(if $(DEVICES),trainer.devices=$(DEVICES)) $(if $(NUM_NODES),trainer.num_nodes=$(NUM_NODES)) \
+	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
+	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
+
+.PHONY: setup demo test test-slow cpt distill finetune evaluate check bench tensorboard clean-venv
+
+setup: $(STAMP)
+
+# torch==2.14.1 / torchvision==0.29.1 are pinned in setup.cfg (a matched pair).
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(SAMORA) demo $(COMMON)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+cpt: $(STAMP)
+	$(SAMORA) cpt cpt.teacher=$(TEACHER) $(COMMON)
+
+distill: $(STAMP)
+	$(SAMORA) distill distill.level=$(LEVEL) $(COMMON)
+
+finetune: $(STAMP)
+	$(SAMORA) finetune $(COMMON)
+
+evaluate: $(STAMP)
+	$(SAMORA) evaluate $(COMMON)
+
+
+
+check: $(STAMP)
+	$(SAMORA) check $(COMMON)
+
+
+bench: $(STAMP)
+	for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir runs/$(RUN)
+
+clean-venv:
+	rm -rf $(VENV)

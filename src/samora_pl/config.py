@@ -1,0 +1,168 @@
+"""Compose, validate and save the configuration of one stage.
+
+Order of composition (later wins): schema defaults (`schema.py`) < `experiments/<stage>.yaml` <
+`experiments/data/<data>.yaml` < `experiments/model/<profile>.yaml` (its `stages.<stage>` block last) <
+command-line `key=value` overrides. Values are parsed as YAML scalars, never evaluated as code.
+"""
+
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from samora_pl.errors import SamoraError
+from samora_pl.schema import RootConfig
+
+STAGES = ("cpt", "distill", "finetune", "evaluate", "check")
+LEVELS = ("image", "patch", "pixel")
+ORDERS = tuple(
+    f"{a}-{b}-{c}" for a in LEVELS for b in LEVELS for c in LEVELS if len({a, b, c}) == 3
+)
+
+CHOICES = {
+    "data.fraction_by": ("slice", "case", "list"),
+    "model.variant": ("tiny", "vit_b", "vit_l", "vit_h"),
+    "model.fusion": ("hl_attn", "sum", "lac", "mole") + tuple(f"single:{lv}" for lv in LEVELS),
+    "model.hl_order": ORDERS,
+    "model.hl_init": ("residual_mean", "zero", "paper"),
+    "mode": ("samora", "samed"),
+    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+    "eval.resize": ("direct", "two_step"),
+    "cpt.teacher": ("all", "simclr", "mae"),
+    "distill.level": ("all",) + LEVELS,
+}
+
+PROFILE_FOR_DATA = {"demo": "tiny"}
+
+
+def experiments_dir() -> Path:
+    """The `experiments/` folder: $SAMORA_EXPERIMENTS, else the one in this checkout."""
+    env = os.environ.get("SAMORA_EXPERIMENTS")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "experiments"
+    if not path.is_dir():
+        raise SamoraError(f"Config folder {path} not found; set SAMORA_EXPERIMENTS to the experiments/ folder.")
+    return path
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except (OSError, OmegaConfBaseException, ValueError) as err:
+        raise SamoraError(f"Cannot read config file {path}: {err}") from err
+
+
+def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    items = list(overrides)
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise SamoraError(f"Override '{item}' is not of the form key=value (e.g. data.fraction=0.1).")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as err:
+        raise SamoraError(f"Cannot parse overrides {items}: {err}") from err
+
+
+def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as err:
+        key = err.full_key or err.key
+        parent = key.rsplit(".", 1)[0] if "." in str(key) else ""
+        node = OmegaConf.select(base, parent) if parent else base
+        known = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
+        raise SamoraError(f"Unknown config key '{key}' (from {source}). Known keys here: {known}.") from err
+    except ValidationError as err:
+        raise SamoraError(f"Bad value for config key '{err.full_key}' (from {source}): {str(err).splitlines()[0]}") from err
+    except OmegaConfBaseException as err:
+        raise SamoraError(f"Bad config (from {source}): {err}") from err
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that types cannot express; each error names the key and the allowed values."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise SamoraError(f"Config key '{key}' is {value!r}; allowed values: {', '.join(map(str, allowed))}.")
+    if not 0.0 < cfg.data.fraction <= 1.0:
+        raise SamoraError(f"Config key 'data.fraction' (FRACTION) is {cfg.data.fraction}; it must be in (0, 1].")
+    if cfg.data.fraction_by == "list" and not cfg.data.fraction_list:
+        raise SamoraError("Config key 'data.fraction_list' must name a slice-list file when data.fraction_by=list.")
+    positive = {
+        "model.img_size": cfg.model.img_size,
+        "model.lora_rank": cfg.model.lora_rank,
+        "data.batch_size": cfg.data.batch_size,
+        "trainer.max_epochs": cfg.trainer.max_epochs,
+        "distill.max_epochs": cfg.distill.max_epochs,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise SamoraError(f"Config key '{key}' is {value}; it must be a positive integer.")
+    if cfg.model.img_size % 16:
+        raise SamoraError(f"Config key 'model.img_size' is {cfg.model.img_size}; it must be a multiple of 16.")
+    if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
+        raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
+
+
+def compose(stage: str, overrides: Iterable[str] = (), root: Optional[Path] = None) -> DictConfig:
+    """Build the validated, read-only config of `stage` from the experiment files and overrides."""
+    if stage not in STAGES:
+        raise SamoraError(f"Unknown stage '{stage}'; choose one of: {', '.join(STAGES)}.")
+    root = root or experiments_dir()
+    cli = _parse_overrides(overrides)
+    cfg = OmegaConf.structured(RootConfig)
+    stage_file = root / ("finetune.yaml" if stage in ("evaluate", "check") else f"{stage}.yaml")
+    if stage_file.exists():
+        cfg = _merge(cfg, _load_yaml(stage_file), str(stage_file))
+    cfg = _merge(cfg, OmegaConf.create({"stage": stage}), "stage")
+
+    data_name = OmegaConf.select(cli, "data.name", default=cfg.data.name)
+    data_file = root / "data" / f"{data_name}.yaml"
+    if not data_file.exists():
+        known = sorted(p.stem for p in (root / "data").glob("*.yaml"))
+        raise SamoraError(f"Unknown dataset '{data_name}' (DATA); known: {', '.join(known)}.")
+    cfg = _merge(cfg, _load_yaml(data_file), str(data_file))
+
+    profile = OmegaConf.select(cli, "profile", default=None) or cfg.profile
+    profile = profile or PROFILE_FOR_DATA.get(data_name, "paper")
+    profile_file = root / "model" / f"{profile}.yaml"
+    if not profile_file.exists():
+        known = sorted(p.stem for p in (root / "model").glob("*.yaml"))
+        raise SamoraError(f"Unknown profile '{profile}' (PROFILE); known: {', '.join(known)}.")
+    profile_cfg = _load_yaml(profile_file)
+    per_stage = profile_cfg.pop("stages", None) or {}
+    cfg = _merge(cfg, profile_cfg, str(profile_file))
+    stage_key = "finetune" if stage in ("evaluate", "check") else stage
+    if stage_key in per_stage:
+        cfg = _merge(cfg, per_stage[stage_key], f"{profile_file} (stages.{stage_key})")
+    cfg = _merge(cfg, OmegaConf.create({"profile": profile}), "profile")
+
+    cfg = _merge(cfg, cli, "command line")
+    if cfg.data.dir is None:
+        cfg.data.dir = f"data/{cfg.data.name}"
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def diff_keys(old: DictConfig, new: DictConfig, ignore: Iterable[str] = ()) -> list:
+    """Dotted keys whose values differ between two configs (for refusing a changed re-run)."""
+    flat_old = _flatten(OmegaConf.to_container(old, resolve=True))
+    flat_new = _flatten(OmegaConf.to_container(new, resolve=True))
+    skip = tuple(ignore)
+    keys = sorted(set(flat_old) | set(flat_new))
+    return [k for k in keys if flat_old.get(k) != flat_new.get(k) and not k.startswith(skip)]
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}

@@ -1,0 +1,178 @@
+"""The one configuration schema of samora_pl, as OmegaConf structured dataclasses.
+
+Every key a user can set lives here with its default, so an unknown key or a value of the wrong type is
+caught by OmegaConf before any work starts; `config.py` adds the checks types cannot express (allowed
+values, ranges). Stage YAML files in `experiments/` only change values, never add keys.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"  # demo | synapse (| la | promise12 | generic as they land)
+    dir: Optional[str] = None  # default: data/<name>
+    batch_size: int = 8
+    num_workers: int = 0
+    fraction: float = 1.0  # labelled fraction, in (0, 1]
+    fraction_by: str = "slice"  # slice | case | list
+    fraction_list: Optional[str] = None  # file of slice names, with fraction_by=list
+    val_slices: int = 32  # monitoring only (TensorBoard); the final model is the last epoch
+    augment: bool = True
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "tiny"  # tiny | vit_b | vit_l | vit_h
+    img_size: int = 128
+    checkpoint: Optional[str] = None  # official SAM .pth; none -> random init from init_seed
+    init_seed: int = 0  # seeds SAM's random init, so every stage of a run sees the same frozen encoder
+    lora_rank: int = 4
+    fusion: str = "hl_attn"  # hl_attn | sum | lac | mole | single:<level>
+    hl_order: str = "pixel-patch-image"
+    hl_width: Optional[int] = None  # HL-Attn inner width; none -> encoder width (authors')
+    hl_heads: Optional[int] = None  # none -> encoder heads
+    hl_init: str = "residual_mean"  # residual_mean | zero | paper
+    mole_balance_weight: float = 0.01
+    grad_checkpoint: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 20
+    accelerator: str = "auto"
+    devices: Any = 1  # GPUs, or CPU processes where there is no GPU; >1 means DDP
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto picks ddp when devices * num_nodes > 1
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    limit_train_batches: Any = None  # int batches or float fraction; for smoke runs
+    image_log_every_n_epochs: int = 1  # TensorBoard image panels
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.005
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_epochs: float = 1.0
+    poly_power: float = 0.9
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = 0.2
+    dice_weight: float = 0.8
+
+
+@dataclass
+class ExpertPaths:
+    image: Optional[str] = None  # none -> runs/<run>/distill/image/expert.safetensors
+    patch: Optional[str] = None
+    pixel: Optional[str] = None
+
+
+@dataclass
+class FinetuneConfig:
+    tag: Optional[str] = None  # run sub-folder; none -> <mode>-<fusion>-f<fraction>
+    experts: ExpertPaths = field(default_factory=ExpertPaths)
+    zero_experts: bool = False  # ablation: untrained experts (B = 0) instead of distilled ones
+    evaluate: bool = True  # evaluate the test volumes after training
+
+
+@dataclass
+class EvalConfig:
+    resize: str = "direct"  # direct | two_step (the reference code's 512 -> 224 -> 512)
+    two_step_size: int = 224
+    batch_size: int = 8
+    workers: int = 1  # processes for the Dice/HD95 computation
+    checkpoint: Optional[str] = None  # `samora evaluate`: model weights; none -> the run's final.ckpt
+
+
+@dataclass
+class SimclrConfig:
+    width: int = 1  # ResNet-50 width multiplier: 1 or 2
+    selective_kernel: bool = False
+    checkpoint: Optional[str] = None  # converted public SimCLRv2 weights
+    proj_dim: int = 128
+    temperature: float = 0.1
+    lr: float = 0.0003
+    weight_decay: float = 1.0e-6
+    batch_size: int = 32
+    max_epochs: int = 100
+    warmup_epochs: float = 1.0
+    img_size: int = 224
+
+
+@dataclass
+class MaeConfig:
+    variant: str = "vit_base_patch16_224"  # timm name; tiny CPU profile overrides
+    checkpoint: Optional[str] = None  # official mae_pretrain_*.pth or *_full.pth
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    base_lr: float = 1.5e-4  # lr = base_lr * batch / 256
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    batch_size: int = 64
+    max_epochs: int = 100
+    warmup_epochs: float = 1.0
+    img_size: int = 224
+
+
+@dataclass
+class UnlabeledSource:
+    path: str = "???"
+    format: str = "auto"  # auto | npz | h5 | nifti | mhd | dicom | png | synapse | la | promise12
+    intensity: str = "none"  # none | ct_window | mr_percentile
+    axis: int = 0  # slicing axis for volumes
+    key: str = "image"  # array key inside npz/h5
+
+
+@dataclass
+class CptConfig:
+    teacher: str = "all"  # all | simclr | mae
+    sources: List[UnlabeledSource] = field(default_factory=list)  # empty -> the dataset's unlabeled pool
+    skip_bad_files: bool = False
+    simclr: SimclrConfig = field(default_factory=SimclrConfig)
+    mae: MaeConfig = field(default_factory=MaeConfig)
+
+
+@dataclass
+class DistillConfig:
+    level: str = "all"  # all | image | patch | pixel
+    teacher: Optional[str] = None  # teacher.pt; none -> runs/<run>/cpt/<simclr|mae>/teacher.pt
+    lr: float = 0.001
+    weight_decay: float = 0.1
+    warmup_epochs: float = 1.0
+    max_epochs: int = 30
+    batch_size: int = 16
+    noise_sigma: float = 0.08
+    blur_prob: float = 0.5
+    pixel_overlap_weight: float = 0.9
+    pixel_mse_weight: float = 0.1
+
+
+@dataclass
+class RootConfig:
+    stage: str = "finetune"  # cpt | distill | finetune | evaluate
+    run: str = "default"
+    runs_dir: str = "runs"
+    profile: Optional[str] = None  # tiny | paper; none -> tiny for demo data, paper otherwise
+    seed: int = 0
+    deterministic: bool = False
+    overwrite: bool = False
+    mode: str = "samora"  # samora | samed (one LoRA + decoder + prompt encoder, no experts needed)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cpt: CptConfig = field(default_factory=CptConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)

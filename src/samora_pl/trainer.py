@@ -1,0 +1,65 @@
+"""One place that turns the `trainer` config into a Lightning Trainer, the same for every stage.
+
+Lightning does the distributed work: `devices * num_nodes > 1` selects DDP (gloo on CPU, NCCL on GPU;
+multi-node through torchrun or SLURM), `precision` selects mixed precision. Every stage logs to
+`runs/<run>/tb/<stage>/<sub>` and checkpoints into its stage folder.
+"""
+
+from pathlib import Path
+from typing import List, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from samora_pl.runs import tb_root
+
+
+def world_size(cfg: DictConfig) -> int:
+    devices = cfg.trainer.devices
+    count = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, (list, tuple)) else 1)
+    return max(count, 1) * max(cfg.trainer.num_nodes, 1)
+
+
+def strategy_for(cfg: DictConfig) -> str:
+    if cfg.trainer.strategy != "auto":
+        return cfg.trainer.strategy
+    return "ddp" if world_size(cfg) > 1 else "auto"
+
+
+def build_trainer(
+    cfg: DictConfig,
+    folder: Path,
+    stage: str,
+    sub: str,
+    max_epochs: Optional[int] = None,
+    callbacks: Optional[List[Callback]] = None,
+    checkpoint_every_n_epochs: int = 1,
+) -> L.Trainer:
+    """A Trainer logging to TensorBoard under the run and checkpointing `last.ckpt` into `folder`."""
+    logger = TensorBoardLogger(save_dir=str(tb_root(cfg)), name=stage, version=sub, default_hp_metric=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(Path(folder) / "checkpoints"),
+        save_last=True,
+        save_top_k=0,
+        every_n_epochs=checkpoint_every_n_epochs,
+    )
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), TQDMProgressBar(refresh_rate=1)]
+    all_callbacks += list(callbacks or [])
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=strategy_for(cfg),
+        precision=cfg.trainer.precision,
+        max_epochs=max_epochs if max_epochs is not None else cfg.trainer.max_epochs,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        deterministic=cfg.deterministic,
+        logger=logger,
+        callbacks=all_callbacks,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
