@@ -1,0 +1,72 @@
+import pytest
+from omegaconf import OmegaConf
+
+from samora_pl.config import ORDERS, compose, diff_keys
+from samora_pl.errors import SamoraError
+
+
+def test_demo_uses_tiny_profile_and_overrides_win():
+    cfg = compose("finetune", ["data.fraction=0.1", "mode=samed", "trainer.max_epochs=3"])
+    assert cfg.profile == "tiny" and cfg.model.variant == "tiny"
+    assert cfg.data.fraction == 0.1 and cfg.mode == "samed" and cfg.trainer.max_epochs == 3
+    assert cfg.data.dir == "data/demo"
+
+
+def test_paper_profile_for_real_data():
+    cfg = compose("finetune", ["data.name=synapse"])
+    assert cfg.profile == "paper" and cfg.model.variant == "vit_b" and cfg.model.img_size == 224
+    assert cfg.data.batch_size == 32 and cfg.trainer.max_epochs == 20
+    assert cfg.optim.lr == 0.005 and cfg.optim.weight_decay == 0.1
+    assert (cfg.loss.ce_weight, cfg.loss.dice_weight) == (0.2, 0.8)
+
+
+def test_config_is_read_only():
+    cfg = compose("finetune")
+    with pytest.raises(Exception):
+        cfg.data.fraction = 0.5
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (["data.nope=1"], ["data.nope", "fraction"]),
+        (["nope=1"], ["nope"]),
+        (["data.fraction=0"], ["data.fraction", "(0, 1]"]),
+        (["data.fraction=1.5"], ["data.fraction", "(0, 1]"]),
+        (["model.fusion=concat"], ["model.fusion", "hl_attn", "mole"]),
+        (["model.hl_order=a-b-c"], ["model.hl_order", "pixel-patch-image"]),
+        (["trainer.max_epochs=ten"], ["trainer.max_epochs"]),
+        (["mode=full"], ["mode", "samed"]),
+        (["model.img_size=100"], ["model.img_size", "16"]),
+        (["data.name=kits"], ["kits", "synapse"]),
+        (["profile=huge"], ["huge", "tiny"]),
+        (["fraction"], ["key=value"]),
+        (["run=../elsewhere"], ["run"]),
+        (["data.fraction_by=list"], ["data.fraction_list"]),
+    ],
+)
+def test_bad_config_names_the_key(override, words):
+    with pytest.raises(SamoraError) as err:
+        compose("finetune", override)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_stage():
+    with pytest.raises(SamoraError, match="Unknown stage"):
+        compose("pretrain")
+
+
+def test_six_orders():
+    assert len(ORDERS) == 6 and "pixel-patch-image" in ORDERS
+
+
+def test_values_are_not_evaluated():
+    cfg = compose("finetune", ["run=__import__('os')"])
+    assert cfg.run == "__import__('os')"
+
+
+def test_diff_keys():
+    a = OmegaConf.create({"x": 1, "y": {"z": 2}})
+    b = OmegaConf.create({"x": 1, "y": {"z": 3}, "w": 0})
+    assert diff_keys(a, b) == ["w", "y.z"]

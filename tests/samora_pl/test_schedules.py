@@ -1,0 +1,22 @@
+import pytest
+
+from samora_pl.schedules import warmup_cosine, warmup_poly
+
+
+def test_warmup_poly_shape():
+    f = warmup_poly(total_steps=100, warmup_steps=10, power=0.9)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5**0.9)
+    assert f(100) == 0.0
+    values = [f(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_warmup_cosine_shape():
+    f = warmup_cosine(total_steps=20, warmup_steps=0)
+    assert f(0) == pytest.approx(1.0) and f(10) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
+
+
+def test_no_warmup_when_too_few_steps():
+    assert warmup_poly(total_steps=1, warmup_steps=5)(0) == pytest.approx(1.0)
