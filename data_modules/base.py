@@ -1,0 +1,395 @@
+"""The interface every labelled dataset gives fine-tuning and evaluation.
+
+A dataset subclass only says where its slices and volumes are and how to read one of each; everything the
+stages use (training slices with augmentation, the labelled fraction, a monitoring set, test volumes, batch
+layout) is implemented once here, so no stage has dataset-specific code.
+
+Batches (dicts, from both `train_dataloader` and `val_dataloader`):
+
+    image          float32 [B, 1, S, S] in [0, 1]      (S = img_size)
+    label          int64   [B, S, S]                   values 0..K (0 = background)
+    low_res_label  int64   [B, S/f, S/f]               nearest, f = low_res_factor (4 for SAM)
+    name           list[str]                           slice names
+
+Labelled fraction (stage 2's few-shot protocol), chosen once in `setup` and seeded by `seed`:
+
+    fraction_by="slice"  a random `fraction` of the training slices (at least one); H-SAM's 10 % list
+                         of Synapse is 221 of 2211 slices drawn from all training cases.
+    fraction_by="case"   a random `fraction` of the training cases (at least one), with all their slices.
+    fraction_by="list"   exactly the slice names in the file `fraction_list` (one per line, '#' comments,
+                         an optional .npz suffix is ignored); every name must be in the training list.
+
+The chosen list is written to `<split_dir>/train_selected.txt` with the settings in
+`<split_dir>/fraction.json` (rank zero only, atomically).
+
+Validation set: only for monitoring and TensorBoard pictures during fine-tuning, never for model
+selection or reported numbers (those come from `test_volumes()` with the volume protocol). It is
+`val_slices` slices drawn, seeded by `seed`, from the test volumes' slices that contain foreground, resized
+like the training slices but not augmented. `val_slices=0` disables it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from samora_pl.errors import SamoraError
+
+from .transforms import SegmentationTransform
+
+FRACTION_MODES = ("slice", "case", "list")
+
+SliceReader = Callable[[str], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass
+class Volume:
+    """One test volume in its original geometry.
+
+    image: (D, H, W) float32 in [0, 1]; label: (D, H, W) uint8 (int64 when K > 255), values 0..K;
+    spacing: voxel size along (D, H, W), in mm where the format stores it ((1, 1, 1) for Synapse h5).
+    `meta` may carry format-specific extras (for example a NIfTI affine) for writing predictions.
+    """
+
+    case: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    meta: dict = field(default_factory=dict)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_name_list(path: Path, what: str) -> list[str]:
+    """Read a list file (one name per line; blank lines and '#' comments skipped; '.npz' suffix dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SamoraError(f"{what} list {path} does not exist: create it (one name per line) or fix the path")
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.endswith(".npz"):
+            line = line[: -len(".npz")]
+        names.append(line)
+    return names
+
+
+class SliceDataset(Dataset):
+    """2-D slices read by name through a picklable `reader`, passed through `transform`."""
+
+    def __init__(self, names: Sequence[str], reader: SliceReader, transform: SegmentationTransform):
+        self.names = list(names)
+        self.reader = reader
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        name = self.names[i]
+        image, label = self.reader(name)
+        out = self.transform(image, label)
+        out["name"] = name
+        return out
+
+
+class ArraySliceDataset(Dataset):
+    """2-D slices held in memory (the small validation set)."""
+
+    def __init__(self, names, images, labels, transform: SegmentationTransform):
+        self.names, self.images, self.labels, self.transform = list(names), images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        out = self.transform(self.images[i], self.labels[i])
+        out["name"] = self.names[i]
+        return out
+
+
+def _global_rank(dm: "SegmentationDataModule") -> int:
+    trainer = getattr(dm, "trainer", None)
+    if trainer is not None:
+        return int(trainer.global_rank)
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+class SegmentationDataModule(L.LightningDataModule, ABC):
+    """Base of every labelled dataset. Subclasses set `num_classes`, `class_names` and the hooks below.
+
+    Args:
+        root: dataset folder.
+        img_size: model input size S; slices are resized to S x S.
+        batch_size, num_workers: DataLoader settings (persistent workers when num_workers > 0).
+        fraction: labelled fraction in (0, 1] (ignored for fraction_by="list").
+        fraction_by: "slice", "case" or "list" (see the module doc).
+        fraction_list: slice-name file for fraction_by="list".
+        seed: seeds the fraction selection and the choice of validation slices.
+        split_dir: where `train_selected.txt` and `fraction.json` are written (None: not written).
+        augment: SAMed's random rot90/flip/rotation on training slices.
+        val_slices: size of the monitoring set (0 disables it).
+        low_res_factor: low_res_label is S // low_res_factor.
+        pin_memory: None = when CUDA is available.
+
+    Hooks a subclass implements: `train_names`, `case_of`, `slice_reader`, `test_cases`, `load_volume`,
+    `validate`; and optionally, for speed, `foreground_slice_indices` / `read_volume_slices`.
+    """
+
+    num_classes: int = 0
+    class_names: list[str] = []
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        img_size: int = 224,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        fraction: float = 1.0,
+        fraction_by: str = "slice",
+        fraction_list: Optional[str | os.PathLike] = None,
+        seed: int = 0,
+        split_dir: Optional[str | os.PathLike] = None,
+        augment: bool = True,
+        val_slices: int = 32,
+        low_res_factor: int = 4,
+        pin_memory: Optional[bool] = None,
+    ):
+        super().__init__()
+        self.root = Path(root).expanduser()
+        if fraction_by not in FRACTION_MODES:
+            raise SamoraError(f"fraction_by={fraction_by!r} is not known: use one of {', '.join(FRACTION_MODES)}")
+        if fraction_by == "list":
+            if fraction_list is None:
+                raise SamoraError("fraction_by='list' needs fraction_list=<file of slice names, one per line>")
+        else:
+            if fraction_list is not None:
+                raise SamoraError(
+                    f"fraction_list={fraction_list} is only used with fraction_by='list' (got {fraction_by!r}): "
+                    "set fraction_by=list or drop fraction_list"
+                )
+            try:
+                fraction = float(fraction)
+            except (TypeError, ValueError):
+                raise SamoraError(f"fraction={fraction!r} must be a number in (0, 1]") from None
+            if not (0.0 < fraction <= 1.0) or not np.isfinite(fraction):
+                raise SamoraError(f"fraction={fraction} must be in (0, 1] (for example 0.1 for 10 %)")
+        if int(img_size) <= 0 or int(img_size) % int(low_res_factor):
+            raise SamoraError(
+                f"img_size={img_size} must be a positive multiple of low_res_factor={low_res_factor}"
+            )
+        if int(batch_size) <= 0:
+            raise SamoraError(f"batch_size={batch_size} must be a positive integer")
+        if int(num_workers) < 0:
+            raise SamoraError(f"num_workers={num_workers} must be >= 0")
+        if int(val_slices) < 0:
+            raise SamoraError(f"val_slices={val_slices} must be >= 0")
+        self.img_size = int(img_size)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.fraction = float(fraction) if fraction_by != "list" else 1.0
+        self.fraction_by = fraction_by
+        self.fraction_list = Path(fraction_list) if fraction_list is not None else None
+        self.seed = int(seed)
+        self.split_dir = Path(split_dir) if split_dir is not None else None
+        self.augment = bool(augment)
+        self.val_slices = int(val_slices)
+        self.low_res_factor = int(low_res_factor)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self._selected: Optional[list[str]] = None
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    @abstractmethod
+    def train_names(self) -> list[str]:
+        """All training slice names, in list order."""
+
+    @abstractmethod
+    def case_of(self, name: str) -> str:
+        """The case a training slice belongs to (for fraction_by='case')."""
+
+    @abstractmethod
+    def slice_reader(self) -> SliceReader:
+        """A picklable callable name -> (image (H,W) float32 in [0,1], label (H,W) integer 0..K)."""
+
+    @abstractmethod
+    def test_cases(self) -> list[str]:
+        """Test case names, in list order."""
+
+    @abstractmethod
+    def load_volume(self, case: str) -> Volume:
+        """Read one test volume (checked: keys, shapes, label range, finite values)."""
+
+    @abstractmethod
+    def validate(self) -> None:
+        """Check the whole dataset; raise one SamoraError listing every problem found."""
+
+    def foreground_slice_indices(self, case: str) -> list[int]:
+        """Indices along D of the slices of test volume `case` whose label has foreground."""
+        lab = self.load_volume(case).label
+        return np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1)).tolist()
+
+    def read_volume_slices(self, case: str, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(image, label) stacks (n, H, W) of the given slices of test volume `case`."""
+        vol = self.load_volume(case)
+        idx = list(indices)
+        return vol.image[idx], vol.label[idx]
+
+    # ------------------------------------------------------------------ fraction selection
+    def selected_train_names(self) -> list[str]:
+        """The labelled training slices for this fraction setting (seeded; computed once)."""
+        if self._selected is None:
+            self._selected = self._select()
+        return list(self._selected)
+
+    def _select(self) -> list[str]:
+        names = self.train_names()
+        if not names:
+            raise SamoraError(f"the training list of {self.root} is empty: it must name at least one slice")
+        rng = np.random.default_rng(self.seed)
+        if self.fraction_by == "slice":
+            n = max(1, int(round(self.fraction * len(names))))
+            keep = set(rng.choice(len(names), size=n, replace=False).tolist())
+            return [nm for i, nm in enumerate(names) if i in keep]
+        if self.fraction_by == "case":
+            cases = sorted({self.case_of(nm) for nm in names})
+            n = max(1, int(round(self.fraction * len(cases))))
+            chosen = {cases[i] for i in rng.choice(len(cases), size=n, replace=False).tolist()}
+            return [nm for nm in names if self.case_of(nm) in chosen]
+        # explicit list
+        wanted = read_name_list(self.fraction_list, "fraction")
+        known = set(names)
+        missing = [nm for nm in wanted if nm not in known]
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
+            raise SamoraError(
+                f"fraction list {self.fraction_list} names slices that are not in the training list of "
+                f"{self.root}: {shown}. Use names from the training list (without extension)."
+            )
+        if not wanted:
+            raise SamoraError(f"fraction list {self.fraction_list} is empty: it must name at least one slice")
+        return list(dict.fromkeys(wanted))  # unique, file order
+
+    def write_split(self, split_dir: Optional[str | os.PathLike] = None) -> Optional[Path]:
+        """Write the chosen training list and fraction settings to `split_dir` (rank zero only)."""
+        out = Path(split_dir) if split_dir is not None else self.split_dir
+        if out is None or _global_rank(self) != 0:
+            return None
+        selected = self.selected_train_names()
+        atomic_write_text(out / "train_selected.txt", "".join(f"{nm}\n" for nm in selected))
+        info = {
+            "dataset": type(self).__name__,
+            "root": str(self.root),
+            "fraction": self.fraction if self.fraction_by != "list" else None,
+            "fraction_by": self.fraction_by,
+            "fraction_list": str(self.fraction_list) if self.fraction_list else None,
+            "seed": self.seed,
+            "num_selected": len(selected),
+            "num_train_slices": len(self.train_names()),
+            "cases": sorted({self.case_of(nm) for nm in selected}),
+        }
+        atomic_write_text(out / "fraction.json", json.dumps(info, indent=2) + "\n")
+        return out / "train_selected.txt"
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = SliceDataset(
+                self.selected_train_names(),
+                self.slice_reader(),
+                SegmentationTransform(self.img_size, self.low_res_factor, augment=self.augment),
+            )
+            self.write_split()
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = self._build_val_set()
+
+    def _build_val_set(self) -> Dataset:
+        transform = SegmentationTransform(self.img_size, self.low_res_factor, augment=False)
+        if self.val_slices == 0:
+            return ArraySliceDataset([], [], [], transform)
+        candidates = [(case, z) for case in self.test_cases() for z in self.foreground_slice_indices(case)]
+        if not candidates:
+            raise SamoraError(
+                f"no test volume of {self.root} has a labelled slice, so there is nothing to monitor: "
+                "check the test labels or set val_slices=0"
+            )
+        rng = np.random.default_rng(self.seed)
+        n = min(self.val_slices, len(candidates))
+        picked = sorted(rng.choice(len(candidates), size=n, replace=False).tolist())
+        by_case: dict[str, list[int]] = {}
+        for i in picked:
+            case, z = candidates[i]
+            by_case.setdefault(case, []).append(z)
+        names, images, labels = [], [], []
+        for case, zs in by_case.items():
+            img, lab = self.read_volume_slices(case, zs)
+            for j, z in enumerate(zs):
+                names.append(f"{case}_slice{z:03d}")
+                images.append(np.ascontiguousarray(img[j], dtype=np.float32))
+                labels.append(np.ascontiguousarray(lab[j]))
+        return ArraySliceDataset(names, images, labels, transform)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        if self.val_set is None:
+            self.setup("validate")
+        if len(self.val_set) == 0:
+            return []
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_volumes(self, cases: Optional[Sequence[str]] = None) -> Iterator[Volume]:
+        """Yield the test volumes (all, or the named cases) one at a time, in list order."""
+        for case in self.test_cases() if cases is None else cases:
+            yield self.load_volume(case)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, K={self.num_classes}, img_size={self.img_size}, "
+            f"fraction={self.fraction}, fraction_by={self.fraction_by!r}, seed={self.seed})"
+        )
+
+    __str__ = __repr__

@@ -1,0 +1,122 @@
+"""Labelled-fraction selection (slice / case / list), split files, argument checks, Lightning wiring."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from data_modules.synapse import SynapseDataModule
+from samora_pl.errors import SamoraError
+
+
+@pytest.fixture
+def root(make_synapse):
+    # 6 cases x 10 slices = 60 training slices
+    cases = tuple(f"case{c:04d}" for c in (5, 6, 7, 9, 10, 21))
+    return make_synapse(train_cases=cases, slices_per_case=10, size=32, test_cases=("case0001",), depth=4)
+
+
+def dm_for(root, **kw):
+    kw.setdefault("img_size", 16)
+    kw.setdefault("batch_size", 4)
+    return SynapseDataModule(root=root, **kw)
+
+
+def test_fraction_by_slice_is_seeded(root):
+    a = dm_for(root, fraction=0.1, seed=1).selected_train_names()
+    b = dm_for(root, fraction=0.1, seed=1).selected_train_names()
+    c = dm_for(root, fraction=0.1, seed=2).selected_train_names()
+    assert a == b and a != c
+    assert len(a) == 6  # round(0.1 * 60)
+    all_names = dm_for(root).train_names()
+    assert a == [n for n in all_names if n in set(a)]  # list order kept
+    assert dm_for(root, fraction=1.0).selected_train_names() == all_names
+    assert len(dm_for(root, fraction=0.001).selected_train_names()) == 1  # at least one
+
+
+def test_fraction_by_case(root):
+    dm = dm_for(root, fraction=0.34, fraction_by="case", seed=3)
+    names = dm.selected_train_names()
+    cases = {dm.case_of(n) for n in names}
+    assert len(cases) == 2  # round(0.34 * 6)
+    assert len(names) == 20  # every slice of the chosen cases
+    other = dm_for(root, fraction=0.34, fraction_by="case", seed=4).selected_train_names()
+    assert other != names
+
+
+def test_fraction_by_list(root, tmp_path):
+    names = dm_for(root).train_names()
+    lst = tmp_path / "few.txt"
+    lst.write_text(f"# chosen slices\n{names[3]}\n\n{names[7]}.npz\n{names[3]}\n")
+    dm = dm_for(root, fraction_by="list", fraction_list=lst)
+    assert dm.selected_train_names() == [names[3], names[7]]
+    lst.write_text(f"{names[0]}\ncase0099_slice000\n")
+    with pytest.raises(SamoraError, match=r"few.txt.*case0099_slice000"):
+        dm_for(root, fraction_by="list", fraction_list=lst).selected_train_names()
+    with pytest.raises(SamoraError, match="does not exist"):
+        dm_for(root, fraction_by="list", fraction_list=tmp_path / "nope.txt").selected_train_names()
+
+
+def test_split_written(root, tmp_path):
+    split = tmp_path / "run" / "splits"
+    dm = dm_for(root, fraction=0.25, seed=5, split_dir=split)
+    dm.setup("fit")
+    written = (split / "train_selected.txt").read_text().split()
+    assert written == dm.selected_train_names() == dm.train_set.names
+    info = json.loads((split / "fraction.json").read_text())
+    assert info["fraction"] == 0.25 and info["fraction_by"] == "slice" and info["seed"] == 5
+    assert info["num_selected"] == 15 and info["num_train_slices"] == 60
+    assert not list(split.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("fraction", [0, 0.0, 1.5, -0.1, float("nan"), "abc"])
+def test_bad_fraction(root, fraction):
+    with pytest.raises(SamoraError, match="fraction"):
+        dm_for(root, fraction=fraction)
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(fraction_by="cases"), "fraction_by"),
+        (dict(fraction_by="list"), "fraction_list"),
+        (dict(fraction_list="x.txt"), "fraction_by"),
+        (dict(img_size=30), "img_size"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(val_slices=-1), "val_slices"),
+    ],
+)
+def test_bad_arguments(root, kw, words):
+    with pytest.raises(SamoraError, match=words):
+        dm_for(root, **kw)
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 9, 3, padding=1)
+        self.seen_val = 0
+
+    def training_step(self, batch, _):
+        logits = torch.nn.functional.interpolate(self.conv(batch["image"]), size=batch["low_res_label"].shape[-2:])
+        return torch.nn.functional.cross_entropy(logits, batch["low_res_label"])
+
+    def validation_step(self, batch, _):
+        self.seen_val += len(batch["name"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("val_slices", [0, 3])
+def test_lightning_fit(root, tmp_path, val_slices):
+    dm = dm_for(root, fraction=0.2, val_slices=val_slices, split_dir=tmp_path / "splits")
+    model = _Tiny()
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert model.seen_val == 2 * val_slices  # sanity check + one validation epoch
+    assert (tmp_path / "splits" / "train_selected.txt").is_file()
