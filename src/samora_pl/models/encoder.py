@@ -1,0 +1,283 @@
+"""The SAMora image encoder: SAM's ViT with LoRA experts fused inside every block.
+
+segment-anything's ``ImageEncoderViT`` is reused as is (patch embedding, position embedding, blocks'
+norms / qkv / proj / MLP / relative position tables, neck); only the block loop is driven from here.
+Per block, with ``xn = norm1(x)`` (window-partitioned for windowed blocks, as SAM does)::
+
+    q, k, v      = qkv(xn)
+    q_e, v_e     = q + s_e dQ_e(xn),  v + s_e dV_e(xn)          (k shared by all)
+    o_0, o_1..E  = one batched attention over [q; q_1..q_E] with SAM's decomposed rel-pos bias
+    base         = proj(o_0),   r_e = proj_without_bias(o_e - o_0)     (proj is linear)
+    x            = x + base + Fuse({e: r_e});   x = x + mlp(norm2(x))
+
+Attention uses ``F.scaled_dot_product_attention`` with the relative-position bias passed as a float
+mask. With ``single:<level>`` fusion the block runs SAMed's computation directly,
+``x + proj(attn(qkv(xn) + [dQ, 0, dV]))``, without a separate base pass. Without LoRA the original
+segment-anything ``Block.forward`` runs.
+
+:func:`naive_block_forward` is the slow reference: it calls the original ``Attention`` module once for
+the base and once per expert (with a forward hook adding the expert's delta to ``qkv``'s output).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import (
+    Attention,
+    Block,
+    ImageEncoderViT,
+    get_rel_pos,
+    window_partition,
+    window_unpartition,
+)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from samora_pl.errors import SamoraError
+from samora_pl.models.fusion import Fusion, SingleFusion
+from samora_pl.models.lora import LoRAQV, MultiExpertLoRA
+
+__all__ = ["SAMoraEncoder", "rel_pos_bias", "sdpa_attention", "naive_block_forward", "prepare_images"]
+
+
+def prepare_images(images: torch.Tensor, img_size: Optional[int] = None) -> torch.Tensor:
+    """[B, 1|3, H, W] in [0, 1] -> [B, 3, H, W] (grey repeated; pixel mean 0, std 1: no normalisation)."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise SamoraError(
+            f"images must be [B, 1, H, W] or [B, 3, H, W], got shape {list(images.shape)}"
+        )
+    if img_size is not None and (images.shape[-2] != img_size or images.shape[-1] != img_size):
+        raise SamoraError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} but the model was built for "
+            f"{img_size}x{img_size}; resize the inputs or set model.img_size={images.shape[-1]}"
+        )
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images
+
+
+def rel_pos_bias(attn: Attention, q: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """SAM's decomposed relative-position term for queries ``q`` [..., H*W, hd] -> [..., N, N].
+
+    Equal to what ``add_decomposed_rel_pos`` adds to the attention logits (computed from the unscaled q).
+    """
+    H, W = hw
+    Rh = get_rel_pos(H, H, attn.rel_pos_h)  # [H, H, hd]
+    Rw = get_rel_pos(W, W, attn.rel_pos_w)  # [W, W, hd]
+    lead = q.shape[:-2]
+    rq = q.reshape(*lead, H, W, q.shape[-1])
+    rel_h = torch.einsum("...hwc,hkc->...hwk", rq, Rh)
+    rel_w = torch.einsum("...hwc,wkc->...hwk", rq, Rw)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*lead, H * W, H * W)
+
+
+def sdpa_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw) -> torch.Tensor:
+    """softmax(q k^T * scale + relpos(q)) v via scaled_dot_product_attention; q, k, v [M, h, N, hd]."""
+    bias = rel_pos_bias(attn, q, hw) if attn.use_rel_pos else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+
+
+def naive_block_forward(
+    blk: Block,
+    x: torch.Tensor,
+    lora_blocks: Dict[str, LoRAQV],
+    fusion: Optional[Fusion],
+) -> torch.Tensor:
+    """Reference block: the original Attention called once for the base and once per expert.
+
+    ``lora_blocks`` maps expert name -> that expert's :class:`LoRAQV` for this block. With a
+    :class:`SingleFusion` (or an empty dict) only one attention call is made, SAMed style.
+    """
+    shortcut = x
+    xn = blk.norm1(x)
+    H, W = xn.shape[1], xn.shape[2]
+    if blk.window_size > 0:
+        xn, pad_hw = window_partition(xn, blk.window_size)
+
+    def attn_with(lb: Optional[LoRAQV]) -> torch.Tensor:
+        if lb is None:
+            y = blk.attn(xn)
+        else:
+            handle = blk.attn.qkv.register_forward_hook(lambda m, inp, out: out + lb.qkv_delta(inp[0]))
+            try:
+                y = blk.attn(xn)
+            finally:
+                handle.remove()
+        if blk.window_size > 0:
+            y = window_unpartition(y, blk.window_size, pad_hw, (H, W))
+        return y
+
+    if fusion is None or not lora_blocks:
+        x = shortcut + attn_with(None)
+    elif isinstance(fusion, SingleFusion):
+        x = shortcut + attn_with(lora_blocks[fusion.level])
+    else:
+        base = attn_with(None)
+        residuals = {n: attn_with(lora_blocks[n]) - base for n in fusion.levels}
+        x = shortcut + base + fusion(residuals)
+    return x + blk.mlp(blk.norm2(x))
+
+
+class SAMoraEncoder(nn.Module):
+    """SAM image encoder + LoRA experts + one fusion module per block.
+
+    Args:
+        image_encoder: segment-anything ``ImageEncoderViT`` (built at any ``img_size``).
+        lora: the experts (None: plain SAM).
+        fusions: one :class:`Fusion` per block (None: plain SAM).
+        grad_checkpoint: recompute each block in backward (``torch.utils.checkpoint``) to save memory.
+    """
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoderViT,
+        lora: Optional[MultiExpertLoRA] = None,
+        fusions: Optional[Sequence[Fusion]] = None,
+        *,
+        grad_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.lora = lora
+        depth = len(image_encoder.blocks)
+        if (lora is None) != (fusions is None):
+            raise ValueError("pass both lora and fusions, or neither")
+        if fusions is not None:
+            fusions = list(fusions)
+            if len(fusions) != depth:
+                raise ValueError(f"need one fusion per block ({depth}), got {len(fusions)}")
+            for f in fusions:
+                missing = [n for n in f.levels if n not in lora.names]
+                if missing:
+                    raise SamoraError(f"fusion needs experts {missing} the model lacks (experts: {list(lora.names)})")
+            if lora.depth != depth or lora.dim != image_encoder.pos_embed.shape[-1]:
+                raise SamoraError(
+                    f"LoRA experts are for depth {lora.depth} / width {lora.dim}, the encoder has depth "
+                    f"{depth} / width {image_encoder.pos_embed.shape[-1]}"
+                )
+            self.fusion = nn.ModuleList(fusions)
+        else:
+            self.fusion = None
+        self.grad_checkpoint = bool(grad_checkpoint)
+
+    # -- properties -----------------------------------------------------------------------------------
+    @property
+    def img_size(self) -> int:
+        return int(self.image_encoder.img_size)
+
+    @property
+    def depth(self) -> int:
+        return len(self.image_encoder.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.image_encoder.patch_embed.proj.out_channels)
+
+    # -- blocks ---------------------------------------------------------------------------------------
+    def _fused_qkv(self, i: int, blk: Block, xn: torch.Tensor, levels: Sequence[str], with_base: bool):
+        """Batched attention for one block on (windowed) ``xn`` [Bw, h, w, C].
+
+        Returns proj-without-bias outputs [S, Bw, h, w, C] where S = len(levels) (+1 base first when
+        ``with_base``).
+        """
+        attn = blk.attn
+        Bw, h, w, C = xn.shape
+        N, nh = h * w, attn.num_heads
+        hd = C // nh
+        q, k, v = attn.qkv(xn).reshape(Bw, N, 3, C).unbind(2)  # [Bw, N, C]
+        dq, dv = self.lora.deltas(i, xn.reshape(Bw, N, C), levels)  # [E, Bw, N, C]
+        dq, dv = dq.to(q.dtype), dv.to(v.dtype)  # autocast: qkv runs in low precision, LoRA may not
+        if with_base:
+            q_all = torch.cat([q.unsqueeze(0), q.unsqueeze(0) + dq], 0)
+            v_all = torch.cat([v.unsqueeze(0), v.unsqueeze(0) + dv], 0)
+        else:
+            q_all, v_all = q.unsqueeze(0) + dq, v.unsqueeze(0) + dv
+        S = q_all.shape[0]
+
+        def heads(t):  # [S, Bw, N, C] -> [S*Bw, nh, N, hd]
+            return t.reshape(S * Bw, N, nh, hd).transpose(1, 2)
+
+        k_all = k.reshape(Bw, N, nh, hd).transpose(1, 2)
+        if S > 1:
+            k_all = k_all.unsqueeze(0).expand(S, -1, -1, -1, -1).reshape(S * Bw, nh, N, hd)
+        o = sdpa_attention(attn, heads(q_all), k_all, heads(v_all), (h, w))  # [S*Bw, nh, N, hd]
+        o = o.transpose(1, 2).reshape(S, Bw, h, w, C)
+        return F.linear(o, attn.proj.weight)
+
+    def _unpartition(self, blk: Block, y: torch.Tensor, pad_hw, hw) -> torch.Tensor:
+        """[S, Bw, ws, ws, C] -> [S, B, H, W, C]."""
+        if blk.window_size == 0:
+            return y
+        S = y.shape[0]
+        y = window_unpartition(y.reshape(S * y.shape[1], *y.shape[2:]), blk.window_size, pad_hw, hw)
+        return y.reshape(S, -1, *y.shape[1:])
+
+    def block_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` on tokens [B, H, W, C] (the fast batched implementation)."""
+        blk = self.image_encoder.blocks[i]
+        fusion = None if self.fusion is None else self.fusion[i]
+        if fusion is None:
+            return blk(x)
+        shortcut = x
+        xn = blk.norm1(x)
+        H, W = xn.shape[1], xn.shape[2]
+        pad_hw = (H, W)
+        if blk.window_size > 0:
+            xn, pad_hw = window_partition(xn, blk.window_size)
+        if isinstance(fusion, SingleFusion):
+            y = self._fused_qkv(i, blk, xn, fusion.levels, with_base=False)
+            y = self._unpartition(blk, y, pad_hw, (H, W))[0]
+            x = shortcut + y + blk.attn.proj.bias
+        else:
+            levels = fusion.levels
+            y = self._unpartition(blk, self._fused_qkv(i, blk, xn, levels, with_base=True), pad_hw, (H, W))
+            base = y[0]
+            residuals = {n: y[j + 1] - base for j, n in enumerate(levels)}
+            x = shortcut + (base + blk.attn.proj.bias) + fusion(residuals)
+        return x + blk.mlp(blk.norm2(x))
+
+    def naive_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` through :func:`naive_block_forward` (reference)."""
+        blk = self.image_encoder.blocks[i]
+        if self.fusion is None:
+            return blk(x)
+        lora_blocks = {n: self.lora.experts[n].blocks[i] for n in self.lora.names}
+        return naive_block_forward(blk, x, lora_blocks, self.fusion[i])
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward_tokens(self, images: torch.Tensor, *, naive: bool = False) -> torch.Tensor:
+        """Last block's tokens [B, H/16, W/16, C] (before the neck)."""
+        enc = self.image_encoder
+        x = enc.patch_embed(prepare_images(images, self.img_size))
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        block = self.naive_block if naive else self.block_forward
+        for i in range(self.depth):
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, i, x, use_reentrant=False)
+            else:
+                x = block(i, x)
+        return x
+
+    def neck(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, h, w, C] tokens -> [B, neck, h, w]."""
+        return self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
+
+    def forward(self, images: torch.Tensor, return_tokens: bool = False, *, naive: bool = False):
+        """images [B, 1|3, S, S] in [0, 1] -> neck output [B, neck, S/16, S/16]
+        (and the last block's tokens [B, S/16, S/16, C] when ``return_tokens``)."""
+        tokens = self.forward_tokens(images, naive=naive)
+        out = self.neck(tokens)
+        return (out, tokens) if return_tokens else out
+
+    def aux_loss(self) -> torch.Tensor:
+        """Mean over blocks of the fusion modules' auxiliary losses of the last forward (0 if none)."""
+        losses = []
+        if self.fusion is not None:
+            losses = [l for l in (f.aux_loss() for f in self.fusion) if l is not None]
+        if not losses:
+            return self.image_encoder.pos_embed.new_zeros(())
+        return torch.stack(losses).mean()

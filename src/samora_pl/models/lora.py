@@ -1,0 +1,314 @@
+"""Multi-expert LoRA on the q and v slices of each SAM block's fused ``qkv`` Linear.
+
+Each expert (default names ``image``, ``patch``, ``pixel``; the SAMed baseline uses one named ``samed``)
+holds, for every encoder block, four low-rank factors and one scale::
+
+    dQ(x) = lora_scale * (x @ lora_A_q.T) @ lora_B_q.T        # [.., C]
+    dV(x) = lora_scale * (x @ lora_A_v.T) @ lora_B_v.T
+
+``lora_A_*`` is [r, C] and Kaiming-uniform initialised like ``nn.Linear`` / loralib (a = sqrt(5)),
+``lora_B_*`` is [C, r] and zero, scaling is 1 (no alpha / r), and ``lora_scale`` is a learnable scalar
+initialised to 1 (trained with the expert in stage-1 distillation, frozen in stage 2). k is never
+touched. One expert on its own is exactly SAMed's LoRA.
+
+Conventions follow loralib: every LoRA tensor name contains ``lora_`` so that ``loralib.lora_state_dict``
+and ``mark_only_lora_as_trainable``-style selection work; weights are never merged into ``qkv`` (the
+merge-on-eval of loralib layers is deliberately not used: Lightning toggles train/eval and a merged
+weight would keep training).
+
+Experts are saved one per ``.safetensors`` file (tensor names ``blocks.<i>.lora_*``) with metadata
+(format, level, rank, depth, width, img_size, samora_pl version), written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import loralib
+import torch
+from torch import nn
+
+from samora_pl.errors import SamoraError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_EXPERTS",
+    "LoRAQV",
+    "LoRAExpert",
+    "MultiExpertLoRA",
+    "save_expert",
+    "load_expert",
+    "read_expert_metadata",
+    "lora_ab_parameter_count",
+    "compose_experts",
+]
+
+DEFAULT_EXPERTS: Tuple[str, ...] = ("image", "patch", "pixel")
+FORMAT = "samora_pl.lora_expert.v1"
+
+
+def _version() -> str:
+    try:
+        from samora_pl import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def check_expert_names(names: Iterable[str]) -> Tuple[str, ...]:
+    names = tuple(names)
+    if not names:
+        raise SamoraError("model.experts must name at least one LoRA expert, e.g. [image, patch, pixel]")
+    for n in names:
+        if not isinstance(n, str) or not n.isidentifier():
+            raise SamoraError(
+                f"invalid expert name {n!r} in model.experts: use plain identifiers like image, patch, pixel"
+            )
+    if len(set(names)) != len(names):
+        raise SamoraError(f"model.experts has duplicates: {list(names)}")
+    return names
+
+
+class LoRAQV(nn.Module):
+    """One expert's low-rank q/v update for one block (plus its learnable scale)."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        if int(rank) < 1:
+            raise SamoraError(f"LoRA rank must be >= 1, got {rank} (model.lora_rank)")
+        self.dim, self.rank = int(dim), int(rank)
+        self.lora_A_q = nn.Parameter(torch.empty(rank, dim))
+        self.lora_B_q = nn.Parameter(torch.zeros(dim, rank))
+        self.lora_A_v = nn.Parameter(torch.empty(rank, dim))
+        self.lora_B_v = nn.Parameter(torch.zeros(dim, rank))
+        self.lora_scale = nn.Parameter(torch.ones(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # A as nn.Linear(dim, rank).weight / loralib (kaiming_uniform_, a=sqrt(5)); B zero; scale 1
+        nn.init.kaiming_uniform_(self.lora_A_q, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A_v, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B_q)
+        nn.init.zeros_(self.lora_B_v)
+        with torch.no_grad():
+            self.lora_scale.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return (dQ, dV), each shaped like ``x`` ([..., C])."""
+        dq = (x @ self.lora_A_q.t()) @ self.lora_B_q.t()
+        dv = (x @ self.lora_A_v.t()) @ self.lora_B_v.t()
+        return dq * self.lora_scale, dv * self.lora_scale
+
+    def qkv_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """[dQ, 0, dV] concatenated on the last axis, to add to ``qkv(x)`` ([..., 3C])."""
+        dq, dv = self(x)
+        return torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, rank={self.rank}"
+
+
+class LoRAExpert(nn.Module):
+    """One expert: a :class:`LoRAQV` per encoder block."""
+
+    def __init__(self, depth: int, dim: int, rank: int = 4) -> None:
+        super().__init__()
+        self.depth, self.dim, self.rank = int(depth), int(dim), int(rank)
+        self.blocks = nn.ModuleList(LoRAQV(dim, rank) for _ in range(depth))
+
+    def ab_parameters(self):
+        """The A/B factors only (no scales)."""
+        for n, p in self.named_parameters():
+            if ".lora_A_" in n or ".lora_B_" in n:
+                yield p
+
+
+class MultiExpertLoRA(nn.Module):
+    """Several named :class:`LoRAExpert` s over the same encoder, with a batched delta computation."""
+
+    def __init__(self, names: Sequence[str] = DEFAULT_EXPERTS, *, depth: int, dim: int, rank: int = 4) -> None:
+        super().__init__()
+        self.names = check_expert_names(names)
+        self.depth, self.dim, self.rank = int(depth), int(dim), int(rank)
+        self.experts = nn.ModuleDict({n: LoRAExpert(depth, dim, rank) for n in self.names})
+
+    def __getitem__(self, name: str) -> LoRAExpert:
+        if name not in self.experts:
+            raise SamoraError(f"no LoRA expert named {name!r}; the model has {list(self.names)}")
+        return self.experts[name]
+
+    def deltas(
+        self, block: int, x: torch.Tensor, names: Optional[Sequence[str]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """dQ and dV of the given experts (default: all, in ``self.names`` order) at one block.
+
+        ``x`` is [..., C]; returns two tensors [E, ..., C]. All experts' A factors are applied in one
+        matmul and the B factors in one batched matmul.
+        """
+        names = self.names if names is None else tuple(names)
+        mods = [self.experts[n].blocks[block] for n in names]
+        E, r, C = len(mods), self.rank, self.dim
+        a = torch.cat([torch.cat([m.lora_A_q, m.lora_A_v], 0) for m in mods], 0)  # [E*2r, C]
+        z = x @ a.t()  # [..., E*2r]
+        lead = z.shape[:-1]
+        z = z.reshape(-1, E * 2, r).transpose(0, 1)  # [E*2, M, r]
+        b = torch.stack([t for m in mods for t in (m.lora_B_q, m.lora_B_v)], 0)  # [E*2, C, r]
+        s = torch.stack([m.lora_scale for m in mods]).repeat_interleave(2)  # [E*2]
+        d = torch.bmm(z, b.transpose(1, 2)) * s[:, None, None]  # [E*2, M, C]
+        d = d.reshape(E, 2, *lead, C)
+        return d[:, 0], d[:, 1]
+
+    # -- state ---------------------------------------------------------------------------------------
+    def expert_state_dict(self, name: str) -> Dict[str, torch.Tensor]:
+        """``blocks.<i>.lora_*`` tensors of one expert (A, B and scales)."""
+        return {k: v.detach().clone().contiguous() for k, v in loralib.lora_state_dict(self[name]).items()}
+
+
+@torch.no_grad()
+def compose_experts(lora: MultiExpertLoRA, weights: Dict[str, float], into: str) -> None:
+    """LoRAHub-style composition written into expert slot ``into``:
+    ``A = sum_e w_e A_e`` and ``B = sum_e w_e s_e B_e`` per block (each source scale folded into its B),
+    target scale 1. The gradient-free search for ``weights`` belongs to the caller (a stage)."""
+    unknown = [n for n in weights if n not in lora.names]
+    if unknown:
+        raise SamoraError(f"cannot compose unknown experts {unknown}; the model has {list(lora.names)}")
+    target = lora[into]
+    srcs = {n: [(b.lora_A_q.clone(), b.lora_B_q * b.lora_scale, b.lora_A_v.clone(), b.lora_B_v * b.lora_scale)
+                for b in lora[n].blocks] for n in weights}
+    for i, blk in enumerate(target.blocks):
+        for j, t in enumerate((blk.lora_A_q, blk.lora_B_q, blk.lora_A_v, blk.lora_B_v)):
+            t.copy_(sum(float(w) * srcs[n][i][j] for n, w in weights.items()))
+        blk.lora_scale.fill_(1.0)
+
+
+def lora_ab_parameter_count(module: nn.Module) -> int:
+    """Number of LoRA A/B weights in ``module`` (scales excluded)."""
+    return sum(p.numel() for n, p in module.named_parameters() if "lora_A" in n or "lora_B" in n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# safetensors files
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_expert(
+    lora: MultiExpertLoRA, name: str, path, *, img_size: Optional[int] = None, extra_metadata=None
+) -> str:
+    """Write expert ``name`` to ``path`` (.safetensors) atomically; returns the path."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tensors = lora.expert_state_dict(name)
+    meta = {
+        "format": FORMAT,
+        "level": name,
+        "rank": str(lora.rank),
+        "depth": str(lora.depth),
+        "width": str(lora.dim),
+        "img_size": "" if img_size is None else str(int(img_size)),
+        "samora_pl_version": _version(),
+    }
+    for k, v in (extra_metadata or {}).items():
+        meta[str(k)] = str(v)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _open(path):
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SamoraError(
+            f"LoRA expert file not found: {path}; run the distillation stage for this level "
+            f"(make distill LEVEL=...) or point the config at an existing expert.safetensors"
+        )
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as exc:
+        raise SamoraError(f"cannot read LoRA expert file {path}: {exc}; re-run the distillation stage") from exc
+
+
+def read_expert_metadata(path) -> Dict[str, str]:
+    """The metadata dict stored in an expert file."""
+    with _open(path) as f:
+        return dict(f.metadata() or {})
+
+
+def load_expert(
+    lora: MultiExpertLoRA,
+    name: str,
+    path,
+    *,
+    source_level: Optional[str] = None,
+    img_size: Optional[int] = None,
+) -> Dict[str, str]:
+    """Load an expert file into expert ``name`` of ``lora``; returns the file's metadata.
+
+    The file's level must equal ``name`` unless ``source_level`` names the file's level explicitly
+    (e.g. ``load_expert(lora, "patch", "samed.safetensors", source_level="samed")``). Rank, depth and
+    width must match the model; otherwise a SamoraError names both shapes.
+    """
+    path = os.fspath(path)
+    target = lora[name]
+    with _open(path) as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    level = meta.get("level")
+    if meta.get("format") != FORMAT or level is None:
+        raise SamoraError(
+            f"{path} is not a samora_pl LoRA expert file (metadata format={meta.get('format')!r}); "
+            f"expert files are written by the distillation stage"
+        )
+    if level != name:
+        if source_level is None:
+            raise SamoraError(
+                f"{path} holds the {level!r} expert but it is being loaded as {name!r}; pass "
+                f"source_level={level!r} to load it into the {name!r} slot on purpose"
+            )
+        if source_level != level:
+            raise SamoraError(f"{path} holds the {level!r} expert, not {source_level!r} as requested")
+    own = target.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if unexpected:
+        raise SamoraError(
+            f"{path}: tensor {unexpected[0]!r} (shape {list(tensors[unexpected[0]].shape)}) has no place in a "
+            f"depth-{lora.depth} model (file depth {meta.get('depth')}, model {lora.depth}); "
+            f"use an expert distilled for the same SAM variant"
+        )
+    for k in sorted(own):
+        if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape):
+            raise SamoraError(
+                f"{path}: tensor {k!r} has shape {list(tensors[k].shape)} in the file but the model expects "
+                f"{list(own[k].shape)} (file rank {meta.get('rank')}, width {meta.get('width')}; model rank "
+                f"{lora.rank}, width {lora.dim}); set model.lora_rank / model.variant to match the expert"
+            )
+    if missing:
+        raise SamoraError(
+            f"{path}: missing tensor {missing[0]!r} (shape {list(own[missing[0]].shape)}); the file holds "
+            f"{len(tensors)} tensors, the model expects {len(own)} (file depth {meta.get('depth')}, model "
+            f"{lora.depth}); use an expert distilled for the same SAM variant"
+        )
+    if img_size is not None and meta.get("img_size") not in (None, "", str(int(img_size))):
+        log.info("expert %s was distilled at img_size %s, model runs at %s", path, meta.get("img_size"), img_size)
+    with torch.no_grad():
+        target.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=True)
+    log.info("loaded LoRA expert %r from %s (level %s, rank %s)", name, path, level, meta.get("rank"))
+    return meta

@@ -1,0 +1,157 @@
+import copy
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+from torch import nn
+
+from samora_pl.errors import SamoraError
+from samora_pl.models.encoder import SAMoraEncoder, rel_pos_bias
+from samora_pl.models.fusion import build_fusion
+from samora_pl.models.lora import MultiExpertLoRA
+from samora_pl.models.sam import SamVariant, build_image_encoder, get_variant
+
+# a second small windowed configuration: 3 heads, window 3 on a 7x7 grid (padding), one global block
+SMALL = SamVariant("small", embed_dim=48, depth=3, num_heads=3, global_attn_indexes=(1,), window_size=3,
+                   out_chans=32)
+
+CONFIGS = [("tiny", 128), ("tiny", 96), (SMALL, 112)]
+
+
+def build(randomize_encoder, variant, img_size, experts=("image", "patch", "pixel"), fusion="hl_attn", seed=0,
+          **kw):
+    torch.manual_seed(seed)
+    v = get_variant(variant)
+    ie = randomize_encoder(build_image_encoder(v, img_size), seed)
+    lora = MultiExpertLoRA(experts, depth=v.depth, dim=v.embed_dim, rank=4)
+    fusions = [build_fusion(fusion, lora.names, v.embed_dim, num_heads=v.num_heads, **kw) for _ in range(v.depth)]
+    return SAMoraEncoder(ie, lora, fusions)
+
+
+def perturb_fusions(enc, seed=3):
+    """Open HL-Attn's gates / move LAC and MoLE off their init so the fusion really mixes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in enc.fusion.named_parameters():
+            if n.endswith(("g1", "g2", "gamma")) or "gate" in n or n.endswith("weight") and p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("variant,img_size", CONFIGS)
+@pytest.mark.parametrize("fusion", ["hl_attn", "sum", "lac", "mole", "single:patch"])
+def test_zero_B_equals_plain_sam(randomize_encoder, randomize_lora, variant, img_size, fusion):
+    enc = build(randomize_encoder, variant, img_size, fusion=fusion)
+    randomize_lora(enc.lora, std=0.0)  # B = 0, scales != 1
+    x = torch.rand(2, 3, img_size, img_size)
+    with torch.no_grad():
+        ours = enc(x)
+        ref = enc.image_encoder(x)  # segment-anything's own forward, same weights
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("variant,img_size", CONFIGS)
+@pytest.mark.parametrize(
+    "fusion,kw",
+    [("hl_attn", {"hl_init": "paper"}), ("hl_attn", {}), ("hl_attn", {"hl_order": "image-pixel-patch"}),
+     ("mole", {}), ("lac", {}), ("sum", {}), ("single:pixel", {})],
+)
+def test_fused_block_equals_naive_four_calls(randomize_encoder, randomize_lora, variant, img_size, fusion, kw):
+    enc = build(randomize_encoder, variant, img_size, fusion=fusion, **kw)
+    randomize_lora(enc.lora)
+    perturb_fusions(enc)
+    x = torch.rand(2, 1, img_size, img_size)
+    fast = enc(x)
+    fast.square().mean().backward()
+    g_fast = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    enc.zero_grad(set_to_none=True)
+    naive = enc(x, naive=True)
+    naive.square().mean().backward()
+    assert torch.allclose(fast, naive, atol=1e-5), (fast - naive).abs().max()
+    for n, p in enc.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(g_fast[n], p.grad, atol=1e-5, rtol=1e-3), n
+    assert any("fusion" in n for n in g_fast) or fusion.startswith(("single", "sum"))
+
+
+class SAMedQKV(nn.Module):
+    """Test-side oracle: SAMed's LoRA, written independently: qkv(x) + [B_q A_q x, 0, B_v A_v x]."""
+
+    def __init__(self, qkv, a_q, b_q, a_v, b_v):
+        super().__init__()
+        self.qkv, self.a_q, self.b_q, self.a_v, self.b_v = qkv, a_q, b_q, a_v, b_v
+
+    def forward(self, x):
+        out = self.qkv(x)
+        C = out.shape[-1] // 3
+        out = out.clone()
+        out[..., :C] += nn.functional.linear(nn.functional.linear(x, self.a_q), self.b_q)
+        out[..., 2 * C :] += nn.functional.linear(nn.functional.linear(x, self.a_v), self.b_v)
+        return out
+
+
+@pytest.mark.parametrize("variant,img_size", CONFIGS)
+def test_single_expert_is_samed_lora(randomize_encoder, randomize_lora, variant, img_size):
+    enc = build(randomize_encoder, variant, img_size, experts=("samed",), fusion="single:samed")
+    randomize_lora(enc.lora)
+    with torch.no_grad():
+        for b in enc.lora.experts["samed"].blocks:
+            b.lora_scale.fill_(1.0)  # SAMed has no scale
+    ref = copy.deepcopy(enc.image_encoder)
+    for blk, lb in zip(ref.blocks, enc.lora.experts["samed"].blocks):
+        blk.attn.qkv = SAMedQKV(blk.attn.qkv, lb.lora_A_q, lb.lora_B_q, lb.lora_A_v, lb.lora_B_v)
+    x = torch.rand(2, 3, img_size, img_size)
+    with torch.no_grad():
+        assert torch.allclose(enc(x), ref(x), atol=1e-5)
+        assert torch.allclose(enc(x, naive=True), ref(x), atol=1e-5)
+
+
+def test_grad_checkpoint_same_outputs_and_grads(randomize_encoder, randomize_lora):
+    enc = build(randomize_encoder, "tiny", 128, hl_init="paper")
+    randomize_lora(enc.lora)
+    x = torch.rand(2, 1, 128, 128)
+    a = enc(x)
+    a.sum().backward()
+    g = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    enc.zero_grad(set_to_none=True)
+    enc.grad_checkpoint = True
+    b = enc(x)
+    b.sum().backward()
+    assert torch.allclose(a, b, atol=1e-6)
+    for n, p in enc.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(g[n], p.grad, atol=1e-5), n
+
+
+def test_tokens_and_channels(randomize_encoder):
+    enc = build(randomize_encoder, "tiny", 128)
+    grey = torch.rand(2, 1, 128, 128)
+    out, tokens = enc(grey, return_tokens=True)
+    assert out.shape == (2, 64, 8, 8) and tokens.shape == (2, 8, 8, 64)
+    assert torch.allclose(enc.neck(tokens), out)
+    assert torch.allclose(enc(grey.repeat(1, 3, 1, 1)), out)
+    with pytest.raises(SamoraError, match="built for 128x128"):
+        enc(torch.rand(1, 1, 96, 96))
+    with pytest.raises(SamoraError, match=r"\[B, 1, H, W\]"):
+        enc(torch.rand(1, 2, 128, 128))
+
+
+def test_rel_pos_bias_equals_sam():
+    v = get_variant("tiny")
+    ie = build_image_encoder(v, 128)
+    attn = ie.blocks[1].attn
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+    q = torch.randn(6, 64, 16)
+    ref = add_decomposed_rel_pos(torch.zeros(6, 64, 64), q, attn.rel_pos_h, attn.rel_pos_w, (8, 8), (8, 8))
+    assert torch.allclose(rel_pos_bias(attn, q, (8, 8)), ref, atol=1e-5)
+
+
+def test_aux_loss(randomize_encoder):
+    enc = build(randomize_encoder, "tiny", 128, fusion="mole")
+    enc(torch.rand(1, 1, 128, 128))
+    assert enc.aux_loss().dim() == 0 and enc.aux_loss().item() >= 0
+    enc = build(randomize_encoder, "tiny", 128)
+    enc(torch.rand(1, 1, 128, 128))
+    assert enc.aux_loss().item() == 0.0

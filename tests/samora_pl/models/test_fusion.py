@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+from samora_pl.errors import SamoraError
+from samora_pl.models.fusion import (
+    HLAttention,
+    LACFusion,
+    MoLEFusion,
+    SingleFusion,
+    SumFusion,
+    build_fusion,
+    valid_hl_orders,
+)
+
+EXPERTS = ("image", "patch", "pixel")
+
+
+def residuals(shape=(2, 4, 4, 32), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(shape, generator=g).requires_grad_(True) for n in EXPERTS}
+
+
+def mean_of(rs):
+    return torch.stack([rs[n] for n in EXPERTS]).mean(0)
+
+
+@pytest.mark.parametrize("name", ["hl_attn", "sum", "lac", "mole", "single:patch", "single:image"])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 32), (2, 16, 32)])
+def test_every_fusion_runs_forward_and_backward(name, shape):
+    f = build_fusion(name, EXPERTS, 32, num_heads=4, hl_init="paper")
+    rs = residuals(shape)
+    out = f(rs)
+    assert out.shape == shape
+    loss = out.square().mean()
+    if f.aux_loss() is not None:
+        loss = loss + f.aux_loss()
+    loss.backward()
+    for p in f.parameters():
+        assert p.grad is not None
+    used = f.levels
+    assert all(rs[n].grad is not None for n in used)
+
+
+@pytest.mark.parametrize("order", valid_hl_orders(EXPERTS))
+@pytest.mark.parametrize("init", ["residual_mean", "zero", "paper"])
+def test_six_orders_and_inits_run(order, init):
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_order=order, hl_init=init)
+    assert "-".join(f.order) == order
+    rs = residuals()
+    f(rs).sum().backward()
+    assert all(p.grad is not None for p in f.parameters())
+
+
+def test_six_orders_and_error_lists_them():
+    orders = valid_hl_orders(EXPERTS)
+    assert len(orders) == 6 and "pixel-patch-image" in orders
+    with pytest.raises(SamoraError) as e:
+        build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_order="pixel-image")
+    for o in orders:
+        assert o in str(e.value)
+    with pytest.raises(SamoraError, match="three experts"):
+        build_fusion("hl_attn", ("samed",), 32, num_heads=4)
+
+
+def test_hl_init_what_the_fusion_computes_at_init():
+    rs = residuals()
+    # residual_mean (default): the mean of the expert residuals
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4)
+    assert f.init == "residual_mean" and f.gamma.item() == 0.0
+    assert torch.allclose(f(rs), mean_of(rs), atol=1e-6)
+    # zero: nothing, the block is plain SAM
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_init="zero")
+    assert torch.count_nonzero(f(rs)) == 0
+    # paper: LN(high), a full-scale update with zero mean and unit variance per token
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_init="paper")
+    out = f(rs)
+    assert torch.allclose(out.mean(-1), torch.zeros(()), atol=1e-5)
+    assert torch.allclose(out.var(-1, unbiased=False), torch.ones(()), atol=1e-3)
+    assert f.g1.item() == 1.0 and f.g2.item() == 1.0
+
+
+def test_hl_attn_wiring_follows_the_order():
+    f = HLAttention(("pixel", "patch", "image"), 32, heads=4, init="paper")
+    rs = residuals()
+    ln = torch.nn.functional.layer_norm
+    with torch.no_grad():
+        f.g1.zero_()
+        f.g2.zero_()
+    # both gates closed: only the last level (image) passes: LN(r_image)
+    assert torch.allclose(f(rs), ln(rs["image"], (32,)), atol=1e-5)
+    with torch.no_grad():
+        f.g2.fill_(1.0)
+    # gate 1 closed: low = r_patch, so pixel has no influence; high = CA2(Q=r_image, KV=r_patch)
+    a = f(rs)
+    rs2 = dict(rs, pixel=torch.randn_like(rs["pixel"]))
+    assert torch.allclose(a, f(rs2), atol=1e-6)
+    expect = ln(f.ca2(rs["image"].flatten(1, 2), rs["patch"].flatten(1, 2)), (32,)).reshape(a.shape)
+    assert torch.allclose(a, expect, atol=1e-5)
+    with torch.no_grad():
+        f.g1.fill_(1.0)
+    assert not torch.allclose(f(rs), f(rs2), atol=1e-4)  # now pixel matters through step 1
+
+
+def test_cross_attention_unit_formula():
+    f = HLAttention(EXPERTS, 32, heads=4)
+    q, kv = torch.randn(2, 10, 32), torch.randn(2, 7, 32)
+    ca = f.ca1
+    mha = torch.nn.functional.multi_head_attention_forward
+    o, _ = mha(
+        ca.norm_q(q).transpose(0, 1), ca.norm_k(kv).transpose(0, 1), ca.norm_v(kv).transpose(0, 1),
+        32, 4, ca.attn.in_proj_weight, ca.attn.in_proj_bias, None, None, False, 0.0,
+        ca.attn.out_proj.weight, ca.attn.out_proj.bias, need_weights=False,
+    )
+    assert torch.allclose(ca(q, kv), ca.proj(o.transpose(0, 1)) + q, atol=1e-5)
+
+
+def test_narrow_width_projects_in_and_out():
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_width=16, hl_heads=2, hl_init="paper")
+    assert isinstance(f.proj_in, torch.nn.Linear) and f.proj_in.out_features == 16
+    rs = residuals()
+    assert f(rs).shape == rs["image"].shape
+    with pytest.raises(SamoraError, match="multiple of hl_heads"):
+        build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_width=18, hl_heads=4)
+    with pytest.raises(SamoraError, match="hl_init"):
+        build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_init="random")
+
+
+def test_hl_attn_full_width_vit_b_is_about_71m():
+    with torch.device("meta"):
+        blocks = [build_fusion("hl_attn", EXPERTS, 768, num_heads=12) for _ in range(12)]
+    n = sum(p.numel() for b in blocks for p in b.parameters())
+    # per block: 2 x (3 LN + MHA in/out + Linear) + LN + g1, g2, gamma
+    per_unit = 3 * 2 * 768 + (3 * 768 * 768 + 3 * 768) + 2 * (768 * 768 + 768)
+    assert n == 12 * (2 * per_unit + 2 * 768 + 3) == 71_000_100
+    assert 70.5e6 < n < 71.5e6
+
+
+def test_baselines_at_init_and_formulas():
+    rs = residuals()
+    assert torch.allclose(SumFusion(EXPERTS)(rs), rs["image"] + rs["patch"] + rs["pixel"])
+    assert torch.equal(SingleFusion("pixel")(rs), rs["pixel"])
+    lac = LACFusion(EXPERTS)
+    assert torch.allclose(lac.weight, torch.full((3,), 1 / 3))
+    assert torch.allclose(lac(rs), mean_of(rs), atol=1e-6)
+    with torch.no_grad():
+        lac.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    assert torch.allclose(lac(rs), 0.5 * rs["image"] - rs["patch"] + 2 * rs["pixel"], atol=1e-5)
+    mole = MoLEFusion(EXPERTS, 32)
+    assert torch.allclose(mole(rs), mean_of(rs), atol=1e-6)
+    assert mole.aux_loss().item() == pytest.approx(0.0, abs=1e-6)  # balanced gate
+    with torch.no_grad():
+        mole.gate.bias.copy_(torch.tensor([3.0, 0.0, -3.0]))
+    out = mole(rs)
+    g = torch.softmax(torch.tensor([3.0, 0.0, -3.0]), 0)
+    assert torch.allclose(out, g[0] * rs["image"] + g[1] * rs["patch"] + g[2] * rs["pixel"], atol=1e-5)
+    assert mole.aux_loss().item() > 0.5
+    assert SumFusion(EXPERTS).aux_loss() is None
+
+
+def test_bad_fusion_names():
+    with pytest.raises(SamoraError, match="hl_attn"):
+        build_fusion("concat", EXPERTS, 32)
+    with pytest.raises(SamoraError, match="lacks"):
+        build_fusion("single:organ", EXPERTS, 32)
