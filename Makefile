@@ -18,6 +18,7 @@ DEVICES  ?=
 NUM_NODES ?=
 PRECISION ?=
 SEED     ?=
+NAME     ?= mechanism
 ARGS     ?=
 
 COMMON = data.name=$(DATA) run=$(RUN) \
@@ -26,7 +27,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
 	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
 
-.PHONY: setup demo test test-slow cpt distill finetune evaluate check bench tensorboard clean-venv
+.PHONY: setup demo test test-slow cpt distill finetune evaluate check ablation bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -63,6 +64,9 @@ evaluate: $(STAMP)
 check: $(STAMP)
 	$(SAMORA) check $(COMMON)
 
+
+ablation: $(STAMP)
+	$(SAMORA) ablation $(NAME) $(COMMON)
 
 bench: $(STAMP)
 	for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

@@ -93,43 +93,58 @@ class EvalConfig:
 
 @dataclass
 class SimclrConfig:
-    width: int = 1  # ResNet-50 width multiplier: 1 or 2
-    selective_kernel: bool = False
-    checkpoint: Optional[str] = None  # converted public SimCLRv2 weights
+    depth: int = 50  # ResNet depth: 18 | 34 | 50 | 101 | 152
+    width: float = 1.0  # channel multiplier: 1 or 2 (SimCLRv2 1x / 2x); fractions for CPU-sized runs
+    selective_kernel: bool = False  # timm SK blocks (SimCLRv2's "+SK": 140M parameters at R50-2x)
+    checkpoint: Optional[str] = None  # converted public SimCLRv2 weights (torchvision/timm ResNet keys)
     proj_dim: int = 128
+    proj_hidden_dim: Optional[int] = None  # none -> the backbone's feature width (SimCLRv2)
     temperature: float = 0.1
-    lr: float = 0.0003
+    gather_negatives: bool = True  # negatives from every DDP rank
+    lr: float = 0.0003  # AdamW
     weight_decay: float = 1.0e-6
-    batch_size: int = 32
+    batch_size: int = 32  # per device
     max_epochs: int = 100
     warmup_epochs: float = 1.0
     img_size: int = 224
+    normalize: str = "imagenet"  # imagenet | none (input normalisation inside the teacher)
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    rotation_deg: float = 20.0
+    jitter: float = 0.4  # brightness and contrast strength
+    blur_prob: float = 0.5
+    noise_std: float = 0.05  # Gaussian noise, std drawn from [0, noise_std], p 0.5
 
 
 @dataclass
 class MaeConfig:
-    variant: str = "vit_base_patch16_224"  # timm name; tiny CPU profile overrides
+    variant: str = "vit_base_patch16_224"  # timm ViT name (vit_large_patch16_224 in the paper)
+    embed_dim: Optional[int] = None  # overrides of the variant's sizes (tiny CPU profile)
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: Optional[int] = None
     checkpoint: Optional[str] = None  # official mae_pretrain_*.pth or *_full.pth
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
-    base_lr: float = 1.5e-4  # lr = base_lr * batch / 256
+    base_lr: float = 1.5e-4  # lr = base_lr * global batch / 256
     weight_decay: float = 0.05
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    batch_size: int = 64
+    batch_size: int = 64  # per device
     max_epochs: int = 100
     warmup_epochs: float = 1.0
     img_size: int = 224
+    normalize: str = "imagenet"  # imagenet | none
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
 
 
 @dataclass
 class UnlabeledSource:
     path: str = "???"
     format: str = "auto"  # auto | npz | h5 | nifti | mhd | dicom | png | synapse | la | promise12
-    intensity: str = "none"  # none | ct_window | mr_percentile
-    axis: int = 0  # slicing axis for volumes
+    intensity: str = "auto"  # auto (the format's usual) | none | ct_window | mr_percentile
+    axis: Optional[int] = None  # slicing axis for volumes; none -> the format's (nifti 2, la 2, others 0)
     key: str = "image"  # array key inside npz/h5
 
 
@@ -138,6 +153,8 @@ class CptConfig:
     teacher: str = "all"  # all | simclr | mae
     sources: List[UnlabeledSource] = field(default_factory=list)  # empty -> the dataset's unlabeled pool
     skip_bad_files: bool = False
+    index_cache: Optional[str] = None  # pool index JSON; none -> <runs_dir>/.cache/cpt_pool_index.json
+    cache_volumes: int = 2  # whole volumes kept per data worker (nii.gz, mhd have no cheap slice access)
     simclr: SimclrConfig = field(default_factory=SimclrConfig)
     mae: MaeConfig = field(default_factory=MaeConfig)
 
@@ -147,12 +164,25 @@ class DistillConfig:
     level: str = "all"  # all | image | patch | pixel
     teacher: Optional[str] = None  # teacher.pt; none -> runs/<run>/cpt/<simclr|mae>/teacher.pt
     lr: float = 0.001
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # matrices only; biases, norms and per-block LoRA scales are not decayed
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_epochs: float = 1.0
+    poly_power: float = 0.9
     max_epochs: int = 30
     batch_size: int = 16
+    # image level: two views at model.img_size with CPT's SimCLR augmentation (cpt.simclr.crop_scale, ...);
+    # the teacher sees them resized to its own img_size
+    image_pairing: str = "same"  # same (student(v) vs teacher(v)) | cross (student(v1) vs teacher(v2), and back)
+    image_hidden: Optional[int] = 2048  # projection MLP hidden width (pooled neck -> hidden -> teacher proj_dim)
+    # patch level: MAE teacher masks mask_ratio of its patches; student tokens taken at the visible ones
+    mask_ratio: float = 0.75
+    patch_hidden: Optional[int] = None  # none -> LayerNorm + Linear (student width -> teacher token width)
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # patch and pixel levels: crop + flip
+    # pixel level: denoising from the neck, no teacher
     noise_sigma: float = 0.08
     blur_prob: float = 0.5
+    blur_sigma: List[float] = field(default_factory=lambda: [0.5, 1.5])  # pixels at model.img_size
+    pixel_width: int = 128  # decoder width of the first x2 stage (halved per stage, 4 stages for 16-px patches)
     pixel_overlap_weight: float = 0.9
     pixel_mse_weight: float = 0.1
 
@@ -164,6 +194,7 @@ class RootConfig:
     runs_dir: str = "runs"
     profile: Optional[str] = None  # tiny | paper; none -> tiny for demo data, paper otherwise
     seed: int = 0
+    threads: Optional[int] = None  # torch intra-op threads; none -> torch's default
     deterministic: bool = False
     overwrite: bool = False
     mode: str = "samora"  # samora | samed (one LoRA + decoder + prompt encoder, no experts needed)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
@@ -37,7 +38,12 @@ def build_trainer(
     callbacks: Optional[List[Callback]] = None,
     checkpoint_every_n_epochs: int = 1,
 ) -> L.Trainer:
-    """A Trainer logging to TensorBoard under the run and checkpointing `last.ckpt` into `folder`."""
+    """A Trainer logging to TensorBoard under the run and checkpointing `last.ckpt` into `folder`.
+
+    Also applies `threads` (torch intra-op threads) for this process, since every stage passes here.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     logger = TensorBoardLogger(save_dir=str(tb_root(cfg)), name=stage, version=sub, default_hp_metric=False)
     checkpoint = ModelCheckpoint(
         dirpath=str(Path(folder) / "checkpoints"),

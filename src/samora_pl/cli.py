@@ -1,0 +1,94 @@
+"""`samora <command> key=value ...`: the command line every make target calls.
+
+Commands: cpt, distill, finetune, evaluate, check, demo, ablation. A user mistake (SamoraError) prints one message
+and exits 1; anything else is a bug and keeps its traceback.
+"""
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+
+from samora_pl.errors import SamoraError
+
+COMMANDS = {
+    "cpt": "continual pre-training of the SimCLRv2 and MAE teachers (cpt.teacher=all|simclr|mae)",
+    "distill": "distil a teacher into a LoRA expert (distill.level=all|image|patch|pixel)",
+    "finetune": "stage 2 on a labelled fraction (data.fraction=0.1), then evaluation",
+    "evaluate": "re-evaluate a finished fine-tuning run and rewrite its results",
+    "check": "validate a dataset (every file, key, shape, label value) without training",
+    "demo": "the whole chain (cpt, distill x3, finetune) on the built-in demo data",
+    "ablation": "run the fine-tuning variants of experiments/ablations/NAME.yaml: `samora ablation NAME ...`",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samora",
+        description="SAMora experiments. Settings are key=value overrides of experiments/*.yaml, e.g. "
+        "`samora finetune data.name=synapse data.fraction=0.1 run=exp1`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items()),
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="command")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+def run_command(command: str, overrides) -> dict:
+    from samora_pl.config import compose
+
+    if command == "demo":
+        from samora_pl.demo import run_demo
+
+        return run_demo(overrides)
+    if command == "ablation":
+        from samora_pl.ablation import run_ablation
+
+        names = [item for item in overrides if "=" not in item]
+        if len(names) != 1:
+            raise SamoraError("Usage: samora ablation NAME key=value ... (NAME from experiments/ablations/).")
+        return run_ablation(names[0], [item for item in overrides if "=" in item])
+    if command == "check":
+        from samora_pl.stages.check import check
+
+        return check(compose("check", overrides))
+    cfg = compose(command, overrides)
+    if command == "cpt":
+        from samora_pl.stages.cpt import run
+    elif command == "distill":
+        from samora_pl.stages.distill import run
+    elif command == "finetune":
+        from samora_pl.stages.finetune import run
+    else:
+        from samora_pl.stages.finetune import evaluate as run
+    return run(cfg)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    started = time.time()
+    try:
+        run_command(args.command, args.overrides)
+    except SamoraError as err:
+        print(f"samora {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"samora {args.command}: interrupted.", file=sys.stderr)
+        return 130
+    logging.getLogger("samora_pl").info("samora %s finished in %.1f s", args.command, time.time() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

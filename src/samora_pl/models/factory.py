@@ -1,0 +1,56 @@
+"""Build the segmenter a stage needs from the config, the same way in every stage.
+
+Without an official SAM checkpoint the encoder is randomly initialised from `model.init_seed` (not the
+run seed), so distillation and fine-tuning of one run share the same frozen encoder; the experts record
+a fingerprint of it, and fine-tuning refuses experts distilled on another encoder.
+"""
+
+import hashlib
+import logging
+from typing import Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from samora_pl.models.segmenter import SAMoraSegmenter
+
+LEVELS = ("image", "patch", "pixel")
+SAMED_EXPERT = "samed"
+log = logging.getLogger(__name__)
+
+
+def build_segmenter(cfg: DictConfig, num_classes: int, experts: Sequence[str], fusion: str) -> SAMoraSegmenter:
+    """SAM + the named LoRA experts + `fusion`, with SAM weights from the checkpoint or `init_seed`."""
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(m.init_seed)
+        return SAMoraSegmenter(
+            variant=m.variant,
+            img_size=m.img_size,
+            num_classes=num_classes,
+            experts=tuple(experts),
+            lora_rank=m.lora_rank,
+            fusion=fusion,
+            hl_order=m.hl_order,
+            hl_width=m.hl_width,
+            hl_heads=m.hl_heads,
+            hl_init=m.hl_init,
+            checkpoint=m.checkpoint,
+            grad_checkpoint=m.grad_checkpoint,
+        )
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the frozen SAM image-encoder weights (LoRA and fusion excluded)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.encoder.image_encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def log_trainable(model: torch.nn.Module, where: str) -> int:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("%s: %s trainable of %s parameters (%.2f%%)", where, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return trainable

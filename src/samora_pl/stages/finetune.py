@@ -1,0 +1,208 @@
+"""`samora finetune` and `samora evaluate`: stage 2 of SAMora and the protocol evaluation.
+
+Fine-tuning reads the three experts distilled in the same run (paths overridable), trains the fusion and
+the mask decoder on the labelled fraction, saves `final.safetensors`, then evaluates every test volume
+with the SAMed/TransUNet protocol. `mode=samed` is the SAMed baseline (one LoRA, no experts needed).
+"""
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from data_modules import build_datamodule
+from samora_pl.callbacks import Throughput
+from samora_pl.errors import SamoraError
+from samora_pl.evaluation import case_metrics, gather_rows, predict_volume, shard_cases, summarise, write_results
+from samora_pl.evaluation.report import format_table
+from samora_pl.models.factory import LEVELS, SAMED_EXPERT, base_fingerprint, build_segmenter, log_trainable
+from samora_pl.models.lora import read_expert_metadata
+from samora_pl.runs import StageRecord, atomic_save, is_rank_zero, read_manifest, save_config, stage_dir, verify_input
+from samora_pl.stages.finetune_module import FinetuneModule
+from samora_pl.trainer import build_trainer
+
+log = logging.getLogger(__name__)
+FINAL = "final.safetensors"
+
+
+def tag_of(cfg: DictConfig) -> str:
+    if cfg.finetune.tag:
+        return cfg.finetune.tag
+    fusion = "lora" if cfg.mode == "samed" else cfg.model.fusion.replace(":", "-")
+    zero = "-zero" if cfg.finetune.zero_experts and cfg.mode == "samora" else ""
+    return f"{cfg.mode}-{fusion}{zero}-f{cfg.data.fraction:g}"
+
+
+def build_data(cfg: DictConfig, folder: Path):
+    return build_datamodule(
+        cfg.data.name,
+        root=cfg.data.dir,
+        img_size=cfg.model.img_size,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        fraction=cfg.data.fraction,
+        fraction_by=cfg.data.fraction_by,
+        fraction_list=cfg.data.fraction_list,
+        seed=cfg.seed,
+        split_dir=folder / "splits",
+        augment=cfg.data.augment,
+        val_slices=cfg.data.val_slices,
+    )
+
+
+def expert_paths(cfg: DictConfig) -> dict:
+    """The three distilled experts: configured paths, else the run's distill outputs."""
+    paths = {}
+    for level in LEVELS:
+        configured = cfg.finetune.experts[level]
+        paths[level] = Path(configured) if configured else stage_dir(cfg, "distill", level) / "expert.safetensors"
+    missing = [f"{level}: {path}" for level, path in paths.items() if not path.exists()]
+    if missing:
+        levels = [line.split(":")[0] for line in missing]
+        make = "make distill LEVEL=all" if len(levels) == 3 else " and ".join(f"make distill LEVEL={lv}" for lv in levels)
+        raise SamoraError(
+            "Fine-tuning in mode=samora needs the distilled LoRA experts, which are missing:\n  "
+            + "\n  ".join(missing)
+            + f"\nMake them with `{make} RUN={cfg.run} DATA={cfg.data.name}` (after `make cpt`), point "
+            "finetune.experts.<level> at existing files, or use finetune.zero_experts=true / mode=samed."
+        )
+    return paths
+
+
+def build_model(cfg: DictConfig, num_classes: int, record: StageRecord = None):
+    """The stage-2 model with its experts loaded and the right parameters trainable."""
+    if cfg.mode == "samed":
+        model = build_segmenter(cfg, num_classes, (SAMED_EXPERT,), f"single:{SAMED_EXPERT}")
+    else:
+        model = build_segmenter(cfg, num_classes, LEVELS, cfg.model.fusion)
+        if not cfg.finetune.zero_experts:
+            fingerprint = base_fingerprint(model)
+            for level, path in expert_paths(cfg).items():
+                meta = read_expert_metadata(path)
+                if meta.get("base_fingerprint") not in (None, fingerprint):
+                    raise SamoraError(
+                        f"Expert {path} was distilled on another SAM encoder (model.checkpoint or model.init_seed "
+                        "differ from this run); re-run `make distill` with this run's model settings."
+                    )
+                model.load_expert(level, path)
+                if record is not None:
+                    record.add_input(f"expert_{level}", verify_input(path, Path(path).parent))
+    model.set_trainable(cfg.mode)
+    return model
+
+
+def _module(cfg: DictConfig, model, class_names) -> FinetuneModule:
+    uses_aux = cfg.mode == "samora" and cfg.model.fusion == "mole"
+    return FinetuneModule(
+        model,
+        class_names,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=cfg.optim.betas,
+        warmup_epochs=cfg.optim.warmup_epochs,
+        poly_power=cfg.optim.poly_power,
+        ce_weight=cfg.loss.ce_weight,
+        dice_weight=cfg.loss.dice_weight,
+        aux_weight=cfg.model.mole_balance_weight if uses_aux else 0.0,
+        image_log_every_n_epochs=cfg.trainer.image_log_every_n_epochs,
+    )
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fine-tune, save the final model, evaluate; returns the metrics."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tag = tag_of(cfg)
+    folder = stage_dir(cfg, "finetune", tag)
+    previous = read_manifest(folder)
+    if previous and previous.get("status") == "complete" and not cfg.overwrite:
+        raise SamoraError(
+            f"Fine-tuning {folder} already finished (mean Dice {previous['metrics'].get('mean_dice')}); "
+            "add overwrite=true to run it again, or choose another RUN or finetune.tag."
+        )
+    record = StageRecord(cfg, folder)
+    data = build_data(cfg, folder)
+    model = build_model(cfg, data.num_classes, record)
+    record.metrics["trainable_parameters"] = log_trainable(model, f"finetune {tag}")
+    module = _module(cfg, model, data.class_names)
+    save_config(cfg, folder)
+    trainer = build_trainer(cfg, folder, "finetune", tag, callbacks=[Throughput()])
+    trainer.fit(module, datamodule=data)
+    final = folder / FINAL
+    if is_rank_zero():
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_save(final, lambda tmp: save_file(state, str(tmp), metadata={"tag": tag, "mode": cfg.mode}))
+        record.add_output(final)
+        for split in sorted((folder / "splits").glob("*")):
+            record.add_output(split)
+    metrics = {}
+    if cfg.finetune.evaluate:
+        metrics = evaluate_model(cfg, model, data, folder, trainer.strategy.root_device)
+        record.metrics.update(metrics)
+    record.write()
+    return metrics
+
+
+def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> dict:
+    """SPEC section 5 on every test volume; each rank takes its share, rank zero writes the results."""
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+
+    @torch.no_grad()
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        return model(batch.to(device)).float().cpu()
+
+    cases = shard_cases(list(data.test_cases()), *_rank_and_world())
+    rows = []
+    for case in tqdm(cases, desc="evaluate", unit="volume", disable=not cases):
+        volume = data.load_volume(case)
+        pred = predict_volume(
+            predict,
+            volume.image,
+            cfg.model.img_size,
+            batch_size=cfg.eval.batch_size,
+            resize=cfg.eval.resize,
+            two_step_size=cfg.eval.two_step_size,
+        )
+        for row in case_metrics(pred, volume.label, data.num_classes, spacing=volume.spacing):
+            row["case"] = volume.case
+            rows.append(row)
+    rows = gather_rows(rows)
+    summary = summarise(rows, data.class_names)
+    if is_rank_zero():
+        extra = {"resize_protocol": cfg.eval.resize, "hd95_unit": "voxels", "tag": folder.name}
+        write_results(rows, data.class_names, folder, extra=extra)
+        print(format_table(summary, data.class_names, title=f"{cfg.run}/{folder.name}"))
+    return {"mean_dice": summary["mean_dice"], "mean_hd95": summary["mean_hd95"]}
+
+
+def _rank_and_world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """`samora evaluate`: re-evaluate a finished fine-tuning run's final model and rewrite its results."""
+    tag = tag_of(cfg)
+    folder = stage_dir(cfg, "finetune", tag)
+    weights = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else folder / FINAL
+    if not weights.exists():
+        raise SamoraError(f"No fine-tuned model at {weights}; run `make finetune RUN={cfg.run}` first.")
+    verify_input(weights, folder)
+    data = build_data(cfg, folder)
+    model = build_segmenter(
+        cfg,
+        data.num_classes,
+        (SAMED_EXPERT,) if cfg.mode == "samed" else LEVELS,
+        f"single:{SAMED_EXPERT}" if cfg.mode == "samed" else cfg.model.fusion,
+    )
+    state = load_file(str(weights))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise SamoraError(f"{weights} does not match the configured model ({str(err).splitlines()[0]}).") from err
+    return evaluate_model(cfg, model, data, folder)

@@ -1,0 +1,88 @@
+"""Stage 2 LightningModule: trains the fusion (HL-Attn or a baseline) and the mask decoder.
+
+The module receives a built `SAMoraSegmenter` whose trainable parameters are already chosen
+(`set_trainable(mode)`); it adds the loss, the optimiser schedule, validation Dice and image panels.
+"""
+
+import torch
+import lightning as L
+from torchmetrics.segmentation import DiceScore
+
+from samora_pl.callbacks import segmentation_panel, tensorboard
+from samora_pl.schedules import lightning_scheduler, warmup_poly
+from samora_pl.segmentation_loss import SegmentationLoss
+
+
+class FinetuneModule(L.LightningModule):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        class_names,
+        lr: float = 0.005,
+        weight_decay: float = 0.1,
+        betas=(0.9, 0.999),
+        warmup_epochs: float = 1.0,
+        poly_power: float = 0.9,
+        ce_weight: float = 0.2,
+        dice_weight: float = 0.8,
+        aux_weight: float = 0.0,
+        image_log_every_n_epochs: int = 1,
+    ):
+        super().__init__()
+        self.model = model
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.loss = SegmentationLoss(ce_weight, dice_weight)
+        self.aux_weight = aux_weight
+        self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        self.warmup_epochs = warmup_epochs
+        self.poly_power = poly_power
+        self.image_log_every_n_epochs = image_log_every_n_epochs
+        self.val_dice = DiceScore(
+            num_classes=self.num_classes + 1, include_background=False, average="none", input_format="index"
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(batch["image"])
+        seg = self.loss(logits, batch["low_res_label"])
+        loss = seg
+        if self.aux_weight:
+            aux = self.model.aux_loss()
+            loss = seg + self.aux_weight * aux
+            self.log("train/aux_loss", aux, on_step=True, on_epoch=False)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self.model(batch["image"])
+        loss = self.loss(logits, batch["low_res_label"])
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(logits))
+        up = torch.nn.functional.interpolate(logits.float(), size=batch["label"].shape[-2:], mode="bilinear")
+        pred = up.argmax(1)
+        self.val_dice.update(pred, batch["label"])
+        if batch_idx == 0 and self.current_epoch % self.image_log_every_n_epochs == 0:
+            writer = tensorboard(self.trainer)
+            if writer is not None:
+                count = min(4, len(pred))
+                panel = segmentation_panel(batch["image"][:count], batch["label"][:count], pred[:count])
+                writer.add_image("val/slice_truth_prediction", panel, self.global_step)
+
+    def on_validation_epoch_end(self):
+        per_class = self.val_dice.compute()
+        self.val_dice.reset()
+        for name, value in zip(self.class_names, per_class):
+            self.log(f"val_dice/{name}", torch.nan_to_num(value), sync_dist=False)
+        self.log("val/mean_dice", torch.nan_to_num(per_class).mean(), prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, **self.optim)
+        total = self.trainer.estimated_stepping_batches
+        per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
+        warmup = int(self.warmup_epochs * per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": lightning_scheduler(optimizer, warmup_poly(total, warmup, self.poly_power))}

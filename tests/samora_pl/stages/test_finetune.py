@@ -1,0 +1,154 @@
+"""End-to-end stage 2 on the demo data (tiny profile), through the same entry points users call."""
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from samora_pl.cli import main
+from samora_pl.config import compose
+from samora_pl.errors import SamoraError
+from samora_pl.models.factory import LEVELS, build_segmenter
+from samora_pl.stages import finetune
+
+
+def quick(tmp_path, *extra):
+    """Overrides for a seconds-long fine-tune on the shared demo data."""
+    return [
+        f"runs_dir={tmp_path / 'runs'}",
+        f"data.dir={demo_dir()}",
+        "run=t",
+        "data.fraction=0.1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.image_log_every_n_epochs=1",
+        "data.val_slices=4",
+        "trainer.log_every_n_steps=1",
+        *extra,
+    ]
+
+
+_DEMO = {}
+
+
+def demo_dir() -> Path:
+    """One demo dataset for the whole session (written in ~2 s on first use)."""
+    if "dir" not in _DEMO:
+        import tempfile
+
+        from data_modules.demo import ensure_demo
+
+        _DEMO["dir"] = ensure_demo(Path(tempfile.mkdtemp(prefix="samora-demo-")) / "demo")
+    return _DEMO["dir"]
+
+
+def test_samed_finetune_writes_results_and_dashboards(tmp_path):
+    assert main(["finetune", *quick(tmp_path, "mode=samed")]) == 0
+    folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    organs = {"spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"}
+    assert {r["class_name"] for r in rows} == organs and len(rows) == 8 * 3
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0.0 <= metrics["mean_dice"] <= 1.0 and set(metrics["per_class"]) == organs
+    assert "liver" in (folder / "results.md").read_text()
+    assert (folder / "splits" / "train_selected.txt").exists() and (folder / "final.safetensors").exists()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "final.safetensors" in manifest["outputs"]
+    events = EventAccumulator(str(tmp_path / "runs" / "t" / "tb" / "finetune" / "samed-lora-f0.1"))
+    events.Reload()
+    assert {"train/loss_step", "val/loss", "val/mean_dice", "val_dice/liver"} <= set(events.Tags()["scalars"])
+    assert "val/slice_truth_prediction" in events.Tags()["images"]
+
+
+def test_evaluate_reproduces_the_metrics(tmp_path):
+    overrides = quick(tmp_path, "mode=samed")
+    assert main(["finetune", *overrides]) == 0
+    folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
+    first = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").unlink()
+    assert main(["evaluate", *overrides]) == 0
+    assert json.loads((folder / "metrics.json").read_text())["mean_dice"] == first["mean_dice"]
+
+
+def test_finished_run_is_not_redone_without_overwrite(tmp_path, capsys):
+    overrides = quick(tmp_path, "mode=samed")
+    assert main(["finetune", *overrides]) == 0
+    assert main(["finetune", *overrides]) == 1
+    assert "overwrite=true" in capsys.readouterr().err
+
+
+def test_missing_experts_name_the_files_and_the_command(tmp_path, capsys):
+    assert main(["finetune", *quick(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "distill/image/expert.safetensors" in err and "make distill LEVEL=all" in err
+    assert "Traceback" not in err
+
+
+def test_bad_fraction_is_one_clear_error(tmp_path, capsys):
+    assert main(["finetune", *quick(tmp_path, "data.fraction=1.5")]) == 1
+    assert "(0, 1]" in capsys.readouterr().err
+
+
+def _write_experts(tmp_path, rank, random_b=False):
+    cfg = compose("finetune", quick(tmp_path, f"model.lora_rank={rank}"))
+    model = build_segmenter(cfg, 8, LEVELS, "hl_attn")
+    if random_b:  # as if distilled: B != 0, so every expert changes the encoder
+        with torch.no_grad():
+            for name, param in model.lora.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+    paths = []
+    for level in LEVELS:
+        path = tmp_path / f"{level}-r{rank}.safetensors"
+        model.save_expert(level, path)
+        paths.append(f"finetune.experts.{level}={path}")
+    return paths
+
+
+def test_experts_of_another_rank_are_refused(tmp_path, capsys):
+    paths = _write_experts(tmp_path, rank=2)
+    assert main(["finetune", *quick(tmp_path, *paths)]) == 1
+    err = capsys.readouterr().err
+    assert "rank" in err.lower() and "Traceback" not in err
+
+
+def test_given_experts_are_loaded_and_recorded(tmp_path):
+    paths = _write_experts(tmp_path, rank=4)
+    assert main(["finetune", *quick(tmp_path, *paths, "finetune.tag=given")]) == 0
+    manifest = json.loads((tmp_path / "runs" / "t" / "finetune" / "given" / "manifest.json").read_text())
+    assert {"expert_image", "expert_patch", "expert_pixel"} <= set(manifest["inputs"])
+
+
+@pytest.mark.parametrize("fusion", ["hl_attn", "mole"])
+def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion):
+    """Validation switches to eval and back: training must go on changing the trainable weights."""
+    experts = _write_experts(tmp_path, rank=4, random_b=True)
+    cfg = compose("finetune", quick(tmp_path, *experts, f"model.fusion={fusion}",
+                                    "trainer.max_epochs=2", "finetune.evaluate=false"))
+    snapshots = []
+
+    class Keep(L.Callback):
+        def on_validation_end(self, trainer, module):
+            snapshots.append({n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad})
+
+    original = finetune.build_trainer
+
+    def with_snapshot(*args, **kwargs):
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [Keep()]
+        return original(*args, **kwargs)
+
+    finetune.build_trainer = with_snapshot
+    try:
+        finetune.run(cfg)
+    finally:
+        finetune.build_trainer = original
+    first, second = snapshots
+    assert any(n.startswith("encoder.fusion") for n in first)
+    assert all(not n.startswith(("encoder.lora", "encoder.image_encoder")) for n in first)
+    changed = [n for n in first if not torch.equal(first[n], second[n])]
+    assert any(n.startswith("encoder.fusion") for n in changed) and any(n.startswith("mask_decoder") for n in changed)
