@@ -152,3 +152,25 @@ def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion):
     assert all(not n.startswith(("encoder.lora", "encoder.image_encoder")) for n in first)
     changed = [n for n in first if not torch.equal(first[n], second[n])]
     assert any(n.startswith("encoder.fusion") for n in changed) and any(n.startswith("mask_decoder") for n in changed)
+
+
+def test_bf16_mixed_precision_runs(tmp_path):
+    assert main(["finetune", *quick(tmp_path, "mode=samed", "trainer.precision=bf16-mixed")]) == 0
+    metrics = json.loads((tmp_path / "runs/t/finetune/samed-lora-f0.1/metrics.json").read_text())
+    assert 0.0 <= metrics["mean_dice"] <= 1.0
+
+
+def test_ddp_two_cpu_processes_evaluate_every_case_once(tmp_path):
+    """Lightning's DDP (gloo) re-launches the CLI for rank 1; each test case is evaluated exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path("src").resolve()), str(Path(".").resolve())]))
+    cmd = [sys.executable, "-m", "samora_pl", "finetune", "mode=samed", "trainer.devices=2", "trainer.accelerator=cpu"]
+    done = subprocess.run(cmd + quick(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "runs/t/finetune/samed-lora-f0.1/results.csv")))
+    pairs = [(r["case"], r["class_id"]) for r in rows]
+    assert len(pairs) == len(set(pairs)) == 3 * 8
+    assert len((tmp_path / "runs/t/finetune/samed-lora-f0.1/splits/train_selected.txt").read_text().split()) > 0
