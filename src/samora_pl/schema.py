@@ -113,6 +113,7 @@ class SimclrConfig:
     jitter: float = 0.4  # brightness and contrast strength
     blur_prob: float = 0.5
     noise_std: float = 0.05  # Gaussian noise, std drawn from [0, noise_std], p 0.5
+    channels_last: bool = True  # NHWC ResNet: 1.15-1.25x faster steps on CPU (benchmarks/cpt_step.py)
 
 
 @dataclass

@@ -1,0 +1,446 @@
+"""The unlabeled slice pool of continual pre-training (CPT), as a LightningDataModule.
+
+A pool is a list of sources (`cpt.sources`; empty means the dataset's own images, labels ignored):
+
+- folders or single files of slices or volumes: npz, h5, NIfTI, MHD/MHA, DICOM series, PNG
+  (`format: auto` picks the reader by extension and skips label-like files: names containing
+  `segmentation`, `_seg.`, or starting with `label`, and folders named labelsTr, labelsTs, labels, masks, gt);
+- dataset layouts: `synapse` (train_npz/*.npz and test_vol_h5/*.h5), `la` (`2018LA_Seg_Training Set/<ID>/
+  mri_norm2.h5`, sliced along the last axis), `promise12` (`CaseNN.mhd`, segmentations skipped).
+
+Each source has an intensity mode: `none` (values already in [0, 1]; clipped), `ct_window` (Synapse: clip
+[-125, 275], then (x + 125) / 400), `mr_percentile` (clip to the volume's 0.5 / 99.5 percentiles, scale to
+[0, 1]) or `auto` (synapse, npz, h5, png: none; la, promise12, nifti, mhd, dicom: mr_percentile). Every
+slice comes out as float32 [1, H, W] in [0, 1].
+
+Indexing reads headers only (plus, for `mr_percentile` volumes, one pass for the percentiles) and is
+cached in a JSON file keyed by path + size + mtime, so a large pool starts in seconds the second time.
+Unreadable files are all reported together; they stop the run unless `skip_bad_files` is set.
+"""
+
+import json
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from data_modules.unlabeled_io import (
+    DEFAULT_AXIS,
+    INTENSITIES,
+    ReadError,
+    Volume,
+    VolumeCache,
+    dicom_series,
+    intensity,
+    is_dicom_file,
+    probe,
+    read_slice,
+    volume_stats,
+)
+from samora_pl.errors import SamoraError
+from samora_pl.runs import atomic_write_text, is_rank_zero
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "npz", "h5", "nifti", "mhd", "dicom", "png", "synapse", "la", "promise12")
+SOURCE_INTENSITIES = ("auto",) + INTENSITIES
+INDEX_VERSION = 1
+AUTO_INTENSITY = {"npz": "none", "h5": "none", "png": "none", "nifti": "mr_percentile", "mhd": "mr_percentile",
+                  "dicom": "mr_percentile", "synapse": "none", "la": "mr_percentile", "promise12": "mr_percentile"}
+EXTENSIONS = {".npz": "npz", ".h5": "h5", ".hdf5": "h5", ".nii": "nifti", ".nii.gz": "nifti", ".mhd": "mhd",
+              ".mha": "mhd", ".png": "png", ".dcm": "dicom"}
+LABEL_FOLDERS = {"labelstr", "labelsts", "label", "labels", "mask", "masks", "gt", "segmentations"}
+LA_FOLDER = "2018LA_Seg_Training Set"
+MAX_LISTED = 40
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+def source_dict(source, position: int = 0) -> dict:
+    """A source (dict, DictConfig or dataclass) as a plain dict with every key filled and checked."""
+    if isinstance(source, DictConfig):
+        raw = OmegaConf.to_container(source, resolve=True)  # keeps a missing path as "???"
+    elif hasattr(source, "items"):
+        raw = dict(source.items())
+    else:
+        raw = dict(vars(source))
+    out = {"path": None, "format": "auto", "intensity": "auto", "axis": None, "key": "image"}
+    unknown = set(raw) - set(out)
+    if unknown:
+        raise SamoraError(f"cpt.sources[{position}] has unknown keys {sorted(unknown)}; known: {', '.join(out)}.")
+    out.update({k: v for k, v in raw.items() if v is not None or k == "axis"})
+    where = f"cpt.sources[{position}]"
+    if not out["path"] or out["path"] == "???":
+        raise SamoraError(f"{where}.path is not set; give the folder or file of unlabeled images.")
+    if out["format"] not in FORMATS:
+        raise SamoraError(f"{where}.format is {out['format']!r}; allowed values: {', '.join(FORMATS)}.")
+    if out["intensity"] not in SOURCE_INTENSITIES:
+        raise SamoraError(f"{where}.intensity is {out['intensity']!r}; "
+                          f"allowed values: {', '.join(SOURCE_INTENSITIES)}.")
+    if out["axis"] is not None and out["axis"] not in (0, 1, 2):
+        raise SamoraError(f"{where}.axis is {out['axis']!r}; "
+                          "allowed values: 0, 1, 2 (or null for the format's default).")
+    return out
+
+
+def sources_from_config(cfg) -> List[dict]:
+    """`cpt.sources`, or when it is empty the images of the configured dataset (labels ignored)."""
+    if len(cfg.cpt.sources):
+        return [source_dict(s, i) for i, s in enumerate(cfg.cpt.sources)]
+    name, root = cfg.data.name, Path(cfg.data.dir)
+    if name == "demo":
+        try:
+            from data_modules.demo import ensure_demo
+        except ImportError as err:
+            raise SamoraError(f"The demo data writer (data_modules/demo.py) is not available ({err}); "
+                              "set cpt.sources to a folder of unlabeled images.") from err
+        root = Path(ensure_demo(root))
+        return [source_dict({"path": str(root / "unlabeled"), "format": "npz", "intensity": "none"})]
+    if name in ("synapse", "la", "promise12"):
+        return [source_dict({"path": str(root), "format": name})]
+    return [source_dict({"path": str(root), "format": "auto"})]
+
+
+def _is_label_like(path: Path, root: Path) -> bool:
+    name = path.name.lower()
+    if "segmentation" in name or "_seg." in name or name.startswith("label"):
+        return True
+    try:
+        parts = path.relative_to(root).parts[:-1]
+    except ValueError:
+        parts = ()
+    return any(part.lower() in LABEL_FOLDERS for part in parts)
+
+
+def _reader_of(path: Path) -> Optional[str]:
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return "nifti"
+    return EXTENSIONS.get(path.suffix.lower())
+
+
+def _walk(root: Path) -> List[Path]:
+    if root.is_file():
+        return [root]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(Path(folder) / n for n in sorted(names) if not n.startswith("."))
+    return files
+
+
+def scan_source(source: dict, index: dict) -> Tuple[List[Volume], Dict[str, str]]:
+    """The volumes of one source (not read yet) and the files that already failed while grouping."""
+    root = Path(source["path"]).expanduser()
+    fmt = source["format"]
+    if not root.exists():
+        raise SamoraError(f"CPT source {root} does not exist; fix its path in cpt.sources (format {fmt}).")
+    files: List[Tuple[Path, str]] = []  # (path, reader)
+    axis_default: Dict[str, int] = dict(DEFAULT_AXIS)
+    if fmt == "synapse":
+        found = [(p, "npz") for p in sorted((root / "train_npz").glob("*.npz"))]
+        found += [(p, "h5") for p in sorted((root / "test_vol_h5").glob("*.h5"))]
+        if not found:
+            raise SamoraError(f"{root} is not a Synapse folder: no train_npz/*.npz or test_vol_h5/*.h5 inside.")
+        files = found
+    elif fmt == "la":
+        base = root / LA_FOLDER if (root / LA_FOLDER).is_dir() else root
+        files = [(p, "h5") for p in sorted(base.glob("*/mri_norm2.h5"))]
+        if not files:
+            raise SamoraError(f"{root} is not an LA folder: no '{LA_FOLDER}/<ID>/mri_norm2.h5' inside.")
+        axis_default["h5"] = 2
+    elif fmt == "promise12":
+        files = [(p, "mhd") for p in sorted(root.rglob("Case*.mhd")) if "segmentation" not in p.name.lower()]
+        if not files:
+            raise SamoraError(f"{root} is not a PROMISE12 folder: no CaseNN.mhd inside.")
+    elif fmt == "dicom":
+        files = [(p, "dicom") for p in _walk(root) if is_dicom_file(p)]
+    else:
+        for path in _walk(root):
+            reader = _reader_of(path)
+            if reader is None or (fmt != "auto" and reader != fmt):
+                continue
+            if fmt == "auto" and _is_label_like(path, root):
+                continue
+            files.append((path, reader))
+
+    volumes: List[Volume] = []
+    errors: Dict[str, str] = {}
+    mode = source["intensity"]
+    dicom_groups: Dict[Path, List[Path]] = {}
+    for path, reader in files:
+        if reader == "dicom":
+            dicom_groups.setdefault(path.parent, []).append(path)
+            continue
+        volumes.append(Volume(path=str(path.resolve()), reader=reader, key=source["key"],
+                              axis=source["axis"] if source["axis"] is not None else axis_default[reader],
+                              intensity=AUTO_INTENSITY[fmt if fmt in ("synapse", "la", "promise12") else reader]
+                              if mode == "auto" else mode))
+    for folder, members in sorted(dicom_groups.items()):
+        series, bad = _dicom_folder(folder.resolve(), sorted(p.resolve() for p in members), index)
+        errors.update(bad)
+        for volume in series:
+            volume.axis = source["axis"] if source["axis"] is not None else DEFAULT_AXIS["dicom"]
+            volume.intensity = AUTO_INTENSITY["dicom"] if mode == "auto" else mode
+            volumes.append(volume)
+    return volumes, errors
+
+
+def _dicom_folder(folder: Path, members: List[Path], index: dict) -> Tuple[List[Volume], Dict[str, str]]:
+    """Series of one DICOM folder, from the index when the folder's files have not changed."""
+    try:
+        stats = [os.stat(p) for p in members]
+    except OSError as err:
+        return [], {str(folder): f"{type(err).__name__}: {err}"}
+    signature = [len(members), sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)]
+    key = f"dicomdir|{folder}"
+    cached = index.get(key)
+    if cached and cached.get("sig") == signature:
+        series = [Volume(path=str(folder), reader="dicom", files=s["files"], series=s["series"])
+                  for s in cached["series"]]
+        return series, dict(cached.get("errors", {}))
+    series, errors = dicom_series(folder, members)
+    index[key] = {"sig": signature, "errors": errors,
+                  "series": [{"series": v.series, "files": v.files} for v in series]}
+    return series, errors
+
+
+# ---------------------------------------------------------------------------------------------- the pool
+
+
+class SlicePool:
+    """The readable volumes of a pool, with how many slices each gives and their intensity statistics."""
+
+    def __init__(self, volumes: List[Volume], slices: Sequence[int], stats: Sequence, bad: Dict[str, str],
+                 index_path: Optional[Path] = None, sources: Sequence[dict] = ()):
+        self.volumes = list(volumes)
+        self.slices = np.asarray(slices, dtype=np.int64)
+        self.stats = list(stats)
+        self.bad = dict(bad)
+        self.index_path = index_path
+        self.sources = list(sources)
+        self.ends = np.cumsum(self.slices)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def locate(self, item: int) -> Tuple[int, int]:
+        """(volume number, slice number) of pool slice `item`."""
+        if not 0 <= item < len(self):
+            raise IndexError(item)
+        volume = int(np.searchsorted(self.ends, item, side="right"))
+        start = int(self.ends[volume - 1]) if volume else 0
+        return volume, item - start
+
+    def summary(self) -> dict:
+        return {
+            "sources": self.sources,
+            "volumes": len(self.volumes),
+            "slices": len(self),
+            "skipped_files": self.bad,
+            "index": str(self.index_path) if self.index_path else None,
+        }
+
+
+def _load_index(path: Optional[Path]) -> dict:
+    if path is None or not Path(path).exists():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("Ignoring unreadable pool index %s; it will be rebuilt.", path)
+        return {}
+    if data.get("version") != INDEX_VERSION:
+        return {}
+    return dict(data.get("entries", {}))
+
+
+def _probe_entry(volume: Volume, signature: list) -> dict:
+    try:
+        facts = probe(volume)
+        stats = volume_stats(volume)
+        return {"sig": signature, "shape": facts["shape"], "slices": facts["slices"], "stats": stats, "error": None}
+    except ReadError as err:
+        return {"sig": signature, "error": str(err)}
+
+
+def build_pool(
+    sources: Iterable,
+    skip_bad_files: bool = False,
+    index_path: Optional[Path] = None,
+    workers: int = 8,
+) -> SlicePool:
+    """Scan and index every source; SamoraError on unreadable files (unless skipped) or an empty pool."""
+    sources = [source_dict(s, i) for i, s in enumerate(sources)]
+    if not sources:
+        raise SamoraError("No CPT sources: set cpt.sources (a list of {path, format, intensity}) or a dataset.")
+    index_path = Path(index_path) if index_path else None
+    entries = _load_index(index_path)
+    volumes: List[Volume] = []
+    bad: Dict[str, str] = {}
+    for source in sources:
+        found, errors = scan_source(source, entries)
+        volumes.extend(found)
+        bad.update(errors)
+
+    records: Dict[str, dict] = {}
+    todo: List[Tuple[Volume, list]] = []
+    for volume in volumes:
+        try:
+            signature = volume.signature()
+        except OSError as err:
+            records[volume.cache_key] = {"sig": None, "error": f"{type(err).__name__}: {err}"}
+            continue
+        cached = entries.get(volume.cache_key)
+        if cached and cached.get("sig") == signature:
+            records[volume.cache_key] = cached
+        else:
+            todo.append((volume, signature))
+    if todo:
+        log.info("Indexing %d new or changed files of the CPT pool.", len(todo))
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+            for (volume, _), record in zip(todo, pool.map(lambda item: _probe_entry(*item), todo)):
+                records[volume.cache_key] = record
+
+    good, slices, stats = [], [], []
+    for volume in volumes:
+        record = records[volume.cache_key]
+        if record.get("error"):
+            bad[_display(volume)] = record["error"]
+            continue
+        good.append(volume)
+        slices.append(record["slices"])
+        stats.append(record.get("stats"))
+
+    if index_path is not None and is_rank_zero():
+        entries.update(records)
+        try:
+            atomic_write_text(index_path, json.dumps({"version": INDEX_VERSION, "entries": entries}))
+        except OSError as err:
+            log.warning("Could not write the pool index %s (%s); indexing will repeat next time.", index_path, err)
+
+    listed = "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items())[:MAX_LISTED])
+    more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    if bad and not skip_bad_files:
+        raise SamoraError(
+            f"{len(bad)} file(s) of the CPT pool cannot be read:\n{listed}{more}\n"
+            "Fix or remove them, or set cpt.skip_bad_files=true to pre-train without them."
+        )
+    if bad:
+        warnings.warn(f"Skipping {len(bad)} unreadable file(s) of the CPT pool (cpt.skip_bad_files=true):\n"
+                      f"{listed}{more}")
+    pool = SlicePool(good, slices, stats, bad, index_path, sources)
+    if len(pool) == 0:
+        paths = ", ".join(f"{s['path']} ({s['format']})" for s in sources)
+        raise SamoraError(f"The CPT pool is empty: no readable slices in {paths}. "
+                          "Point cpt.sources at folders of images (npz, h5, nii/nii.gz, mhd, dicom, png).")
+    return pool
+
+
+def _display(volume: Volume) -> str:
+    return f"{volume.path} (series {volume.series})" if volume.series else volume.path
+
+
+# ------------------------------------------------------------------------------------ dataset and module
+
+
+class UnlabeledSlices(Dataset):
+    """Pool slices as float32 [1, H, W] in [0, 1], passed through `transform` (e.g. two SSL views)."""
+
+    def __init__(self, pool: SlicePool, transform: Optional[Callable] = None, cache_volumes: int = 2,
+                 skip_bad_files: bool = False):
+        self.pool = pool
+        self.transform = transform
+        self.cache = VolumeCache(cache_volumes)
+        self.skip_bad_files = skip_bad_files
+        self._warned = set()
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def slice(self, item: int) -> torch.Tensor:
+        number, index = self.pool.locate(item)
+        volume = self.pool.volumes[number]
+        raw = read_slice(volume, index, self.cache)
+        scaled = intensity(raw, volume.intensity, self.pool.stats[number])
+        return torch.from_numpy(np.ascontiguousarray(scaled))[None]
+
+    def __getitem__(self, item: int):
+        for attempt in range(10):
+            try:
+                image = self.slice(item)
+                break
+            except ReadError as err:
+                number, index = self.pool.locate(item)
+                where = _display(self.pool.volumes[number])
+                if not self.skip_bad_files:
+                    raise SamoraError(f"Cannot read slice {index} of {where}: {err}. Fix or remove the file, "
+                                      "or set cpt.skip_bad_files=true.") from err
+                if where not in self._warned:
+                    self._warned.add(where)
+                    warnings.warn(f"Skipping unreadable slice {index} of {where}: {err}")
+                item = (item + 1) % len(self.pool)
+        else:
+            raise SamoraError("Ten consecutive slices of the CPT pool could not be read; check the files named above.")
+        return self.transform(image) if self.transform is not None else image
+
+
+class UnlabeledDataModule(L.LightningDataModule):
+    """Training batches from the unlabeled pool; Lightning adds the DistributedSampler under DDP."""
+
+    def __init__(
+        self,
+        sources: Optional[Iterable] = None,
+        transform: Optional[Callable] = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        skip_bad_files: bool = False,
+        index_path: Optional[Path] = None,
+        cache_volumes: int = 2,
+        pool: Optional[SlicePool] = None,
+        drop_last: bool = True,
+    ):
+        super().__init__()
+        if pool is None and sources is None:
+            raise ValueError("give either sources or an already built pool")
+        self.sources = list(sources) if sources is not None else None
+        self.transform = transform
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.skip_bad_files = skip_bad_files
+        self.index_path = index_path
+        self.cache_volumes = cache_volumes
+        self.pool = pool
+        self.drop_last = drop_last
+        self.dataset: Optional[UnlabeledSlices] = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.pool is None:
+            self.pool = build_pool(self.sources, self.skip_bad_files, self.index_path)
+        if self.drop_last and len(self.pool) < self.batch_size:
+            raise SamoraError(f"The CPT pool has {len(self.pool)} slices, fewer than one batch ({self.batch_size}); "
+                              "add images or lower the teacher's batch_size.")
+        if self.dataset is None:
+            self.dataset = UnlabeledSlices(self.pool, self.transform, self.cache_volumes, self.skip_bad_files)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.dataset is None:
+            self.setup("fit")
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )

@@ -1,0 +1,231 @@
+"""`samora cpt`: continual pre-training of the SimCLRv2 and MAE teachers on the unlabeled pool.
+
+For each teacher (`cpt.teacher` all | simclr | mae) this builds the network (optionally from a public
+checkpoint), trains it on the pool and writes `runs/<run>/cpt/<teacher>/`: `teacher.pt` (the hand-off to
+distillation, see `load_teacher`), `checkpoints/last.ckpt`, `config.yaml` and `manifest.json`.
+
+The pool is indexed once before any training, so unreadable files stop the run before it starts. A
+teacher whose folder already holds a finished run with the same settings is reused (overwrite=true trains
+it again); a folder with a `last.ckpt` but no finished manifest is resumed from it, and a larger
+`cpt.<teacher>.max_epochs` continues a finished run from its `last.ckpt`. Other changed settings are
+refused (they would mix two experiments in one folder).
+"""
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data_modules.ssl_views import TwoViews, mae_augment, simclr_augment
+from data_modules.unlabeled import SlicePool, UnlabeledDataModule, build_pool, source_dict, sources_from_config
+from samora_pl.callbacks import Throughput
+from samora_pl.config import diff_keys
+from samora_pl.errors import SamoraError
+from samora_pl.models.teacher_io import load_public_checkpoint, load_teacher, save_teacher  # noqa: F401 (API)
+from samora_pl.models.teachers import NORMALIZE, RESNET_DEPTHS, MaeTeacher, SimclrTeacher
+from samora_pl.runs import MANIFEST, StageRecord, file_record, is_rank_zero, read_manifest, save_config, stage_dir
+from samora_pl.stages.cpt_mae import MaeCpt
+from samora_pl.stages.cpt_simclr import SimclrCpt
+from samora_pl.trainer import build_trainer, world_size
+
+log = logging.getLogger(__name__)
+TEACHERS = ("simclr", "mae")
+TEACHER_FILE = "teacher.pt"
+# Settings that change what a teacher learns; a finished or interrupted run with other values is refused.
+RELEVANT = ("seed", "data.name", "data.dir", "cpt.sources", "cpt.skip_bad_files")
+
+
+def teacher_file(cfg: DictConfig, kind: str) -> Path:
+    """Where `samora cpt` writes the `kind` teacher of this run (distillation's default input)."""
+    return stage_dir(cfg, "cpt", kind) / TEACHER_FILE
+
+
+def index_path(cfg: DictConfig) -> Path:
+    return Path(cfg.cpt.index_cache) if cfg.cpt.index_cache else Path(cfg.runs_dir) / ".cache" / "cpt_pool_index.json"
+
+
+def validate_cpt(cfg: DictConfig) -> None:
+    """The checks of cpt.* that types cannot express; each error names the key and the allowed values."""
+    s, m = cfg.cpt.simclr, cfg.cpt.mae
+
+    def need(ok: bool, key: str, value, rule: str) -> None:
+        if not ok:
+            raise SamoraError(f"Config key '{key}' is {value!r}; {rule}.")
+
+    need(s.depth in RESNET_DEPTHS, "cpt.simclr.depth", s.depth, f"allowed: {', '.join(map(str, RESNET_DEPTHS))}")
+    need(s.width > 0, "cpt.simclr.width", s.width, "it must be positive (1 or 2 for SimCLRv2 1x / 2x)")
+    need(s.temperature > 0, "cpt.simclr.temperature", s.temperature, "it must be positive")
+    need(s.batch_size >= 2, "cpt.simclr.batch_size", s.batch_size, "NT-Xent and BatchNorm need at least 2")
+    need(m.batch_size >= 1, "cpt.mae.batch_size", m.batch_size, "it must be at least 1")
+    need(0.0 <= m.mask_ratio < 1.0, "cpt.mae.mask_ratio", m.mask_ratio, "it must be in [0, 1)")
+    for name, sub in (("simclr", s), ("mae", m)):
+        need(sub.img_size >= 16, f"cpt.{name}.img_size", sub.img_size, "it must be at least 16")
+        need(sub.max_epochs >= 1, f"cpt.{name}.max_epochs", sub.max_epochs, "it must be at least 1")
+        need(sub.normalize in NORMALIZE, f"cpt.{name}.normalize", sub.normalize, f"allowed: {', '.join(NORMALIZE)}")
+        scale = list(sub.crop_scale)
+        need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, f"cpt.{name}.crop_scale", scale,
+             "give [min, max] with 0 < min <= max <= 1")
+    need(0 <= s.blur_prob <= 1, "cpt.simclr.blur_prob", s.blur_prob, "it must be in [0, 1]")
+    if m.patch_size is not None:
+        need(m.img_size % m.patch_size == 0, "cpt.mae.img_size", m.img_size,
+             f"it must be a multiple of cpt.mae.patch_size ({m.patch_size})")
+    for position, source in enumerate(cfg.cpt.sources):
+        source_dict(source, position)
+
+
+def build_simclr(cfg: DictConfig) -> SimclrTeacher:
+    s = cfg.cpt.simclr
+    return SimclrTeacher(depth=s.depth, width=s.width, selective_kernel=s.selective_kernel, proj_dim=s.proj_dim,
+                         proj_hidden_dim=s.proj_hidden_dim, normalize=s.normalize, img_size=s.img_size)
+
+
+def build_mae(cfg: DictConfig) -> MaeTeacher:
+    m = cfg.cpt.mae
+    return MaeTeacher(variant=m.variant, img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
+                      depth=m.depth, num_heads=m.num_heads, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
+                      decoder_heads=m.decoder_heads, norm_pix_loss=m.norm_pix_loss, normalize=m.normalize,
+                      mask_ratio=m.mask_ratio)
+
+
+def _changed(cfg: DictConfig, folder: Path, kind: str) -> List[str]:
+    saved = folder / "config.yaml"
+    if not saved.exists():
+        return []
+    try:
+        old = OmegaConf.load(saved)
+    except Exception as err:  # a damaged config.yaml: treat every setting as changed
+        return [f"config.yaml unreadable ({err})"]
+    keys = diff_keys(old, cfg, ignore=(f"cpt.{kind}.max_epochs",))  # more epochs continue the same run
+    watched = RELEVANT + (f"cpt.{kind}",)
+    return [k for k in keys if k.startswith(watched)]
+
+
+def _prepare(cfg: DictConfig, kind: str):
+    """'done' (with the recorded metrics) or 'train'; clears the folder first when overwrite=true."""
+    folder = stage_dir(cfg, "cpt", kind)
+    if cfg.overwrite:
+        if is_rank_zero():
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+            for name in (TEACHER_FILE, MANIFEST, "config.yaml"):
+                (folder / name).unlink(missing_ok=True)
+        return "train", None
+    changed = _changed(cfg, folder, kind)
+    manifest = read_manifest(folder)
+    finished = manifest and manifest.get("status") == "complete" and (folder / TEACHER_FILE).exists()
+    if changed and (finished or (folder / "checkpoints" / "last.ckpt").exists()):
+        raise SamoraError(f"{folder} holds a {kind} teacher trained with other settings ({', '.join(changed)}); "
+                          "add overwrite=true to train it again, or choose another RUN.")
+    if finished:
+        done = int(manifest.get("metrics", {}).get("epochs") or 0)
+        if cfg.cpt[kind].max_epochs > done and (folder / "checkpoints" / "last.ckpt").exists():
+            log.info("cpt: continuing the %s teacher in %s from epoch %d to %d.", kind, folder, done,
+                     cfg.cpt[kind].max_epochs)
+            return "train", None
+        log.info("cpt: the %s teacher in %s is already trained; reusing it (overwrite=true retrains).", kind, folder)
+        return "done", dict(manifest.get("metrics", {}))
+    return "train", None
+
+
+def run(cfg: DictConfig) -> Dict[str, dict]:
+    """Pre-train the configured teachers; returns {teacher: metrics} (loss first/last epoch, images/s, ...)."""
+    validate_cpt(cfg)
+    kinds = TEACHERS if cfg.cpt.teacher == "all" else (cfg.cpt.teacher,)
+    results: Dict[str, dict] = {}
+    todo = []
+    for kind in kinds:
+        state, metrics = _prepare(cfg, kind)
+        if state == "done":
+            results[kind] = metrics
+        else:
+            todo.append(kind)
+    if not todo:
+        return results
+    pool = build_pool(sources_from_config(cfg), cfg.cpt.skip_bad_files, index_path(cfg))
+    log.info("cpt: pool of %d slices from %d files or series.", len(pool), len(pool.volumes))
+    for kind in todo:
+        results[kind] = _train(cfg, kind, pool)
+    return results
+
+
+def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    folder = stage_dir(cfg, "cpt", kind)
+    sub = cfg.cpt[kind]
+    record = StageRecord(cfg, folder)
+    record.add_input("pool", pool.summary())
+    teacher = build_simclr(cfg) if kind == "simclr" else build_mae(cfg)
+    if kind == "simclr" and sub.channels_last:
+        teacher.use_channels_last()
+    resume = folder / "checkpoints" / "last.ckpt"
+    resume = resume if resume.exists() else None
+    if sub.checkpoint:
+        record.add_input("public_checkpoint", file_record(Path(sub.checkpoint)) if Path(sub.checkpoint).is_file()
+                         else {"path": sub.checkpoint})
+        if resume is None:
+            report = load_public_checkpoint(teacher, sub.checkpoint)
+            log.info("cpt: %s starts from %s (%s)", kind, sub.checkpoint, report)
+            record.metrics["start_checkpoint"] = report
+    else:
+        log.info("cpt: %s starts from random initialisation (no cpt.%s.checkpoint).", kind, kind)
+    if resume is not None:
+        log.info("cpt: resuming the %s teacher from %s", kind, resume)
+
+    if kind == "simclr" and world_size(cfg) > 1 and cfg.trainer.accelerator in ("auto", "gpu", "cuda") \
+            and torch.cuda.is_available():
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # global BatchNorm across GPUs, as SimCLR
+    interval = cfg.trainer.image_log_every_n_epochs
+    if kind == "simclr":
+        transform = TwoViews(simclr_augment(sub.img_size, sub.crop_scale, sub.rotation_deg, sub.jitter,
+                                            sub.blur_prob, sub.noise_std))
+        module = SimclrCpt(teacher, temperature=sub.temperature, lr=sub.lr, weight_decay=sub.weight_decay,
+                           warmup_epochs=sub.warmup_epochs, gather_negatives=sub.gather_negatives,
+                           image_log_every_n_epochs=interval)
+        lr = sub.lr
+    else:
+        lr = sub.base_lr * sub.batch_size * world_size(cfg) / 256
+        transform = mae_augment(sub.img_size, sub.crop_scale)
+        module = MaeCpt(teacher, lr=lr, weight_decay=sub.weight_decay, betas=sub.betas,
+                        warmup_epochs=sub.warmup_epochs, image_log_every_n_epochs=interval)
+    data = UnlabeledDataModule(pool=pool, transform=transform, batch_size=sub.batch_size,
+                               num_workers=cfg.data.num_workers, skip_bad_files=cfg.cpt.skip_bad_files,
+                               cache_volumes=cfg.cpt.cache_volumes)
+    save_config(cfg, folder)
+    trainer = build_trainer(cfg, folder, "cpt", kind, max_epochs=sub.max_epochs, callbacks=[Throughput()])
+    started = time.time()
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    seconds = time.time() - started
+
+    losses = module.epoch_losses
+    rate = trainer.callback_metrics.get(f"cpt_{kind}/epoch_images_per_s")
+    metrics = {
+        "loss_first_epoch": losses[0] if losses else None,
+        "loss_last_epoch": losses[-1] if losses else None,
+        "epoch_losses": [round(v, 5) for v in losses],
+        "epochs": int(trainer.current_epoch),
+        "steps": int(trainer.global_step),
+        "images_per_s": float(rate) if rate is not None else None,
+        "train_seconds": round(seconds, 2),
+        "pool_slices": len(pool),
+        "lr": lr,
+        "teacher": str(folder / TEACHER_FILE),
+    }
+    if is_rank_zero():
+        meta = {"run": cfg.run, "epochs": metrics["epochs"], "steps": metrics["steps"],
+                "loss_last_epoch": metrics["loss_last_epoch"], "pool_slices": len(pool),
+                "start_checkpoint": sub.checkpoint, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        save_teacher(teacher, folder / TEACHER_FILE, meta)
+        record.add_output(folder / TEACHER_FILE)
+        record.metrics.update(metrics)
+        record.write()
+        log.info("cpt: %s teacher written to %s (loss %s -> %s over %d epochs)", kind, folder / TEACHER_FILE,
+                 _fmt(metrics["loss_first_epoch"]), _fmt(metrics["loss_last_epoch"]), metrics["epochs"])
+    return metrics
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

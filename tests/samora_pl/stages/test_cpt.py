@@ -1,0 +1,160 @@
+"""`samora cpt` end to end on a tiny pool: hand-off files, re-runs, bad input leaves nothing half-written."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samora_pl.config import compose
+from samora_pl.errors import SamoraError
+from samora_pl.stages.cpt import load_teacher, run, teacher_file
+
+# Minimal sizes: one epoch of 2 steps per teacher.
+FAST = [
+    "cpt.simclr.depth=18", "cpt.simclr.width=0.125", "cpt.simclr.img_size=32", "cpt.simclr.batch_size=8",
+    "cpt.simclr.max_epochs=1", "cpt.simclr.proj_dim=16",
+    "cpt.mae.embed_dim=32", "cpt.mae.depth=1", "cpt.mae.num_heads=2", "cpt.mae.patch_size=16",
+    "cpt.mae.img_size=32", "cpt.mae.decoder_dim=32", "cpt.mae.decoder_depth=1", "cpt.mae.decoder_heads=2",
+    "cpt.mae.batch_size=8", "cpt.mae.max_epochs=1",
+    "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "data.num_workers=0",
+]
+
+
+def write_pool(folder: Path, count: int = 16, size: int = 40) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        np.savez(folder / f"s{k:03d}.npz", image=rng.random((size, size), dtype=np.float32))
+    return folder
+
+
+def config(tmp_path: Path, *extra):
+    pool = tmp_path / "pool"
+    if not pool.exists():
+        write_pool(pool)
+    return compose("cpt", [f"runs_dir={tmp_path / 'runs'}", "run=t", f"data.dir={tmp_path / 'demo'}",
+                           f"cpt.sources=[{{path: '{pool}', format: npz}}]", *FAST, *extra])
+
+
+def test_tiny_profile_composes():
+    cfg = compose("cpt", ["data.name=demo"])
+    assert cfg.profile == "tiny"
+    assert cfg.cpt.simclr.depth == 18 and cfg.cpt.mae.img_size == 128 and cfg.cpt.mae.patch_size == 16
+    paper = compose("cpt", ["data.name=synapse"])
+    assert paper.cpt.simclr.width == 2.0 and paper.cpt.simclr.selective_kernel
+    assert paper.cpt.mae.variant == "vit_large_patch16_224" and paper.cpt.mae.decoder_dim == 512
+
+
+def test_both_teachers_end_to_end_and_rerun(tmp_path):
+    cfg = config(tmp_path)
+    metrics = run(cfg)
+    assert set(metrics) == {"simclr", "mae"}
+    for kind in ("simclr", "mae"):
+        folder = tmp_path / "runs" / "t" / "cpt" / kind
+        for name in ("teacher.pt", "config.yaml", "manifest.json", "checkpoints/last.ckpt"):
+            assert (folder / name).exists(), name
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and "teacher.pt" in manifest["outputs"]
+        assert manifest["inputs"]["pool"]["slices"] == 16
+        assert metrics[kind]["steps"] == 2 and metrics[kind]["loss_first_epoch"] > 0
+        assert list((tmp_path / "runs" / "t" / "tb" / "cpt" / kind).glob("events.out.tfevents.*"))
+    assert metrics["mae"]["lr"] == pytest.approx(cfg.cpt.mae.base_lr * 8 / 256)  # base_lr x batch / 256
+
+    simclr = load_teacher(teacher_file(cfg, "simclr"), kind="simclr")
+    assert simclr.embed(torch.rand(2, 1, 32, 32)).shape == (2, 16)
+    mae = load_teacher(teacher_file(cfg, "mae"), kind="mae")
+    tokens, ids_keep, grid = mae.encode_visible(torch.rand(2, 1, 32, 32), 0.75)
+    assert tokens.shape == (2, 1, 32) and grid == (2, 2) and mae.patch_size == 16
+
+    # same settings: reused, nothing retrained
+    stamp = teacher_file(cfg, "mae").stat().st_mtime_ns
+    again = run(config(tmp_path))
+    assert again["mae"]["loss_last_epoch"] == metrics["mae"]["loss_last_epoch"]
+    assert teacher_file(cfg, "mae").stat().st_mtime_ns == stamp
+    # other settings: refused, unless overwrite
+    with pytest.raises(SamoraError, match="cpt.mae.mask_ratio"):
+        run(config(tmp_path, "cpt.mae.mask_ratio=0.5"))
+    redone = run(config(tmp_path, "cpt.mae.mask_ratio=0.5", "cpt.teacher=mae", "overwrite=true"))
+    assert set(redone) == {"mae"} and teacher_file(cfg, "mae").stat().st_mtime_ns != stamp
+
+
+def test_interrupted_run_resumes_and_more_epochs_continue(tmp_path):
+    first = run(config(tmp_path, "cpt.teacher=mae"))["mae"]
+    folder = tmp_path / "runs" / "t" / "cpt" / "mae"
+    (folder / "manifest.json").unlink()  # as if the process died after the last checkpoint
+    resumed = run(config(tmp_path, "cpt.teacher=mae"))["mae"]
+    assert resumed["steps"] == 2 and resumed["epoch_losses"] == first["epoch_losses"]
+    longer = run(config(tmp_path, "cpt.teacher=mae", "cpt.mae.max_epochs=2"))["mae"]
+    assert longer["steps"] == 4 and len(longer["epoch_losses"]) == 2
+    assert longer["epoch_losses"][0] == first["epoch_losses"][0]
+
+
+def test_bad_pool_stops_before_training(tmp_path):
+    write_pool(tmp_path / "pool")
+    (tmp_path / "pool" / "zz_broken.npz").write_bytes(b"truncated")
+    with pytest.raises(SamoraError, match="zz_broken.npz"):
+        run(config(tmp_path))
+    assert not (tmp_path / "runs" / "t" / "cpt" / "simclr").exists()
+    metrics = run(config(tmp_path, "cpt.skip_bad_files=true", "cpt.teacher=simclr"))
+    assert metrics["simclr"]["pool_slices"] == 16
+
+
+def test_empty_pool(tmp_path):
+    (tmp_path / "pool").mkdir()
+    with pytest.raises(SamoraError, match="empty"):
+        run(config(tmp_path))
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    from samora_pl.models.teachers import MaeTeacher
+
+    wrong = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": MaeTeacher(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                    decoder_dim=32, decoder_depth=1, decoder_heads=2).state_dict()}, wrong)
+    with pytest.raises(SamoraError, match="does not fit the SimCLR teacher"):
+        run(config(tmp_path, f"cpt.simclr.checkpoint={wrong}", "cpt.teacher=simclr"))
+    folder = tmp_path / "runs" / "t" / "cpt" / "simclr"
+    assert not (folder / "teacher.pt").exists() and not (folder / "manifest.json").exists()
+
+
+def test_public_mae_checkpoint_is_the_starting_point(tmp_path):
+    from samora_pl.models.teachers import MaeTeacher
+
+    torch.manual_seed(3)
+    donor = MaeTeacher(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
+                       decoder_depth=1, decoder_heads=2)
+    path = tmp_path / "mae_pretrain_vit_tiny_full.pth"
+    torch.save({"model": donor.state_dict()}, path)
+    run(config(tmp_path, f"cpt.mae.checkpoint={path}", "cpt.teacher=mae", "cpt.mae.base_lr=0"))
+    folder = tmp_path / "runs" / "t" / "cpt" / "mae"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["metrics"]["start_checkpoint"]["decoder"] == "loaded"
+    assert "public_checkpoint" in manifest["inputs"]
+    trained = load_teacher(folder / "teacher.pt")
+    assert torch.equal(trained.blocks[0].attn.qkv.weight, donor.blocks[0].attn.qkv.weight)  # lr 0: unchanged
+
+
+def test_bad_cpt_settings(tmp_path):
+    with pytest.raises(SamoraError, match="cpt.simclr.depth"):
+        run(config(tmp_path, "cpt.simclr.depth=20"))
+    with pytest.raises(SamoraError, match=r"cpt.sources\[0\].format"):
+        run(compose("cpt", [f"runs_dir={tmp_path}", "cpt.sources=[{path: x, format: jpeg}]"]))
+    with pytest.raises(SamoraError, match=r"cpt.sources\[0\].path is not set"):
+        run(compose("cpt", [f"runs_dir={tmp_path}", "cpt.sources=[{format: la}]"]))
+
+
+def test_demo_pool_is_the_default(tmp_path, monkeypatch):
+    import data_modules.demo as demo
+    from data_modules.unlabeled import sources_from_config
+
+    def fake_demo(root, **_):
+        write_pool(Path(root) / "unlabeled", count=2)
+        return Path(root)
+
+    monkeypatch.setattr(demo, "ensure_demo", fake_demo)
+    cfg = compose("cpt", ["data.name=demo", f"data.dir={tmp_path / 'demo'}"])
+    sources = sources_from_config(cfg)
+    assert sources == [{"path": str(tmp_path / "demo" / "unlabeled"), "format": "npz", "intensity": "none",
+                        "axis": None, "key": "image"}]
