@@ -174,3 +174,17 @@ def test_ddp_two_cpu_processes_evaluate_every_case_once(tmp_path):
     pairs = [(r["case"], r["class_id"]) for r in rows]
     assert len(pairs) == len(set(pairs)) == 3 * 8
     assert len((tmp_path / "runs/t/finetune/samed-lora-f0.1/splits/train_selected.txt").read_text().split()) > 0
+
+
+def test_experts_distilled_on_another_encoder_are_refused(tmp_path, capsys):
+    from samora_pl.models.factory import base_fingerprint
+
+    cfg = compose("finetune", quick(tmp_path, "model.init_seed=1"))
+    model = build_segmenter(cfg, 8, LEVELS, "hl_attn")
+    paths = []
+    for level in LEVELS:
+        path = tmp_path / f"{level}.safetensors"
+        model.save_expert(level, path, base_fingerprint=base_fingerprint(model))
+        paths.append(f"finetune.experts.{level}={path}")
+    assert main(["finetune", *quick(tmp_path, *paths)]) == 1
+    assert "another SAM encoder" in capsys.readouterr().err
