@@ -3,7 +3,6 @@ one process seeing the whole batch."""
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -53,15 +52,10 @@ def test_identical_views_give_low_loss_and_full_accuracy():
     assert float(accuracy) == 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, z1_full, z2_full, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, z1_full, z2_full, out_dir: str) -> None:
+    # a file rendezvous: no TCP port that a concurrent test run could take first
+    rendezvous = f"file://{os.path.join(out_dir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
         per = z1_full.shape[0] // world
         z1 = z1_full[rank * per:(rank + 1) * per].clone().requires_grad_(True)
@@ -80,7 +74,7 @@ def test_gathered_negatives_equal_one_process(tmp_path):
     world = 2
     z1_full = torch.randn(8, 6, dtype=torch.float64)
     z2_full = torch.randn(8, 6, dtype=torch.float64)
-    mp.spawn(_worker, args=(world, _free_port(), z1_full, z2_full, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, z1_full, z2_full, str(tmp_path)), nprocs=world, join=True)
 
     a = z1_full.clone().requires_grad_(True)
     b = z2_full.clone().requires_grad_(True)
