@@ -159,6 +159,20 @@ def diff_keys(old: DictConfig, new: DictConfig, ignore: Iterable[str] = ()) -> l
     return [k for k in keys if flat_old.get(k) != flat_new.get(k) and not k.startswith(skip)]
 
 
+def changed_since(saved: Path, cfg: DictConfig, watched: Iterable[str], ignore: Iterable[str] = ()) -> list:
+    """Watched keys whose values differ from the config a stage folder was made with (`saved`).
+
+    An unreadable saved config counts as changed, so a damaged folder is never silently reused.
+    """
+    if not Path(saved).exists():
+        return []
+    try:
+        old = OmegaConf.load(saved)
+    except (OSError, OmegaConfBaseException, ValueError) as err:
+        return [f"{Path(saved).name} unreadable ({err})"]
+    return [key for key in diff_keys(old, cfg, ignore) if key.startswith(tuple(watched))]
+
+
 def _flatten(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict):
         out = {}

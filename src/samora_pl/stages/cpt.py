@@ -19,12 +19,12 @@ from typing import Dict, List
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from data_modules.ssl_views import TwoViews, mae_augment, simclr_augment
 from data_modules.unlabeled import SlicePool, UnlabeledDataModule, build_pool, source_dict, sources_from_config
 from samora_pl.callbacks import Throughput
-from samora_pl.config import diff_keys
+from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
 from samora_pl.models.teacher_io import load_public_checkpoint, load_teacher, save_teacher  # noqa: F401 (API)
 from samora_pl.models.teachers import NORMALIZE, RESNET_DEPTHS, MaeTeacher, SimclrTeacher
@@ -93,16 +93,8 @@ def build_mae(cfg: DictConfig) -> MaeTeacher:
 
 
 def _changed(cfg: DictConfig, folder: Path, kind: str) -> List[str]:
-    saved = folder / "config.yaml"
-    if not saved.exists():
-        return []
-    try:
-        old = OmegaConf.load(saved)
-    except Exception as err:  # a damaged config.yaml: treat every setting as changed
-        return [f"config.yaml unreadable ({err})"]
-    keys = diff_keys(old, cfg, ignore=(f"cpt.{kind}.max_epochs",))  # more epochs continue the same run
-    watched = RELEVANT + (f"cpt.{kind}",)
-    return [k for k in keys if k.startswith(watched)]
+    # more epochs continue the same run, so max_epochs is not a change
+    return changed_since(folder / "config.yaml", cfg, RELEVANT + (f"cpt.{kind}",), ignore=(f"cpt.{kind}.max_epochs",))
 
 
 def _prepare(cfg: DictConfig, kind: str):

@@ -29,11 +29,11 @@ from typing import Dict, Optional, Tuple
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchvision.transforms import v2 as T
 
 from samora_pl.callbacks import Throughput
-from samora_pl.config import diff_keys
+from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
 from samora_pl.models.factory import base_fingerprint, build_segmenter, log_trainable
 from samora_pl.models.teacher_io import load_teacher
@@ -177,14 +177,7 @@ def _check(cfg: DictConfig) -> None:
 
 def _changed(cfg: DictConfig, folder: Path) -> list:
     """Shaping settings that differ from the ones this level's folder was trained with."""
-    saved = folder / "config.yaml"
-    if not saved.exists():
-        return []
-    try:
-        old = OmegaConf.load(saved)
-    except Exception as err:  # a damaged config.yaml: treat every setting as changed
-        return [f"config.yaml unreadable ({err})"]
-    return [k for k in diff_keys(old, cfg) if k.startswith(SHAPING_KEYS) and k != "distill.level"]
+    return [k for k in changed_since(folder / "config.yaml", cfg, SHAPING_KEYS) if k != "distill.level"]
 
 
 def prepare_level(cfg: DictConfig, level: str):
