@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from data_modules import build_datamodule
 from samora_pl.callbacks import Throughput
+from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import case_metrics, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
@@ -123,6 +124,7 @@ def run(cfg: DictConfig) -> dict:
             f"Fine-tuning {folder} already finished (mean Dice {previous['metrics'].get('mean_dice')}); "
             "add overwrite=true to run it again, or choose another RUN or finetune.tag."
         )
+    resume = _resume_checkpoint(cfg, folder)
     record = StageRecord(cfg, folder)
     data = build_data(cfg, folder)
     model = build_model(cfg, data.num_classes, record)
@@ -130,7 +132,7 @@ def run(cfg: DictConfig) -> dict:
     module = _module(cfg, model, data.class_names)
     save_config(cfg, folder)
     trainer = build_trainer(cfg, folder, "finetune", tag, callbacks=[Throughput()])
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     final = folder / FINAL
     if is_rank_zero():
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -144,6 +146,22 @@ def run(cfg: DictConfig) -> dict:
         record.metrics.update(metrics)
     record.write()
     return metrics
+
+
+def _resume_checkpoint(cfg: DictConfig, folder: Path):
+    """`last.ckpt` of an interrupted fine-tune with the same settings, to continue from; else None."""
+    last = folder / "checkpoints" / "last.ckpt"
+    if cfg.overwrite or not last.exists():
+        return None
+    watched = ("model.", "data.", "optim.", "loss.", "mode", "seed", "finetune.")
+    changed = changed_since(folder / "config.yaml", cfg, watched, ignore=("finetune.evaluate", "trainer."))
+    if changed:
+        raise SamoraError(
+            f"{folder} holds an interrupted fine-tune made with other settings ({', '.join(changed)}); "
+            "add overwrite=true to start again, or choose another RUN or finetune.tag."
+        )
+    log.info("finetune: resuming from %s", last)
+    return last
 
 
 def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> dict:

@@ -188,3 +188,35 @@ def test_experts_distilled_on_another_encoder_are_refused(tmp_path, capsys):
         paths.append(f"finetune.experts.{level}={path}")
     assert main(["finetune", *quick(tmp_path, *paths)]) == 1
     assert "another SAM encoder" in capsys.readouterr().err
+
+
+def test_interrupted_finetune_resumes_from_last_checkpoint(tmp_path):
+    """A run killed after its first epoch (manifest never written) continues from last.ckpt."""
+    assert main(["finetune", *quick(tmp_path, "mode=samed", "finetune.evaluate=false")]) == 0
+    folder = tmp_path / "runs/t/finetune/samed-lora-f0.1"
+    (folder / "manifest.json").unlink()  # as if the process died before the stage finished
+    epochs = []
+    original = finetune.build_trainer
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            epochs.append(trainer.current_epoch)
+
+    def recording(*args, **kwargs):
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [Record()]
+        return original(*args, **kwargs)
+
+    finetune.build_trainer = recording
+    try:
+        assert main(["finetune", *quick(tmp_path, "mode=samed", "trainer.max_epochs=2")]) == 0
+    finally:
+        finetune.build_trainer = original
+    assert epochs == [1]  # epoch 0 came from the checkpoint
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_interrupted_finetune_with_other_settings_is_refused(tmp_path, capsys):
+    assert main(["finetune", *quick(tmp_path, "mode=samed", "finetune.evaluate=false")]) == 0
+    (tmp_path / "runs/t/finetune/samed-lora-f0.1/manifest.json").unlink()
+    assert main(["finetune", *quick(tmp_path, "mode=samed", "optim.lr=0.1")]) == 1
+    assert "optim.lr" in capsys.readouterr().err
