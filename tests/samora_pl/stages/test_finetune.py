@@ -154,6 +154,30 @@ def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion):
     assert any(n.startswith("encoder.fusion") for n in changed) and any(n.startswith("mask_decoder") for n in changed)
 
 
+def test_samed_lora_keeps_training_after_validation(tmp_path):
+    """The SAMed baseline's LoRA (no merge-on-eval) must go on changing after a validation epoch."""
+    snapshots = []
+
+    class Keep(L.Callback):
+        def on_validation_end(self, trainer, module):
+            snapshots.append({n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad})
+
+    original = finetune.build_trainer
+
+    def with_snapshot(*args, **kwargs):
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [Keep()]
+        return original(*args, **kwargs)
+
+    finetune.build_trainer = with_snapshot
+    try:
+        finetune.run(compose("finetune", quick(tmp_path, "mode=samed", "trainer.max_epochs=2", "finetune.evaluate=false")))
+    finally:
+        finetune.build_trainer = original
+    first, second = snapshots
+    lora = [n for n in first if n.startswith("encoder.lora") and "lora_B" in n]
+    assert lora and all(not torch.equal(first[n], second[n]) for n in lora)
+
+
 def test_bf16_mixed_precision_runs(tmp_path):
     assert main(["finetune", *quick(tmp_path, "mode=samed", "trainer.precision=bf16-mixed")]) == 0
     metrics = json.loads((tmp_path / "runs/t/finetune/samed-lora-f0.1/metrics.json").read_text())
