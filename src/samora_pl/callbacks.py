@@ -75,3 +75,43 @@ class Throughput(L.Callback):
             elapsed = time.perf_counter() - self._start
             pl_module.log("perf/images_per_s", self._images / max(elapsed, 1e-9), on_step=True, on_epoch=False)
             self._start, self._images = time.perf_counter(), 0
+
+
+class RandomState(L.Callback):
+    """Keeps the global random generators (torch, CUDA, numpy, python) in every checkpoint and puts them back
+    on resume, so a resumed run shuffles and augments exactly as the uninterrupted run would have.
+
+    The data pipeline draws from torch's global generator (see data_modules/transforms.py); without this a
+    run resumed from last.ckpt would replay the first epoch's randomness after `seed_everything`.
+    """
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],  # plain types: weights_only loads
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        import random
+
+        import numpy as np
+
+        if "torch" in state_dict:
+            torch.set_rng_state(state_dict["torch"].cpu())
+        if "numpy" in state_dict:
+            kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        if "python" in state_dict:
+            version, internal, gauss = state_dict["python"]
+            random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state_dict and torch.cuda.is_available() and len(state_dict["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -5,6 +5,7 @@ and exits 1; anything else is a bug and keeps its traceback.
 """
 
 import argparse
+import errno
 import logging
 import sys
 import time
@@ -19,7 +20,7 @@ COMMANDS = {
     "evaluate": "re-evaluate a finished fine-tuning run and rewrite its results",
     "check": "validate a dataset (every file, key, shape, label value) without training",
     "demo": "the whole chain (cpt, distill x3, finetune) on the built-in demo data",
-    "ablation": "run the fine-tuning variants of experiments/ablations/NAME.yaml: `samora ablation NAME ...`",
+    "ablation": "run the fine-tuning variants of experiments/ablations/NAME.yaml: `samora ablation NAME [seeds=N] ...`",
 }
 
 
@@ -56,8 +57,14 @@ def run_command(command: str, overrides) -> dict:
 
         names = [item for item in overrides if "=" not in item]
         if len(names) != 1:
-            raise SamoraError("Usage: samora ablation NAME key=value ... (NAME from experiments/ablations/).")
-        return run_ablation(names[0], [item for item in overrides if "=" in item])
+            raise SamoraError(
+                "Usage: samora ablation NAME [seeds=N] key=value ... (NAME from experiments/ablations/)."
+            )
+        seeds = [item.split("=", 1)[1] for item in overrides if item.startswith("seeds=")]
+        if seeds and not seeds[-1].strip().isdigit():
+            raise SamoraError(f"seeds={seeds[-1]}: give a whole number of seeds per variant, e.g. seeds=3.")
+        rest = [item for item in overrides if "=" in item and not item.startswith("seeds=")]
+        return run_ablation(names[0], rest, seeds=int(seeds[-1]) if seeds else 1)
     if command == "check":
         from samora_pl.stages.check import check
 
@@ -74,6 +81,10 @@ def run_command(command: str, overrides) -> dict:
     return run(cfg)
 
 
+# errors of the file system rather than of the code: a read-only or full runs folder, a path under a file
+_FOLDER_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
@@ -82,6 +93,14 @@ def main(argv=None) -> int:
         run_command(args.command, args.overrides)
     except SamoraError as err:
         print(f"samora {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in _FOLDER_ERRORS:
+            raise  # anything else is a bug: keep the traceback
+        where = err.filename or "a file of the run"
+        print(f"samora {args.command}: error: {where}: {err.strerror}. Under the runs folder: make it writable (and "
+              "check free space) or write the run elsewhere with runs_dir=... / RUN=...; an input: make it readable.",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"samora {args.command}: interrupted.", file=sys.stderr)

@@ -5,6 +5,7 @@ multi-node through torchrun or SLURM), `precision` selects mixed precision. Ever
 `runs/<run>/tb/<stage>/<sub>` and checkpoints into its stage folder.
 """
 
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,6 +15,8 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+from samora_pl.callbacks import RandomState
+from samora_pl.guards import NonFiniteGuard
 from samora_pl.runs import tb_root
 
 
@@ -44,14 +47,24 @@ def build_trainer(
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # a resumed stage checkpoints into its own non-empty folder on purpose
+    warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
     logger = TensorBoardLogger(save_dir=str(tb_root(cfg)), name=stage, version=sub, default_hp_metric=False)
+    # `last.ckpt` after every `checkpoint_every_n_epochs` epochs, overwritten in place: the latest state is
+    # the one "top-1" checkpoint (no monitor). `save_last=True, save_top_k=0` would write it only when
+    # training ends (Lightning saves `last` only beside a top-k save), so a killed run could not resume.
     checkpoint = ModelCheckpoint(
         dirpath=str(Path(folder) / "checkpoints"),
-        save_last=True,
-        save_top_k=0,
+        filename="last",
+        save_last=False,
+        save_top_k=1,
         every_n_epochs=checkpoint_every_n_epochs,
+        save_on_train_epoch_end=True,  # after that epoch's validation; also when validation is not every epoch
+        enable_version_counter=False,
     )
-    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), TQDMProgressBar(refresh_rate=1)]
+    guard = NonFiniteGuard(f"{stage} {sub}", folder, skip=bool(cfg.get("skip_nonfinite", False)))
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), TQDMProgressBar(refresh_rate=1), guard,
+                     RandomState()]
     all_callbacks += list(callbacks or [])
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,

@@ -26,6 +26,7 @@ from data_modules.unlabeled import SlicePool, UnlabeledDataModule, build_pool, s
 from samora_pl.callbacks import Throughput
 from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
+from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.teacher_io import load_public_checkpoint, load_teacher, save_teacher  # noqa: F401 (API)
 from samora_pl.models.teachers import NORMALIZE, RESNET_DEPTHS, MaeTeacher, SimclrTeacher
 from samora_pl.runs import MANIFEST, StageRecord, file_record, is_rank_zero, read_manifest, save_config, stage_dir
@@ -205,11 +206,13 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
         "pool_slices": len(pool),
         "lr": lr,
         "teacher": str(folder / TEACHER_FILE),
+        **skipped_batches(trainer),
     }
     if is_rank_zero():
         meta = {"run": cfg.run, "epochs": metrics["epochs"], "steps": metrics["steps"],
                 "loss_last_epoch": metrics["loss_last_epoch"], "pool_slices": len(pool),
                 "start_checkpoint": sub.checkpoint, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        check_finite_state(teacher.state_dict().items(), f"cpt {kind}", folder / TEACHER_FILE)
         save_teacher(teacher, folder / TEACHER_FILE, meta)
         record.add_output(folder / TEACHER_FILE)
         record.metrics.update(metrics)

@@ -13,6 +13,7 @@ import torch
 from torchvision.utils import make_grid
 
 from samora_pl.callbacks import tensorboard
+from samora_pl.guards import guard_loss
 from samora_pl.models.teachers import MaeTeacher
 from samora_pl.schedules import lightning_scheduler, warmup_cosine
 from samora_pl.stages.cpt_simclr import decay_groups
@@ -38,6 +39,8 @@ class MaeCpt(L.LightningModule):
 
     def training_step(self, images, batch_idx):
         loss, pred, mask = self.teacher(images)
+        if guard_loss(self, loss) is None:
+            return None  # skip_nonfinite: counted by the guard
         self.log("cpt_mae/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0],
                  sync_dist=True)
         self._sum += float(loss.detach())

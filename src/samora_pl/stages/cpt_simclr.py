@@ -14,6 +14,7 @@ import torch
 from torchvision.utils import make_grid
 
 from samora_pl.callbacks import tensorboard
+from samora_pl.guards import guard_loss
 from samora_pl.models.nt_xent import nt_xent
 from samora_pl.models.teachers import SimclrTeacher
 from samora_pl.schedules import lightning_scheduler, warmup_cosine
@@ -55,6 +56,8 @@ class SimclrCpt(L.LightningModule):
         z = self.teacher(torch.cat([view1, view2]))
         z1, z2 = z.chunk(2)
         loss, accuracy = nt_xent(z1, z2, self.temperature, gather=self.gather_negatives, return_accuracy=True)
+        if guard_loss(self, loss) is None:
+            return None  # skip_nonfinite: counted by the guard
         size = view1.shape[0]
         self.log("cpt_simclr/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
         self.log("cpt_simclr/positive_top1", accuracy, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)

@@ -35,6 +35,7 @@ from torchvision.transforms import v2 as T
 from samora_pl.callbacks import Throughput
 from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
+from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.factory import base_fingerprint, build_segmenter, log_trainable
 from samora_pl.models.teacher_io import load_teacher
 from samora_pl.runs import (
@@ -284,12 +285,13 @@ def run_level(cfg: DictConfig, level: str) -> dict:
         if teacher_entry is not None:
             meta["teacher_sha256"] = teacher_entry["sha256"]
             meta["teacher_kind"] = TEACHER_KIND[level]
+        check_finite_state(student.named_parameters(), f"distill {level}", expert)
         student.cpu().save_expert(level, expert, **meta)
         record.add_output(expert)
         last = folder / "checkpoints" / "last.ckpt"
         if last.exists():
             record.add_output(last)
-    metrics = module.summary()
+    metrics = dict(module.summary(), **skipped_batches(trainer))
     record.metrics.update(metrics)
     record.metrics["expert_sha256"] = record.outputs.get(EXPERT, {}).get("sha256") if record.outputs else None
     record.write()

@@ -44,6 +44,7 @@ from torch import nn
 from samora_pl.callbacks import tensorboard
 from samora_pl.distillation import degrade, denoise_loss, normalized_mse, visible_student_tokens
 from samora_pl.errors import SamoraError
+from samora_pl.guards import guard_loss
 from samora_pl.models.heads import ImageProjection, PixelDecoder, TokenProjection
 from samora_pl.schedules import lightning_scheduler, warmup_poly
 
@@ -244,8 +245,8 @@ class DistillModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         out = self.compute(batch, batch_idx)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite {self.level} distillation loss at step {self.global_step}")
+        if guard_loss(self, loss) is None:
+            return None  # skip_nonfinite: counted by the guard
         size = batch["image"].shape[0]
         # logged values are this process's (no sync_dist): the epoch means of all processes are reduced
         # once per epoch in on_train_epoch_end, the only collective of this module, so every rank issues

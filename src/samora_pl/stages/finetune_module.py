@@ -9,6 +9,7 @@ import lightning as L
 from torchmetrics.segmentation import DiceScore
 
 from samora_pl.callbacks import segmentation_panel, tensorboard
+from samora_pl.guards import guard_loss
 from samora_pl.schedules import lightning_scheduler, warmup_poly
 from samora_pl.segmentation_loss import SegmentationLoss
 
@@ -53,8 +54,8 @@ class FinetuneModule(L.LightningModule):
             aux = self.model.aux_loss()
             loss = seg + self.aux_weight * aux
             self.log("train/aux_loss", aux, on_step=True, on_epoch=False)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
+        if guard_loss(self, loss) is None:
+            return None  # skip_nonfinite: counted by the guard
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
         return loss
 
