@@ -19,6 +19,7 @@ NUM_NODES ?=
 PRECISION ?=
 SEED     ?=
 NAME     ?= mechanism
+SEEDS    ?= 1
 ARGS     ?=
 
 COMMON = data.name=$(DATA) run=$(RUN) \
@@ -66,7 +67,7 @@ check: $(STAMP)
 
 
 ablation: $(STAMP)
-	$(SAMORA) ablation $(NAME) $(COMMON)
+	$(SAMORA) ablation $(NAME) seeds=$(SEEDS) $(COMMON)
 
 bench: $(STAMP)
 	for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

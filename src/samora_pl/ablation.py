@@ -1,22 +1,29 @@
-"""`samora ablation --name NAME`: run an ablation's fine-tuning variants and write one table.
+"""`samora ablation NAME [seeds=N] ...`: run an ablation's fine-tuning variants and write one table.
 
 An ablation file `experiments/ablations/<name>.yaml` lists named variants, each a list of `key=value`
-overrides applied on top of the command line's; every variant is a stage-2 fine-tune with the same seed
-and budget, tagged `<name>-<variant>` in the run. A variant whose fine-tune already finished is read back,
-not re-run, so an interrupted ablation continues where it stopped. The stage-1 outputs (teachers and
-experts) are those of the run, shared by every variant.
+overrides applied on top of the command line's; every variant is a stage-2 fine-tune with the same budget,
+run once per seed (`seeds=N` runs seeds S..S+N-1, S being the command line's `seed`, default 0) and tagged
+`<name>-<variant>-s<seed>` in the run. A fine-tune that already finished is read back, not re-run, so an
+interrupted ablation continues where it stopped and raising `seeds` only runs the new seeds. The stage-1
+outputs (teachers and experts) are those of the run, shared by every variant.
+
+Outputs in `runs/<run>/ablations/<name>/`: `table.md` and `table.csv` (mean and sample standard deviation
+over seeds of Mean Dice and HD95, and the mean Dice of every class), `table.png` (mean Dice per variant
+with std error bars); the table also goes to TensorBoard's text tab under `runs/<run>/tb/ablations/<name>`.
 """
 
 import csv
 import io
+import json
 import logging
+import math
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from samora_pl.config import compose, experiments_dir
 from samora_pl.errors import SamoraError
-from samora_pl.runs import atomic_write_text, is_rank_zero, read_manifest, run_dir, stage_dir
+from samora_pl.runs import atomic_path, atomic_write_text, is_rank_zero, read_manifest, run_dir, stage_dir, tb_root
 
 log = logging.getLogger(__name__)
 
@@ -33,41 +40,143 @@ def load_ablation(name: str) -> dict:
     return spec
 
 
-def run_ablation(name: str, overrides) -> list:
-    """Fine-tune every variant (reusing finished ones) and write table.md / table.csv; returns the rows."""
+def run_ablation(name: str, overrides, seeds: int = 1) -> list:
+    """Fine-tune every variant for every seed (reusing finished ones), write the table; returns the rows."""
     from samora_pl.stages import finetune
 
+    if int(seeds) < 1:
+        raise SamoraError(f"seeds={seeds}: the number of seeds per variant must be at least 1.")
     spec = load_ablation(name)
+    first = int(compose("finetune", list(overrides)).seed)
     rows = []
     for variant, extra in spec["variants"].items():
-        cfg = compose("finetune", list(overrides) + list(extra or []) + [f"finetune.tag={name}-{variant}"])
-        manifest = read_manifest(stage_dir(cfg, "finetune", cfg.finetune.tag)) or {}
-        if manifest.get("status") == "complete" and not cfg.overwrite:
-            log.info("ablation %s: reusing finished variant %s", name, variant)
-            metrics = manifest["metrics"]
-        else:
-            log.info("ablation %s: running variant %s (%s)", name, variant, " ".join(extra or []) or "base")
-            metrics = finetune.run(cfg)
-        rows.append({"variant": variant, "overrides": " ".join(extra or []), **_means(metrics)})
+        runs = []
+        for seed in range(first, first + int(seeds)):
+            tag = f"{name}-{variant}-s{seed}"
+            cfg = compose("finetune", list(overrides) + list(extra or []) + [f"seed={seed}", f"finetune.tag={tag}"])
+            folder = stage_dir(cfg, "finetune", tag)
+            manifest = read_manifest(folder) or {}
+            if manifest.get("status") == "complete" and not cfg.overwrite:
+                log.info("ablation %s: reusing finished %s", name, tag)
+                metrics = manifest["metrics"]
+            else:
+                log.info("ablation %s: running %s (%s)", name, tag, " ".join(extra or []) or "base")
+                metrics = finetune.run(cfg)
+            runs.append({**metrics, "per_class": _per_class(folder)})
+        rows.append({"variant": variant, "overrides": " ".join(extra or []), **summarise_seeds(runs)})
     if is_rank_zero():
         write_table(rows, run_dir(cfg) / "ablations" / name, spec.get("description", name))
+        write_tensorboard(rows, tb_root(cfg) / "ablations" / name, name, spec.get("description", name))
     return rows
 
 
-def _means(metrics: dict) -> dict:
-    return {"mean_dice": metrics.get("mean_dice"), "mean_hd95": metrics.get("mean_hd95")}
+def _per_class(folder: Path) -> dict:
+    """{class name: Dice} from a fine-tune's metrics.json, or {} when it has none (evaluation off)."""
+    path = folder / "metrics.json"
+    if not path.exists():
+        return {}
+    per_class = json.loads(path.read_text()).get("per_class") or {}
+    return {cls: entry["dice"] for cls, entry in per_class.items() if entry.get("dice") is not None}
+
+
+def _mean_std(values: list) -> tuple:
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarise_seeds(runs: list) -> dict:
+    """Mean and sample std (0 for one seed) of Mean Dice / HD95 over seeds, and each class's mean Dice."""
+    dice, dice_std = _mean_std([r.get("mean_dice") for r in runs])
+    hd95, hd95_std = _mean_std([r.get("mean_hd95") for r in runs])
+    classes = []
+    for run in runs:
+        classes += [c for c in run["per_class"] if c not in classes]
+    per_class = {c: _mean_std([r["per_class"].get(c) for r in runs])[0] for c in classes}
+    return {
+        "seeds": len(runs),
+        "mean_dice": dice,
+        "mean_dice_std": dice_std,
+        "mean_hd95": hd95,
+        "mean_hd95_std": hd95_std,
+        "per_class": per_class,
+    }
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown_table(rows: list, description: str) -> str:
+    classes = []
+    for row in rows:
+        classes += [c for c in row["per_class"] if c not in classes]
+    head = ["variant", "overrides", "seeds", "Mean Dice (%)", "± std", "Mean HD95", "± std"] + classes
+    lines = [f"# {description}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["variant"], f"`{row['overrides'] or '-'}`", str(row["seeds"]), _pct(row["mean_dice"]),
+                 _pct(row["mean_dice_std"]), _num(row["mean_hd95"]), _num(row["mean_hd95_std"])]
+        cells += [_pct(row["per_class"].get(c)) for c in classes]
+        lines.append("| " + " | ".join(cells) + " |")
+    if classes:
+        lines += ["", "Per-class columns: mean Dice (%) over seeds. std: sample standard deviation over seeds."]
+    return "\n".join(lines) + "\n"
 
 
 def write_table(rows: list, folder: Path, description: str) -> None:
-    lines = [f"# {description}", "", "| variant | overrides | Mean Dice (%) | Mean HD95 |", "|---|---|---|---|"]
+    text = markdown_table(rows, description)
+    atomic_write_text(folder / "table.md", text)
+    classes = []
     for row in rows:
-        lines.append(
-            f"| {row['variant']} | `{row['overrides'] or '-'}` | {100 * row['mean_dice']:.2f} | {row['mean_hd95']:.2f} |"
-        )
-    atomic_write_text(folder / "table.md", "\n".join(lines) + "\n")
+        classes += [c for c in row["per_class"] if c not in classes]
+    fields = ["variant", "overrides", "seeds", "mean_dice", "mean_dice_std", "mean_hd95", "mean_hd95_std"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["variant", "overrides", "mean_dice", "mean_hd95"])
+    writer = csv.DictWriter(buffer, fieldnames=fields + [f"dice_{c}" for c in classes])
     writer.writeheader()
-    writer.writerows(rows)
+    for row in rows:
+        writer.writerow({**{k: row[k] for k in fields}, **{f"dice_{c}": row["per_class"].get(c) for c in classes}})
     atomic_write_text(folder / "table.csv", buffer.getvalue())
-    print("\n".join(lines))
+    write_plot(rows, folder / "table.png", description)
+    print(text)
+
+
+def write_plot(rows: list, path: Path, description: str) -> None:
+    """Bar plot of mean Dice (%) per variant with std error bars (Agg backend, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["variant"] for row in rows]
+    means = [100 * (row["mean_dice"] or 0.0) for row in rows]
+    errors = [100 * (row["mean_dice_std"] or 0.0) for row in rows]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.5))
+    ax.bar(range(len(rows)), means, yerr=errors, capsize=4, color="tab:blue")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("Mean Dice (%)")
+    seeds = sorted({row["seeds"] for row in rows})
+    ax.set_title(f"{description}\n(error bars: std over {'/'.join(map(str, seeds))} seed(s))", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_tensorboard(rows: list, folder: Path, name: str, description: str) -> None:
+    """The markdown table in TensorBoard's text tab (tag `ablation/<name>`)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(folder))
+    try:
+        writer.add_text(f"ablation/{name}", markdown_table(rows, description))
+    finally:
+        writer.close()

@@ -24,7 +24,7 @@ ORDERS = tuple(
 CHOICES = {
     "data.fraction_by": ("slice", "case", "list"),
     "model.variant": ("tiny", "vit_b", "vit_l", "vit_h"),
-    "model.fusion": ("hl_attn", "sum", "lac", "mole") + tuple(f"single:{lv}" for lv in LEVELS),
+    "model.fusion": ("hl_attn", "sum", "lac", "mole", "lorahub") + tuple(f"single:{lv}" for lv in LEVELS),
     "model.hl_order": ORDERS,
     "model.hl_init": ("residual_mean", "zero", "paper"),
     "mode": ("samora", "samed"),

@@ -29,7 +29,7 @@ class ModelConfig:
     checkpoint: Optional[str] = None  # official SAM .pth; none -> random init from init_seed
     init_seed: int = 0  # seeds SAM's random init, so every stage of a run sees the same frozen encoder
     lora_rank: int = 4
-    fusion: str = "hl_attn"  # hl_attn | sum | lac | mole | single:<level>
+    fusion: str = "hl_attn"  # hl_attn | sum | lac | mole | lorahub | single:<level>
     hl_order: str = "pixel-patch-image"
     hl_width: Optional[int] = None  # HL-Attn inner width; none -> encoder width (authors')
     hl_heads: Optional[int] = None  # none -> encoder heads
@@ -75,11 +75,25 @@ class ExpertPaths:
 
 
 @dataclass
+class LoraHubConfig:
+    """model.fusion=lorahub: gradient-free search of the expert weights (see stages/lorahub.py)."""
+
+    holdout: float = 0.2  # share of the selected labelled slices that scores the candidates
+    max_slices: int = 16  # at most this many held-out slices (keeps the search seconds-long)
+    candidates: int = 30  # weight vectors evaluated in all (the uniform mixture first)
+    offspring: int = 5  # lambda of the (1 + lambda) evolution strategy
+    sigma: float = 0.3  # std of the Gaussian mutations
+    l1: float = 0.05  # LoRAHub's L1 penalty on the weights
+    bound: float = 1.5  # weights are clipped to [-bound, bound]
+
+
+@dataclass
 class FinetuneConfig:
     tag: Optional[str] = None  # run sub-folder; none -> <mode>-<fusion>-f<fraction>
     experts: ExpertPaths = field(default_factory=ExpertPaths)
     zero_experts: bool = False  # ablation: untrained experts (B = 0) instead of distilled ones
     evaluate: bool = True  # evaluate the test volumes after training
+    lorahub: LoraHubConfig = field(default_factory=LoraHubConfig)  # model.fusion=lorahub only
 
 
 @dataclass
@@ -198,6 +212,7 @@ class RootConfig:
     threads: Optional[int] = None  # torch intra-op threads; none -> torch's default
     deterministic: bool = False
     overwrite: bool = False
+    skip_nonfinite: bool = False  # skip batches with a NaN/inf training loss (counted) instead of stopping
     mode: str = "samora"  # samora | samed (one LoRA + decoder + prompt encoder, no experts needed)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

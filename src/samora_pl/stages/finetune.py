@@ -20,11 +20,13 @@ from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import case_metrics, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
+from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.factory import LEVELS, SAMED_EXPERT, base_fingerprint, build_segmenter, log_trainable
 from samora_pl.models.lora import read_expert_metadata
 from samora_pl.runs import StageRecord, atomic_save, is_rank_zero, read_manifest, save_config, stage_dir, verify_input
+from samora_pl.stages import lorahub
 from samora_pl.stages.finetune_module import FinetuneModule
-from samora_pl.trainer import build_trainer
+from samora_pl.trainer import build_trainer, strategy_for, world_size
 
 log = logging.getLogger(__name__)
 FINAL = "final.safetensors"
@@ -74,10 +76,25 @@ def expert_paths(cfg: DictConfig) -> dict:
     return paths
 
 
-def build_model(cfg: DictConfig, num_classes: int, record: StageRecord = None):
-    """The stage-2 model with its experts loaded and the right parameters trainable."""
+def model_layout(cfg: DictConfig) -> tuple:
+    """(expert slots, fusion) of the stage-2 model: SAMed's one LoRA, LoRAHub's one composed LoRA, or the three."""
     if cfg.mode == "samed":
-        model = build_segmenter(cfg, num_classes, (SAMED_EXPERT,), f"single:{SAMED_EXPERT}")
+        return (SAMED_EXPERT,), f"single:{SAMED_EXPERT}"
+    if cfg.model.fusion == "lorahub":
+        return (lorahub.HUB,), f"single:{lorahub.HUB}"
+    return LEVELS, cfg.model.fusion
+
+
+def uses_lorahub(cfg: DictConfig) -> bool:
+    return cfg.mode == "samora" and cfg.model.fusion == "lorahub"
+
+
+def build_model(cfg: DictConfig, num_classes: int, record: StageRecord = None):
+    """The stage-2 model with its experts loaded and the right parameters trainable.
+
+    For model.fusion=lorahub the one LoRA slot stays empty here; `lorahub.compose_into` fills it."""
+    if cfg.mode == "samed" or uses_lorahub(cfg):
+        model = build_segmenter(cfg, num_classes, *model_layout(cfg))
     else:
         model = build_segmenter(cfg, num_classes, LEVELS, cfg.model.fusion)
         if not cfg.finetune.zero_experts:
@@ -128,6 +145,9 @@ def run(cfg: DictConfig) -> dict:
     record = StageRecord(cfg, folder)
     data = build_data(cfg, folder)
     model = build_model(cfg, data.num_classes, record)
+    if uses_lorahub(cfg):
+        paths = {} if cfg.finetune.zero_experts else expert_paths(cfg)
+        record.metrics["lorahub_weights"] = lorahub.compose_into(cfg, model, data, folder, paths, record)["weights"]
     record.metrics["trainable_parameters"] = log_trainable(model, f"finetune {tag}")
     module = _module(cfg, model, data.class_names)
     save_config(cfg, folder)
@@ -136,10 +156,12 @@ def run(cfg: DictConfig) -> dict:
     final = folder / FINAL
     if is_rank_zero():
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        check_finite_state(state.items(), f"finetune {tag}", final)
         atomic_save(final, lambda tmp: save_file(state, str(tmp), metadata={"tag": tag, "mode": cfg.mode}))
         record.add_output(final)
         for split in sorted((folder / "splits").glob("*")):
             record.add_output(split)
+    record.metrics.update(skipped_batches(trainer))
     metrics = {}
     if cfg.finetune.evaluate:
         metrics = evaluate_model(cfg, model, data, folder, trainer.strategy.root_device)
@@ -211,16 +233,21 @@ def evaluate(cfg: DictConfig) -> dict:
     if not weights.exists():
         raise SamoraError(f"No fine-tuned model at {weights}; run `make finetune RUN={cfg.run}` first.")
     verify_input(weights, folder)
+    device = None
+    if world_size(cfg) > 1:  # DEVICES=2: Lightning launches the ranks; each evaluates its share of the cases
+        fabric = L.Fabric(
+            accelerator=cfg.trainer.accelerator,
+            devices=cfg.trainer.devices,
+            num_nodes=cfg.trainer.num_nodes,
+            strategy=strategy_for(cfg),
+        )
+        fabric.launch()
+        device = fabric.device
     data = build_data(cfg, folder)
-    model = build_segmenter(
-        cfg,
-        data.num_classes,
-        (SAMED_EXPERT,) if cfg.mode == "samed" else LEVELS,
-        f"single:{SAMED_EXPERT}" if cfg.mode == "samed" else cfg.model.fusion,
-    )
+    model = build_segmenter(cfg, data.num_classes, *model_layout(cfg))
     state = load_file(str(weights))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise SamoraError(f"{weights} does not match the configured model ({str(err).splitlines()[0]}).") from err
-    return evaluate_model(cfg, model, data, folder)
+    return evaluate_model(cfg, model, data, folder, device)

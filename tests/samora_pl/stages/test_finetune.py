@@ -244,3 +244,22 @@ def test_interrupted_finetune_with_other_settings_is_refused(tmp_path, capsys):
     (tmp_path / "runs/t/finetune/samed-lora-f0.1/manifest.json").unlink()
     assert main(["finetune", *quick(tmp_path, "mode=samed", "optim.lr=0.1")]) == 1
     assert "optim.lr" in capsys.readouterr().err
+
+
+def test_evaluate_with_two_processes_equals_one(tmp_path):
+    """`make evaluate DEVICES=2` rewrites results identical to DEVICES=1 (cases sharded, gathered once)."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = quick(tmp_path, "mode=samed")
+    assert main(["finetune", *overrides]) == 0
+    folder = tmp_path / "runs/t/finetune/samed-lora-f0.1"
+    single = (folder / "results.csv").read_text()
+    (folder / "results.csv").unlink()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path("src").resolve()), str(Path(".").resolve())]))
+    cmd = [sys.executable, "-m", "samora_pl", "evaluate", "trainer.devices=2", "trainer.accelerator=cpu", *overrides]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MEMBER: 2/2" in done.stdout + done.stderr  # really two ranks
+    assert (folder / "results.csv").read_text() == single
