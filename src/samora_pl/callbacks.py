@@ -58,11 +58,16 @@ def tensorboard(trainer: L.Trainer):
 
 
 class Throughput(L.Callback):
-    """Logs training images per second (per process) once per logging interval."""
+    """Logs training images per second (per process) once per logging interval, and on CUDA the peak
+    memory allocated since training started (`perf/peak_memory_gib`), the figure that decides batch sizes."""
 
     def __init__(self):
         self._start = None
         self._images = 0
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._start is None:
@@ -74,6 +79,9 @@ class Throughput(L.Callback):
         if (batch_idx + 1) % max(trainer.log_every_n_steps, 1) == 0:
             elapsed = time.perf_counter() - self._start
             pl_module.log("perf/images_per_s", self._images / max(elapsed, 1e-9), on_step=True, on_epoch=False)
+            if pl_module.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+                pl_module.log("perf/peak_memory_gib", peak, on_step=True, on_epoch=False)
             self._start, self._images = time.perf_counter(), 0
 
 
