@@ -10,8 +10,8 @@ Per block, with ``xn = norm1(x)`` (window-partitioned for windowed blocks, as SA
     base         = proj(o_0),   r_e = proj_without_bias(o_e - o_0)     (proj is linear)
     x            = x + base + Fuse({e: r_e});   x = x + mlp(norm2(x))
 
-Attention uses ``F.scaled_dot_product_attention`` with the relative-position bias passed as a float
-mask. With ``single:<level>`` fusion the block runs SAMed's computation directly,
+Attention uses ``F.scaled_dot_product_attention`` with SAM's relative-position bias folded into extra
+query/key features (exact; see :func:`sdpa_attention`), so no N x N bias is materialised. With ``single:<level>`` fusion the block runs SAMed's computation directly,
 ``x + proj(attn(qkv(xn) + [dQ, 0, dV]))``, without a separate base pass. Without LoRA the original
 segment-anything ``Block.forward`` runs.
 
@@ -40,7 +40,7 @@ from samora_pl.errors import SamoraError
 from samora_pl.models.fusion import Fusion, SingleFusion
 from samora_pl.models.lora import LoRAQV, MultiExpertLoRA
 
-__all__ = ["SAMoraEncoder", "rel_pos_bias", "sdpa_attention", "naive_block_forward", "prepare_images"]
+__all__ = ["SAMoraEncoder", "rel_pos_terms", "rel_pos_bias", "sdpa_attention", "naive_block_forward", "prepare_images"]
 
 
 def prepare_images(images: torch.Tensor, img_size: Optional[int] = None) -> torch.Tensor:
@@ -59,25 +59,53 @@ def prepare_images(images: torch.Tensor, img_size: Optional[int] = None) -> torc
     return images
 
 
-def rel_pos_bias(attn: Attention, q: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """SAM's decomposed relative-position term for queries ``q`` [..., H*W, hd] -> [..., N, N].
-
-    Equal to what ``add_decomposed_rel_pos`` adds to the attention logits (computed from the unscaled q).
-    """
+def rel_pos_terms(attn: Attention, q: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's decomposed relative-position terms for queries ``q`` [..., H*W, hd]:
+    ``rel_h`` [..., N, H] (query against each key row) and ``rel_w`` [..., N, W] (against each key column)."""
     H, W = hw
     Rh = get_rel_pos(H, H, attn.rel_pos_h)  # [H, H, hd]
     Rw = get_rel_pos(W, W, attn.rel_pos_w)  # [W, W, hd]
     lead = q.shape[:-2]
     rq = q.reshape(*lead, H, W, q.shape[-1])
-    rel_h = torch.einsum("...hwc,hkc->...hwk", rq, Rh)
-    rel_w = torch.einsum("...hwc,wkc->...hwk", rq, Rw)
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*lead, H * W, H * W)
+    rel_h = torch.einsum("...hwc,hkc->...hwk", rq, Rh).reshape(*lead, H * W, H)
+    rel_w = torch.einsum("...hwc,wkc->...hwk", rq, Rw).reshape(*lead, H * W, W)
+    return rel_h, rel_w
+
+
+def rel_pos_bias(attn: Attention, q: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """The [..., N, N] bias ``add_decomposed_rel_pos`` adds to the logits (computed from the unscaled q)."""
+    H, W = hw
+    rel_h, rel_w = rel_pos_terms(attn, q, hw)
+    lead = q.shape[:-2]
+    bias = rel_h.reshape(*lead, H * W, H, 1) + rel_w.reshape(*lead, H * W, 1, W)
+    return bias.reshape(*lead, H * W, H * W)
+
+
+def _key_position_features(hw: Tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """[N, H + W]: the one-hot row and one-hot column of every key token."""
+    H, W = hw
+    rows = torch.arange(H, device=like.device).repeat_interleave(W)
+    cols = torch.arange(W, device=like.device).repeat(H)
+    return torch.cat([F.one_hot(rows, H), F.one_hot(cols, W)], -1).to(like.dtype)
 
 
 def sdpa_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw) -> torch.Tensor:
-    """softmax(q k^T * scale + relpos(q)) v via scaled_dot_product_attention; q, k, v [M, h, N, hd]."""
-    bias = rel_pos_bias(attn, q, hw) if attn.use_rel_pos else None
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    """softmax(q k^T * scale + relpos(q)) v via ``scaled_dot_product_attention``; q, k, v [M, h, N, hd].
+
+    The bias is never built: since ``relpos(q)[n, m] = rel_h[n, row(m)] + rel_w[n, col(m)]``, appending
+    ``rel_h, rel_w`` to the (scaled) queries and the one-hot row and column to the keys gives exactly the
+    same logits as a plain dot product. Without an [M, h, N, N] float mask SDPA can use its fused
+    (flash / memory-efficient) kernels, which matters at 512 px where global blocks have N = 1024.
+    ``v`` is zero-padded to the same width because those kernels want one head size (dropped after).
+    """
+    if not attn.use_rel_pos:
+        return F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    rel_h, rel_w = rel_pos_terms(attn, q, hw)
+    q_aug = torch.cat([q * attn.scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], -1)
+    keys = _key_position_features(hw, k).expand(*k.shape[:-2], -1, -1)
+    k_aug = torch.cat([k, keys], -1)
+    v_aug = F.pad(v, (0, q_aug.shape[-1] - v.shape[-1]))
+    return F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)[..., : v.shape[-1]]
 
 
 def naive_block_forward(

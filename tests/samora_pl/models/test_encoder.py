@@ -6,7 +6,7 @@ from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 from torch import nn
 
 from samora_pl.errors import SamoraError
-from samora_pl.models.encoder import SAMoraEncoder, rel_pos_bias
+from samora_pl.models.encoder import SAMoraEncoder, rel_pos_bias, sdpa_attention
 from samora_pl.models.fusion import build_fusion
 from samora_pl.models.lora import MultiExpertLoRA
 from samora_pl.models.sam import SamVariant, build_image_encoder, get_variant
@@ -155,3 +155,19 @@ def test_aux_loss(randomize_encoder):
     enc = build(randomize_encoder, "tiny", 128)
     enc(torch.rand(1, 1, 128, 128))
     assert enc.aux_loss().item() == 0.0
+
+
+def test_sdpa_attention_folds_the_rel_pos_bias_exactly():
+    """Queries/keys with appended rel-pos features give SAM's biased softmax attention (H != W too)."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    attn = Attention(32, num_heads=2, use_rel_pos=True, input_size=(3, 5))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+    q, k, v = (torch.randn(4, 2, 15, 16, dtype=torch.float64) for _ in range(3))
+    attn = attn.double()
+    logits = q * attn.scale @ k.transpose(-2, -1) + rel_pos_bias(attn, q, (3, 5))
+    ref = logits.softmax(-1) @ v
+    out = sdpa_attention(attn, q, k, v, (3, 5))
+    assert out.shape == v.shape and torch.allclose(out, ref, atol=1e-10)
