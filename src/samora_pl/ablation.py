@@ -85,12 +85,12 @@ def _mean_std(values: list) -> tuple:
         return None, None
     mean = sum(values) / len(values)
     if len(values) < 2:
-        return mean, 0.0
+        return mean, None  # a sample std needs two seeds; shown as "-", not as a misleading 0
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def summarise_seeds(runs: list) -> dict:
-    """Mean and sample std (0 for one seed) of Mean Dice / HD95 over seeds, and each class's mean Dice."""
+    """Mean and sample std (None for one seed) of Mean Dice / HD95 over seeds, and each class's mean Dice."""
     dice, dice_std = _mean_std([r.get("mean_dice") for r in runs])
     hd95, hd95_std = _mean_std([r.get("mean_hd95") for r in runs])
     classes = []

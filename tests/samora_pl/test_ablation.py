@@ -51,9 +51,10 @@ def test_runs_variants_writes_table_and_reuses_finished(tmp_path, experiments, m
     overrides = [f"runs_dir={tmp_path / 'runs'}", "run=r"]
     rows = ablation.run_ablation("pair", overrides)
     assert calls == ["pair-a-s0", "pair-b-s0"] and [r["mean_dice"] for r in rows] == [0.25, 0.5]
+    assert rows[0]["mean_dice_std"] is None  # one seed has no spread to report
     folder = tmp_path / "runs" / "r" / "ablations" / "pair"
     table = (folder / "table.md").read_text()
-    assert "| a |" in table and "50.00" in table
+    assert "| a |" in table and "50.00" in table and "| 25.00 | - |" in table
     assert (folder / "table.csv").exists()
     ablation.run_ablation("pair", overrides)  # a resumed ablation redoes nothing that finished
     assert calls == ["pair-a-s0", "pair-b-s0"]
