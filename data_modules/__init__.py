@@ -7,6 +7,7 @@ interface of `data_modules.base.SegmentationDataModule`.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from samora_pl.errors import SamoraError
 
@@ -16,11 +17,14 @@ from .base import SegmentationDataModule, Volume
 _REGISTRY: dict[str, str] = {
     "demo": "data_modules.demo:DemoDataModule",
     "synapse": "data_modules.synapse:SynapseDataModule",
+    "la": "data_modules.la:LADataModule",
+    "promise12": "data_modules.promise12:Promise12DataModule",
+    "generic": "data_modules.generic:GenericDataModule",
 }
 
 
 def register_datamodule(name: str, target: str) -> None:
-    """Register `"package.module:ClassName"` under `name` (used by la, promise12, generic as they land)."""
+    """Register `"package.module:ClassName"` under `name`."""
     _REGISTRY[name] = target
 
 
@@ -35,8 +39,28 @@ def datamodule_class(name: str) -> type[SegmentationDataModule]:
     return getattr(importlib.import_module(module), cls)
 
 
+def datamodule_options(name: str) -> set[str]:
+    """The keyword arguments the data module `name` accepts (its constructor's and those it passes on)."""
+    options: set[str] = set()
+    for klass in datamodule_class(name).__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        options |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return options - {"self"}
+
+
 def build_datamodule(name: str, **kwargs) -> SegmentationDataModule:
-    """Build the data module registered as `name` with the given constructor keyword arguments."""
+    """Build the data module registered as `name` with the given constructor keyword arguments; an option
+    the dataset does not have is a SamoraError naming it (and its config key, data.<option>)."""
+    unknown = sorted(set(kwargs) - datamodule_options(name))
+    if unknown:
+        raise SamoraError(
+            f"dataset {name!r} has no option {', '.join(unknown)} (config key "
+            f"{', '.join('data.' + key for key in unknown)}): leave it unset for this dataset"
+        )
     return datamodule_class(name)(**kwargs)
 
 
@@ -45,6 +69,7 @@ __all__ = [
     "Volume",
     "build_datamodule",
     "datamodule_class",
+    "datamodule_options",
     "known_datamodules",
     "register_datamodule",
 ]

@@ -23,6 +23,7 @@ ORDERS = tuple(
 
 CHOICES = {
     "data.fraction_by": ("slice", "case", "list"),
+    "data.intensity": ("auto", "none", "ct_window", "mr_percentile"),
     "model.variant": ("tiny", "vit_b", "vit_l", "vit_h"),
     "model.fusion": ("hl_attn", "sum", "lac", "mole", "lorahub") + tuple(f"single:{lv}" for lv in LEVELS),
     "model.hl_order": ORDERS,

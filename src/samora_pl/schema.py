@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 
 @dataclass
 class DataConfig:
-    name: str = "demo"  # demo | synapse (| la | promise12 | generic as they land)
+    name: str = "demo"  # demo | synapse | la | promise12 | generic
     dir: Optional[str] = None  # default: data/<name>
     batch_size: int = 8
     num_workers: int = 0
@@ -20,6 +20,9 @@ class DataConfig:
     fraction_list: Optional[str] = None  # file of slice names, with fraction_by=list
     val_slices: int = 32  # monitoring only (TensorBoard); the final model is the last epoch
     augment: bool = True
+    # Dataset options; set for a dataset that lacks them, they are refused by name.
+    intensity: str = "auto"  # la, promise12, generic: auto (the dataset's default) | none | ct_window | mr_percentile
+    list_dir: Optional[str] = None  # folder of the dataset's train/test list files; none -> the dataset's own place
 
 
 @dataclass

@@ -43,6 +43,7 @@ def test_config_is_read_only():
         (["fraction"], ["key=value"]),
         (["run=../elsewhere"], ["run"]),
         (["data.fraction_by=list"], ["data.fraction_list"]),
+        (["data.intensity=zscore"], ["data.intensity", "auto", "mr_percentile"]),
     ],
 )
 def test_bad_config_names_the_key(override, words):

@@ -25,6 +25,7 @@ from samora_pl.models.factory import LEVELS, SAMED_EXPERT, base_fingerprint, bui
 from samora_pl.models.lora import read_expert_metadata
 from samora_pl.runs import StageRecord, atomic_save, is_rank_zero, read_manifest, save_config, stage_dir, verify_input
 from samora_pl.stages import lorahub
+from samora_pl.stages.check import data_options
 from samora_pl.stages.finetune_module import FinetuneModule
 from samora_pl.trainer import build_trainer, strategy_for, world_size
 
@@ -54,6 +55,7 @@ def build_data(cfg: DictConfig, folder: Path):
         split_dir=folder / "splits",
         augment=cfg.data.augment,
         val_slices=cfg.data.val_slices,
+        **data_options(cfg),
     )
 
 

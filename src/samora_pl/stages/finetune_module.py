@@ -74,7 +74,7 @@ class FinetuneModule(L.LightningModule):
                 writer.add_image("val/slice_truth_prediction", panel, self.global_step)
 
     def on_validation_epoch_end(self):
-        per_class = self.val_dice.compute()
+        per_class = self.val_dice.compute().reshape(-1)  # torchmetrics gives a 0-d tensor when K = 1
         self.val_dice.reset()
         for name, value in zip(self.class_names, per_class):
             self.log(f"val_dice/{name}", torch.nan_to_num(value), sync_dist=False)
