@@ -21,6 +21,9 @@ SEED     ?=
 NAME     ?= mechanism
 SEEDS    ?= 1
 ARGS     ?=
+RAW      ?=
+OUT      ?=
+IN       ?=
 
 COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(DATA_DIR),data.dir=$(DATA_DIR)) $(if $(PROFILE),profile=$(PROFILE)) \
@@ -28,7 +31,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
 	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
 
-.PHONY: setup demo test test-slow cpt distill finetune evaluate check ablation bench tensorboard clean-venv
+.PHONY: setup demo test test-slow cpt distill finetune evaluate predict check prepare ablation bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -60,11 +63,16 @@ finetune: $(STAMP)
 evaluate: $(STAMP)
 	$(SAMORA) evaluate $(COMMON)
 
-
+# make predict IN=<volume or folder> OUT=<folder> RUN=... [ARGS="finetune.tag=... predict.overlay=true"]
+predict: $(STAMP)
+	$(SAMORA) predict $(COMMON) $(if $(IN),predict.input=$(IN)) $(if $(OUT),predict.output=$(OUT))
 
 check: $(STAMP)
 	$(SAMORA) check $(COMMON)
 
+# make prepare DATA=synapse|la|promise12 RAW=<download> [OUT=<folder>, default data/<DATA>]
+prepare: $(STAMP)
+	$(SAMORA) prepare $(COMMON) $(if $(RAW),prepare.raw=$(RAW)) $(if $(OUT),prepare.out=$(OUT))
 
 ablation: $(STAMP)
 	$(SAMORA) ablation $(NAME) seeds=$(SEEDS) $(COMMON)

@@ -86,6 +86,24 @@ def read_image(path: str | os.PathLike, what: str = "volume") -> tuple[np.ndarra
     return array, geometry
 
 
+def read_shape(path: str | os.PathLike, what: str = "volume") -> tuple:
+    """The (D, H, W) shape `read_image` would return, from the file header only (cheap for .nii.gz)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise SamoraError(f"{path}: {what} file not found")
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(path))
+    try:
+        header.ReadImageInformation()
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[-200:]
+        raise SamoraError(f"{path}: cannot read this {what}'s header ({detail}); check the file") from None
+    size = tuple(int(s) for s in reversed(header.GetSize()))
+    return (1, *size) if len(size) == 2 else size  # a 2-D file is one slice, as in read_image
+
+
 def to_sitk(array: np.ndarray, geometry: Geometry):
     """A SimpleITK image of a (D, H, W) array placed in `geometry`."""
     import SimpleITK as sitk

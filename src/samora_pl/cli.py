@@ -1,7 +1,7 @@
 """`samora <command> key=value ...`: the command line every make target calls.
 
-Commands: cpt, distill, finetune, evaluate, check, demo, ablation. A user mistake (SamoraError) prints one message
-and exits 1; anything else is a bug and keeps its traceback.
+Commands: cpt, distill, finetune, evaluate, predict, check, prepare, demo, ablation. A user mistake
+(SamoraError) prints one message and exits 1; anything else is a bug and keeps its traceback.
 """
 
 import argparse
@@ -18,7 +18,9 @@ COMMANDS = {
     "distill": "distil a teacher into a LoRA expert (distill.level=all|image|patch|pixel)",
     "finetune": "stage 2 on a labelled fraction (data.fraction=0.1), then evaluation",
     "evaluate": "re-evaluate a finished fine-tuning run and rewrite its results",
+    "predict": "label maps of new volumes from a fine-tuned run (predict.input=... predict.output=...)",
     "check": "validate a dataset (every file, key, shape, label value) without training",
+    "prepare": "public raw download -> the layout the data module reads (prepare.raw=... prepare.out=...)",
     "demo": "the whole chain (cpt, distill x3, finetune) on the built-in demo data",
     "ablation": "run the fine-tuning variants of experiments/ablations/NAME.yaml: `samora ablation NAME [seeds=N] ...`",
 }
@@ -76,6 +78,10 @@ def run_command(command: str, overrides) -> dict:
         from samora_pl.stages.distill import run
     elif command == "finetune":
         from samora_pl.stages.finetune import run
+    elif command == "prepare":
+        from data_modules.prepare import run
+    elif command == "predict":
+        from samora_pl.stages.predict import run
     else:
         from samora_pl.stages.finetune import evaluate as run
     return run(cfg)

@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from samora_pl.errors import SamoraError
 from samora_pl.schema import RootConfig
 
-STAGES = ("cpt", "distill", "finetune", "evaluate", "check")
+STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict")
 LEVELS = ("image", "patch", "pixel")
 ORDERS = tuple(
     f"{a}-{b}-{c}" for a in LEVELS for b in LEVELS for c in LEVELS if len({a, b, c}) == 3
@@ -33,6 +33,7 @@ CHOICES = {
     "eval.resize": ("direct", "two_step"),
     "cpt.teacher": ("all", "simclr", "mae"),
     "distill.level": ("all",) + LEVELS,
+    "predict.intensity": ("auto", "none", "ct_window", "mr_percentile"),
 }
 
 PROFILE_FOR_DATA = {"demo": "tiny"}
@@ -96,6 +97,7 @@ def validate(cfg: DictConfig) -> None:
         "data.batch_size": cfg.data.batch_size,
         "trainer.max_epochs": cfg.trainer.max_epochs,
         "distill.max_epochs": cfg.distill.max_epochs,
+        "predict.overlay_slices": cfg.predict.overlay_slices,
     }
     for key, value in positive.items():
         if value < 1:
@@ -104,6 +106,35 @@ def validate(cfg: DictConfig) -> None:
         raise SamoraError(f"Config key 'model.img_size' is {cfg.model.img_size}; it must be a multiple of 16.")
     if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
+    _check_levels(cfg)
+
+
+def finetune_levels(cfg: DictConfig) -> tuple:
+    """The experts stage 2 fuses, in the canonical order: `finetune.levels`, or all three."""
+    chosen = cfg.finetune.levels
+    return LEVELS if chosen is None else tuple(lv for lv in LEVELS if lv in chosen)
+
+
+def _check_levels(cfg: DictConfig) -> None:
+    """finetune.levels: distinct known levels, and a fusion that can combine them (level ablation)."""
+    if cfg.finetune.levels is None:
+        return
+    chosen = list(cfg.finetune.levels)
+    if not chosen or len(set(chosen)) != len(chosen) or any(lv not in LEVELS for lv in chosen):
+        raise SamoraError(
+            f"Config key 'finetune.levels' is {chosen}; give one, two or three distinct levels of "
+            f"{', '.join(LEVELS)} (e.g. finetune.levels=[image,patch]), or leave it unset for all three."
+        )
+    if cfg.mode != "samora":
+        return
+    fusion = cfg.model.fusion
+    if fusion.startswith("single:") and fusion.split(":", 1)[1] not in chosen:
+        raise SamoraError(f"model.fusion={fusion} uses an expert that finetune.levels={chosen} leaves out.")
+    if fusion == "hl_attn" and len(chosen) < 2:
+        raise SamoraError(
+            f"model.fusion=hl_attn fuses two or three experts; with finetune.levels={chosen} use "
+            f"model.fusion=single:{chosen[0]}."
+        )
 
 
 def compose(stage: str, overrides: Iterable[str] = (), root: Optional[Path] = None) -> DictConfig:
@@ -147,6 +178,17 @@ def compose(stage: str, overrides: Iterable[str] = (), root: Optional[Path] = No
     return cfg
 
 
+def load_saved(path: Path) -> DictConfig:
+    """The read-only config a stage saved (its config.yaml), on today's schema so keys added since it ran
+    take their defaults; for commands that reuse a finished stage's model (`samora predict`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SamoraError(f"{path} is missing: the stage folder is incomplete; re-run the stage that made it.")
+    cfg = _merge(OmegaConf.structured(RootConfig), _load_yaml(path), str(path))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
@@ -172,6 +214,11 @@ def changed_since(saved: Path, cfg: DictConfig, watched: Iterable[str], ignore: 
     except (OSError, OmegaConfBaseException, ValueError) as err:
         return [f"{Path(saved).name} unreadable ({err})"]
     return [key for key in diff_keys(old, cfg, ignore) if key.startswith(tuple(watched))]
+
+
+def flat_config(cfg: DictConfig) -> dict:
+    """{dotted key: value} of a resolved config: what `changed_since` compares and ablations hash."""
+    return _flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -94,6 +94,7 @@ class LoraHubConfig:
 class FinetuneConfig:
     tag: Optional[str] = None  # run sub-folder; none -> <mode>-<fusion>-f<fraction>
     experts: ExpertPaths = field(default_factory=ExpertPaths)
+    levels: Optional[List[str]] = None  # experts fused in stage 2, e.g. [image, patch]; none -> all three
     zero_experts: bool = False  # ablation: untrained experts (B = 0) instead of distilled ones
     evaluate: bool = True  # evaluate the test volumes after training
     lorahub: LoraHubConfig = field(default_factory=LoraHubConfig)  # model.fusion=lorahub only
@@ -106,6 +107,25 @@ class EvalConfig:
     batch_size: int = 8
     workers: int = 1  # processes for the Dice/HD95 computation
     checkpoint: Optional[str] = None  # `samora evaluate`: model weights; none -> the run's final.ckpt
+
+
+@dataclass
+class PrepareConfig:
+    """`samora prepare`: a public raw download -> the layout the data module of data.name reads."""
+
+    raw: Optional[str] = None  # the download (RAW); searched recursively for the dataset's files
+    out: Optional[str] = None  # where the layout is written (OUT); none -> data.dir (data/<name>)
+
+
+@dataclass
+class PredictConfig:
+    """`samora predict`: label maps of new volumes from a finished fine-tuning run (run, finetune.tag)."""
+
+    input: Optional[str] = None  # a volume (.nii.gz, .nii, .mhd, .mha, .h5) or a folder searched recursively
+    output: Optional[str] = None  # folder for <case>_pred.nii.gz (and <case>_overlay.png)
+    intensity: str = "auto"  # auto (the run's dataset rule, see stages/predict.py) | none | ct_window | mr_percentile
+    overlay: bool = False  # also a PNG montage of a few slices with the predicted labels
+    overlay_slices: int = 6
 
 
 @dataclass
@@ -207,7 +227,7 @@ class DistillConfig:
 
 @dataclass
 class RootConfig:
-    stage: str = "finetune"  # cpt | distill | finetune | evaluate
+    stage: str = "finetune"  # cpt | distill | finetune | evaluate | check | prepare | predict
     run: str = "default"
     runs_dir: str = "runs"
     profile: Optional[str] = None  # tiny | paper; none -> tiny for demo data, paper otherwise
@@ -226,3 +246,5 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cpt: CptConfig = field(default_factory=CptConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)

@@ -1,7 +1,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from samora_pl.config import ORDERS, compose, diff_keys
+from samora_pl.config import ORDERS, compose, diff_keys, finetune_levels
 from samora_pl.errors import SamoraError
 
 
@@ -71,3 +71,27 @@ def test_diff_keys():
     a = OmegaConf.create({"x": 1, "y": {"z": 2}})
     b = OmegaConf.create({"x": 1, "y": {"z": 3}, "w": 0})
     assert diff_keys(a, b) == ["w", "y.z"]
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (["finetune.levels=[image,organ]"], ["finetune.levels", "organ", "image, patch, pixel"]),
+        (["finetune.levels=[image,image]"], ["finetune.levels", "distinct"]),
+        (["finetune.levels=[]"], ["finetune.levels"]),
+        (["finetune.levels=[image,patch]", "model.fusion=single:pixel"], ["single:pixel", "leaves out"]),
+        (["finetune.levels=[patch]"], ["hl_attn", "single:patch"]),
+    ],
+)
+def test_bad_levels_are_one_clear_error(override, words):
+    with pytest.raises(SamoraError) as err:
+        compose("finetune", override)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_levels_are_canonical_and_ignored_by_samed():
+    cfg = compose("finetune", ["finetune.levels=[patch,image]", "model.fusion=sum"])
+    assert finetune_levels(cfg) == ("image", "patch")
+    assert finetune_levels(compose("finetune")) == ("image", "patch", "pixel")
+    compose("finetune", ["finetune.levels=[patch]", "mode=samed"])  # SAMed has no experts to choose

@@ -1,8 +1,9 @@
 """`samora finetune` and `samora evaluate`: stage 2 of SAMora and the protocol evaluation.
 
-Fine-tuning reads the three experts distilled in the same run (paths overridable), trains the fusion and
-the mask decoder on the labelled fraction, saves `final.safetensors`, then evaluates every test volume
-with the SAMed/TransUNet protocol. `mode=samed` is the SAMed baseline (one LoRA, no experts needed).
+Fine-tuning reads the experts distilled in the same run (all three, or `finetune.levels`; paths
+overridable), trains the fusion and the mask decoder on the labelled fraction, saves `final.safetensors`,
+then evaluates every test volume with the SAMed/TransUNet protocol. `mode=samed` is the SAMed baseline
+(one LoRA, no experts needed).
 """
 
 import logging
@@ -16,12 +17,12 @@ from tqdm import tqdm
 
 from data_modules import build_datamodule
 from samora_pl.callbacks import Throughput
-from samora_pl.config import changed_since
+from samora_pl.config import changed_since, finetune_levels
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import case_metrics, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
 from samora_pl.guards import check_finite_state, skipped_batches
-from samora_pl.models.factory import LEVELS, SAMED_EXPERT, base_fingerprint, build_segmenter, log_trainable
+from samora_pl.models.factory import SAMED_EXPERT, base_fingerprint, build_segmenter, log_trainable
 from samora_pl.models.lora import read_expert_metadata
 from samora_pl.runs import StageRecord, atomic_save, is_rank_zero, read_manifest, save_config, stage_dir, verify_input
 from samora_pl.stages import lorahub
@@ -31,6 +32,7 @@ from samora_pl.trainer import build_trainer, strategy_for, world_size
 
 log = logging.getLogger(__name__)
 FINAL = "final.safetensors"
+MASK_TOKENS = "mask_decoder.mask_tokens.weight"  # (K + 1, C): background and one token per class
 
 
 def tag_of(cfg: DictConfig) -> str:
@@ -38,7 +40,8 @@ def tag_of(cfg: DictConfig) -> str:
         return cfg.finetune.tag
     fusion = "lora" if cfg.mode == "samed" else cfg.model.fusion.replace(":", "-")
     zero = "-zero" if cfg.finetune.zero_experts and cfg.mode == "samora" else ""
-    return f"{cfg.mode}-{fusion}{zero}-f{cfg.data.fraction:g}"
+    levels = "" if cfg.mode == "samed" or cfg.finetune.levels is None else "-" + "+".join(finetune_levels(cfg))
+    return f"{cfg.mode}-{fusion}{levels}{zero}-f{cfg.data.fraction:g}"
 
 
 def build_data(cfg: DictConfig, folder: Path):
@@ -60,9 +63,9 @@ def build_data(cfg: DictConfig, folder: Path):
 
 
 def expert_paths(cfg: DictConfig) -> dict:
-    """The three distilled experts: configured paths, else the run's distill outputs."""
+    """The distilled experts stage 2 fuses: configured paths, else the run's distill outputs."""
     paths = {}
-    for level in LEVELS:
+    for level in finetune_levels(cfg):
         configured = cfg.finetune.experts[level]
         paths[level] = Path(configured) if configured else stage_dir(cfg, "distill", level) / "expert.safetensors"
     missing = [f"{level}: {path}" for level, path in paths.items() if not path.exists()]
@@ -79,12 +82,12 @@ def expert_paths(cfg: DictConfig) -> dict:
 
 
 def model_layout(cfg: DictConfig) -> tuple:
-    """(expert slots, fusion) of the stage-2 model: SAMed's one LoRA, LoRAHub's one composed LoRA, or the three."""
+    """(expert slots, fusion) of the stage-2 model: SAMed's one LoRA, LoRAHub's one composed LoRA, or the experts."""
     if cfg.mode == "samed":
         return (SAMED_EXPERT,), f"single:{SAMED_EXPERT}"
     if cfg.model.fusion == "lorahub":
         return (lorahub.HUB,), f"single:{lorahub.HUB}"
-    return LEVELS, cfg.model.fusion
+    return finetune_levels(cfg), cfg.model.fusion
 
 
 def uses_lorahub(cfg: DictConfig) -> bool:
@@ -98,7 +101,7 @@ def build_model(cfg: DictConfig, num_classes: int, record: StageRecord = None):
     if cfg.mode == "samed" or uses_lorahub(cfg):
         model = build_segmenter(cfg, num_classes, *model_layout(cfg))
     else:
-        model = build_segmenter(cfg, num_classes, LEVELS, cfg.model.fusion)
+        model = build_segmenter(cfg, num_classes, finetune_levels(cfg), cfg.model.fusion)
         if not cfg.finetune.zero_experts:
             fingerprint = base_fingerprint(model)
             for level, path in expert_paths(cfg).items():
@@ -246,10 +249,23 @@ def evaluate(cfg: DictConfig) -> dict:
         fabric.launch()
         device = fabric.device
     data = build_data(cfg, folder)
-    model = build_segmenter(cfg, data.num_classes, *model_layout(cfg))
+    model = load_finetuned(cfg, weights, data.num_classes)
+    return evaluate_model(cfg, model, data, folder, device)
+
+
+def load_finetuned(cfg: DictConfig, weights: Path, num_classes: int = None):
+    """The stage-2 model of `cfg` holding a finished fine-tune's weights (`samora evaluate`, `samora predict`).
+
+    Without `num_classes`, K is read from the weights (the decoder has K + 1 mask tokens), so a prediction
+    needs no copy of the training data."""
     state = load_file(str(weights))
+    if num_classes is None:
+        if MASK_TOKENS not in state:
+            raise SamoraError(f"{weights} holds no {MASK_TOKENS}: it is not a fine-tuned SAMora model.")
+        num_classes = state[MASK_TOKENS].shape[0] - 1
+    model = build_segmenter(cfg, num_classes, *model_layout(cfg))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise SamoraError(f"{weights} does not match the configured model ({str(err).splitlines()[0]}).") from err
-    return evaluate_model(cfg, model, data, folder, device)
+    return model
