@@ -1,11 +1,13 @@
-"""`samora ablation NAME [seeds=N] ...`: run an ablation's fine-tuning variants and write one table.
+"""`samora ablation NAME [seeds=N] ...`: run an ablation's variants and write one table.
 
 An ablation file `experiments/ablations/<name>.yaml` lists named variants, each a list of `key=value`
 overrides applied on top of the command line's; every variant is a stage-2 fine-tune with the same budget,
 run once per seed (`seeds=N` runs seeds S..S+N-1, S being the command line's `seed`, default 0) and tagged
 `<name>-<variant>-s<seed>` in the run. A fine-tune that already finished is read back, not re-run, so an
 interrupted ablation continues where it stopped and raising `seeds` only runs the new seeds. The stage-1
-outputs (teachers and experts) are those of the run, shared by every variant.
+outputs a variant needs (teachers and experts) are the run's own unless its overrides change them (rank,
+CPT, distillation settings); those are made once per distinct setting under `runs/<run>/upstream/` and
+shared (see `ablation_upstream.py`).
 
 Outputs in `runs/<run>/ablations/<name>/`: `table.md` and `table.csv` (mean and sample standard deviation
 over seeds of Mean Dice and HD95, and the mean Dice of every class), `table.png` (mean Dice per variant
@@ -42,28 +44,37 @@ def load_ablation(name: str) -> dict:
 
 def run_ablation(name: str, overrides, seeds: int = 1) -> list:
     """Fine-tune every variant for every seed (reusing finished ones), write the table; returns the rows."""
+    from samora_pl.ablation_upstream import Upstream
     from samora_pl.stages import finetune
 
     if int(seeds) < 1:
         raise SamoraError(f"seeds={seeds}: the number of seeds per variant must be at least 1.")
     spec = load_ablation(name)
     first = int(compose("finetune", list(overrides)).seed)
+    upstream = Upstream(overrides)
     rows = []
     for variant, extra in spec["variants"].items():
+        extra = list(extra or [])
         runs = []
+        experts = None  # the variant's finetune.experts.* overrides, found on its first unfinished seed
         for seed in range(first, first + int(seeds)):
             tag = f"{name}-{variant}-s{seed}"
-            cfg = compose("finetune", list(overrides) + list(extra or []) + [f"seed={seed}", f"finetune.tag={tag}"])
+            own = [f"seed={seed}", f"finetune.tag={tag}"]
+            cfg = compose("finetune", list(overrides) + extra + own)
             folder = stage_dir(cfg, "finetune", tag)
             manifest = read_manifest(folder) or {}
             if manifest.get("status") == "complete" and not cfg.overwrite:
                 log.info("ablation %s: reusing finished %s", name, tag)
                 metrics = manifest["metrics"]
             else:
-                log.info("ablation %s: running %s (%s)", name, tag, " ".join(extra or []) or "base")
+                if experts is None:
+                    experts = upstream.expert_overrides(extra, cfg)
+                if experts:
+                    cfg = compose("finetune", list(overrides) + extra + experts + own)
+                log.info("ablation %s: running %s (%s)", name, tag, " ".join(extra) or "base")
                 metrics = finetune.run(cfg)
             runs.append({**metrics, "per_class": _per_class(folder)})
-        rows.append({"variant": variant, "overrides": " ".join(extra or []), **summarise_seeds(runs)})
+        rows.append({"variant": variant, "overrides": " ".join(extra), **summarise_seeds(runs)})
     if is_rank_zero():
         write_table(rows, run_dir(cfg) / "ablations" / name, spec.get("description", name))
         write_tensorboard(rows, tb_root(cfg) / "ablations" / name, name, spec.get("description", name))

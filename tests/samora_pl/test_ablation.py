@@ -1,13 +1,17 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from samora_pl import ablation
+from samora_pl.ablation_upstream import OUTPUT
 from samora_pl.config import compose, experiments_dir
 from samora_pl.errors import SamoraError
-from samora_pl.stages import finetune
+from samora_pl.stages import cpt, distill, finetune
+
+SHIPPED = ("mechanism", "fusion", "order", "rank", "level", "fraction", "cpt", "epochs")
 
 
 @pytest.fixture
@@ -17,12 +21,17 @@ def experiments(tmp_path, monkeypatch):
     (copy / "ablations" / "pair.yaml").write_text(
         "description: two variants\nvariants:\n  a: [mode=samed]\n  b: [mode=samed, loss.ce_weight=0.5]\n"
     )
+    (copy / "ablations" / "share.yaml").write_text(
+        "description: two rank-8 variants and a plain one\nvariants:\n  a: [model.lora_rank=8]\n"
+        "  b: [model.lora_rank=8, model.fusion=sum]\n  c: [model.fusion=lac]\n"
+    )
     monkeypatch.setenv("SAMORA_EXPERIMENTS", str(copy))
     return copy
 
 
-def _fake_finetune(calls, fail_on=None):
-    """Stands in for a fine-tune: records the tag, writes metrics.json (per-class Dice), finishes the manifest."""
+def _fake_finetune(calls, fail_on=None, seen=None):
+    """Stands in for a fine-tune: records the tag (and the config in `seen`), writes metrics.json
+    (per-class Dice), finishes the manifest."""
 
     def fake_run(cfg):
         from samora_pl.runs import StageRecord, atomic_write_text, stage_dir
@@ -30,6 +39,8 @@ def _fake_finetune(calls, fail_on=None):
         if cfg.finetune.tag == fail_on:
             raise KeyboardInterrupt("killed")
         calls.append(cfg.finetune.tag)
+        if seen is not None:
+            seen[cfg.finetune.tag] = cfg
         folder = stage_dir(cfg, "finetune", cfg.finetune.tag)
         dice = (0.5 if cfg.loss.ce_weight == 0.5 else 0.25) + 0.1 * cfg.seed
         per_class = {
@@ -126,6 +137,163 @@ def test_unknown_ablation_lists_known(experiments):
 
 
 def test_shipped_ablations_compose():
-    for name in ("mechanism", "fusion", "order"):
+    for name in SHIPPED:
         for extra in ablation.load_ablation(name)["variants"].values():
-            compose("finetune", extra)  # every variant's keys and values are valid
+            compose("finetune", extra or [])  # every variant's keys and values are valid (one schema for all stages)
+
+
+def _fake_stage(stage, calls, fail_on=None):
+    """Stands in for `samora cpt` / `samora distill` of one teacher or level: records (stage, sub, folder,
+    config), writes an output naming the settings that matter here, finishes the manifest."""
+
+    def fake_run(cfg):
+        from samora_pl.runs import StageRecord, atomic_write_text, stage_dir
+
+        sub = cfg.cpt.teacher if stage == "cpt" else cfg.distill.level
+        if (stage, sub) == fail_on:
+            raise KeyboardInterrupt("killed")
+        folder = stage_dir(cfg, stage, sub)
+        calls.append((stage, sub, folder, cfg))
+        content = {"rank": cfg.model.lora_rank, "teacher": cfg.distill.teacher, "epochs": cfg.cpt.mae.max_epochs}
+        atomic_write_text(folder / OUTPUT[stage], json.dumps(content))
+        record = StageRecord(cfg, folder)
+        record.add_output(folder / OUTPUT[stage])
+        record.write()
+        return {sub: {}}
+
+    return fake_run
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    """Fake cpt, distill and finetune runs; returns their call lists and the fine-tunes' configs by tag."""
+    made = {"upstream": [], "finetune": [], "seen": {}}
+
+    def install(fail_stage=None, fail_tag=None):
+        monkeypatch.setattr(cpt, "run", _fake_stage("cpt", made["upstream"], fail_stage))
+        monkeypatch.setattr(distill, "run", _fake_stage("distill", made["upstream"], fail_stage))
+        monkeypatch.setattr(finetune, "run", _fake_finetune(made["finetune"], fail_tag, made["seen"]))
+
+    install()
+    made["install"] = install
+    return made
+
+
+def _made(stages, root):
+    """(stage, sub, folder relative to the run) of every upstream stage run so far."""
+    return [(stage, sub, str(folder.relative_to(root))) for stage, sub, folder, _ in stages["upstream"]]
+
+
+def _expert(cfg, level, run_folder):
+    """The expert file a fine-tune config reads for `level` (given path, else the run's own)."""
+    given = cfg.finetune.experts[level]
+    return Path(given) if given else run_folder / "distill" / level / "expert.safetensors"
+
+
+def test_variants_sharing_experts_distil_once(tmp_path, experiments, stages):
+    root = tmp_path / "runs" / "r"
+    ablation.run_ablation("share", [f"runs_dir={tmp_path / 'runs'}", "run=r"], seeds=2)
+    made = _made(stages, root)
+    # the rank-8 experts once (under upstream/, from the run's own teachers); the plain ones in the run
+    assert [m[:2] for m in made] == [("cpt", "simclr"), ("distill", "image"), ("cpt", "mae"), ("distill", "patch"),
+                                     ("distill", "pixel"), ("distill", "image"), ("distill", "patch"),
+                                     ("distill", "pixel")]
+    assert made[0][2] == "cpt/simclr" and made[1][2].startswith("upstream/") and made[5][2] == "distill/image"
+    assert stages["upstream"][1][3].distill.teacher == str(root / "cpt" / "simclr" / "teacher.pt")
+    seen = stages["seen"]
+    assert stages["finetune"] == [f"share-{v}-s{s}" for v in "abc" for s in range(2)]
+    for level in ("image", "patch", "pixel"):
+        shared = {str(_expert(seen[f"share-{v}-s{s}"], level, root)) for v in "ab" for s in range(2)}
+        assert len(shared) == 1 and "/upstream/" in shared.pop()  # both variants, both seeds: one expert
+        assert seen["share-c-s0"].finetune.experts[level] is None  # plain: the run's own, config as before
+
+
+def test_rank_variants_distil_once_per_rank_and_finetune_with_them(tmp_path, experiments, stages):
+    root = tmp_path / "runs" / "r"
+    ablation.run_ablation("rank", [f"runs_dir={tmp_path / 'runs'}", "run=r"])
+    made = _made(stages, root)
+    assert sorted(m[:2] for m in made if m[0] == "cpt") == [("cpt", "mae"), ("cpt", "simclr")]  # ranks share teachers
+    experts = [m for m in made if m[0] == "distill"]
+    assert len(experts) == 15 and len({m[2] for m in experts}) == 15  # 5 ranks x 3 levels, each once
+    for rank in (1, 2, 4, 8, 16):
+        cfg = stages["seen"][f"rank-r{rank}-s0"]
+        assert cfg.model.lora_rank == rank
+        for level in ("image", "patch", "pixel"):
+            path = _expert(cfg, level, root)
+            assert json.loads(path.read_text())["rank"] == rank  # made by a distillation at that rank
+            assert ("/upstream/" in str(path)) == (rank != 4)  # rank 4 is the run's own (the default)
+
+
+def test_killed_ablation_resumes_without_redoing_upstream_or_finetunes(tmp_path, experiments, stages):
+    overrides = [f"runs_dir={tmp_path / 'runs'}", "run=r"]
+    stages["install"](fail_stage=("distill", "patch"))
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_ablation("share", overrides)
+    stages["install"](fail_tag="share-b-s0")
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_ablation("share", overrides)
+    assert stages["finetune"] == ["share-a-s0"]
+    stages["install"]()
+    ablation.run_ablation("share", overrides, seeds=2)
+    made = _made(stages, tmp_path / "runs" / "r")
+    assert len(made) == 8 and len(set(made)) == 8  # every teacher and expert made exactly once
+    assert stages["finetune"] == ["share-a-s0", "share-a-s1", "share-b-s0", "share-b-s1", "share-c-s0", "share-c-s1"]
+    ablation.run_ablation("share", overrides, seeds=2)  # all finished: nothing runs again
+    assert len(stages["upstream"]) == 8 and len(stages["finetune"]) == 6
+
+
+def test_cpt_ablation_distils_from_untrained_teachers_and_shares_pixel(tmp_path, experiments, stages):
+    root = tmp_path / "runs" / "r"
+    ablation.run_ablation("cpt", [f"runs_dir={tmp_path / 'runs'}", "run=r"])
+    made = {(m[0], m[1], m[2].startswith("upstream/")): m for m in _made(stages, root)}
+    assert len(made) == 9 and ("distill", "pixel", True) not in made  # no teacher, so one pixel expert
+    teachers = [c[3] for c in stages["upstream"] if c[0] == "cpt" and "upstream" in str(c[2])]
+    assert [(c.cpt.teacher, c.cpt.simclr.max_epochs, c.cpt.mae.max_epochs) for c in teachers] == [
+        ("simclr", 0, 0), ("mae", 0, 0)]
+    without = stages["seen"]["cpt-without-s0"]
+    for level, kind in (("image", "simclr"), ("patch", "mae")):
+        expert = Path(without.finetune.experts[level])
+        distilled = next(c[3] for c in stages["upstream"] if c[2] == expert.parent)
+        teacher = distilled.distill.teacher  # the untrained teacher made under upstream/
+        assert teacher.endswith(f"/cpt/{kind}/teacher.pt") and "/upstream/" in teacher
+    assert without.finetune.experts.pixel is None and stages["seen"]["cpt-with-s0"].finetune.experts.image is None
+
+
+def test_level_variants_make_only_the_experts_they_fuse(tmp_path, experiments, stages):
+    root = tmp_path / "runs" / "r"
+    ablation.run_ablation("level", [f"runs_dir={tmp_path / 'runs'}", "run=r"])
+    assert _made(stages, root) == [("cpt", "simclr", "cpt/simclr"), ("distill", "image", "distill/image"),
+                                   ("cpt", "mae", "cpt/mae"), ("distill", "patch", "distill/patch"),
+                                   ("distill", "pixel", "distill/pixel")]
+    pair = stages["seen"]["level-image+patch-s0"]
+    assert list(pair.finetune.levels) == ["image", "patch"] and pair.model.fusion == "hl_attn"
+
+
+def test_real_rank_ablation_on_the_pixel_expert(tmp_path, experiments, monkeypatch):
+    """Real distillation and fine-tuning (tiny sizes, seconds): a rank-2 pixel expert is distilled under
+    upstream/, the rank-4 one in the run, each fine-tune loads its own, and a second pass makes nothing."""
+    from tests.samora_pl.stages.test_finetune import quick
+
+    (experiments / "ablations" / "pix.yaml").write_text(
+        "description: pixel rank\nvariants:\n"
+        '  r2: ["finetune.levels=[pixel]", model.fusion=single:pixel, model.lora_rank=2]\n'
+        '  r4: ["finetune.levels=[pixel]", model.fusion=single:pixel]\n'
+    )
+    overrides = quick(tmp_path, "run=r", "trainer.check_val_every_n_epoch=5", "distill.max_epochs=1",
+                      "distill.batch_size=4", "distill.pixel_width=16", "data.num_workers=0",
+                      f"cpt.index_cache={tmp_path / 'index.json'}")
+    rows = ablation.run_ablation("pix", overrides)
+    assert [r["variant"] for r in rows] == ["r2", "r4"] and all(r["mean_dice"] is not None for r in rows)
+    root = tmp_path / "runs" / "r"
+    inputs = {v: json.loads((root / "finetune" / f"pix-{v}-s0" / "manifest.json").read_text())["inputs"]
+              for v in ("r2", "r4")}
+    assert set(inputs["r2"]) == {"expert_pixel"} and "/upstream/" in inputs["r2"]["expert_pixel"]["path"]
+    assert inputs["r4"]["expert_pixel"]["path"] == str(root / "distill" / "pixel" / "expert.safetensors")
+    assert not (root / "cpt").exists()  # the pixel expert has no teacher: no CPT was run
+
+    def refuse(cfg):
+        raise AssertionError("a finished stage ran again")
+
+    for stage in (cpt, distill, finetune):
+        monkeypatch.setattr(stage, "run", refuse)
+    assert ablation.run_ablation("pix", overrides) == rows

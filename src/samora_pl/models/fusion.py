@@ -6,7 +6,8 @@ to one update of the same shape, and the block computes ``x + base + Fuse(residu
 
 Choices (``build_fusion(name, ...)``):
 
-``hl_attn``   HL-Attn, the paper's hierarchical cross-attention (:class:`HLAttention`).
+``hl_attn``   HL-Attn, the paper's hierarchical cross-attention (:class:`HLAttention`); with two
+              experts (level ablation) its first unit only.
 ``sum``       plain sum of the residuals (all experts at full strength).
 ``lac``       learned weight per expert, initialised to 1/E (so it starts as the mean).
 ``mole``      per-token softmax gate over the experts computed by a linear layer from the concatenated
@@ -174,7 +175,9 @@ class HLAttention(Fusion):
         high = r_c + g2 * (CA2(Q=r_c, KV=low) - r_c)
         h    = LN(high)                                  (width W; projected in/out when W < C)
 
-    ``g1``, ``g2`` are learnable scalars initialised to 1. The output depends on ``init``:
+    ``g1``, ``g2`` are learnable scalars initialised to 1. With two experts ``(a, b)`` (the level
+    ablation's pairs) only the first unit exists and ``h = LN(low)``: the lower level still attends
+    into the higher one, as in the full hierarchy. The output depends on ``init``:
 
     ``residual_mean`` (default)  ``mean_e(r_e) + gamma * h`` with ``gamma`` a learnable scalar at 0.
         At initialisation the block computes ``x + base + mean_e(r_e)``: the frozen encoder sees the
@@ -196,8 +199,8 @@ class HLAttention(Fusion):
     ) -> None:
         super().__init__()
         order = tuple(order)
-        if len(order) != 3 or len(set(order)) != 3:
-            raise SamoraError(f"HL-Attn needs three distinct experts in its order, got {list(order)}")
+        if len(order) not in (2, 3) or len(set(order)) != len(order):
+            raise SamoraError(f"HL-Attn needs two or three distinct experts in its order, got {list(order)}")
         if init not in HL_INITS:
             raise SamoraError(f"unknown model.hl_init {init!r}; choose one of {list(HL_INITS)}")
         width = int(dim if width is None else width)
@@ -211,10 +214,10 @@ class HLAttention(Fusion):
         self.proj_in = nn.Linear(dim, width) if width != dim else nn.Identity()
         self.proj_out = nn.Linear(width, dim) if width != dim else nn.Identity()
         self.ca1 = CrossAttentionUnit(width, heads)
-        self.ca2 = CrossAttentionUnit(width, heads)
+        self.ca2 = CrossAttentionUnit(width, heads) if len(order) == 3 else None
         self.norm_out = nn.LayerNorm(width)
         self.g1 = nn.Parameter(torch.ones(()))
-        self.g2 = nn.Parameter(torch.ones(()))
+        self.g2 = nn.Parameter(torch.ones(())) if len(order) == 3 else None
         if init in ("residual_mean", "zero"):
             self.gamma = nn.Parameter(torch.zeros(()))
         else:
@@ -222,9 +225,10 @@ class HLAttention(Fusion):
 
     def hierarchical(self, residuals: Dict[str, torch.Tensor]) -> torch.Tensor:
         """``proj_out(LN(high))`` as [B, N, C] tokens (the paper's fused output)."""
-        ra, rb, rc = (self.proj_in(_tokens(r)[0]) for r in self._get(residuals))
-        low = rb + self.g1 * (self.ca1(rb, ra) - rb)
-        high = rc + self.g2 * (self.ca2(rc, low) - rc)
+        ra, rb, *rest = (self.proj_in(_tokens(r)[0]) for r in self._get(residuals))
+        high = low = rb + self.g1 * (self.ca1(rb, ra) - rb)
+        if rest:
+            high = rest[0] + self.g2 * (self.ca2(rest[0], low) - rest[0])
         return self.proj_out(self.norm_out(high))
 
     def forward(self, residuals: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -246,19 +250,26 @@ def valid_hl_orders(experts: Sequence[str]) -> Tuple[str, ...]:
     return tuple("-".join(p) for p in permutations(tuple(experts)))
 
 
-def parse_hl_order(order, experts: Sequence[str]) -> Tuple[str, str, str]:
-    """``"pixel-patch-image"`` (or a sequence) -> ("pixel", "patch", "image"), validated."""
+def parse_hl_order(order, experts: Sequence[str]) -> Tuple[str, ...]:
+    """``"pixel-patch-image"`` (or a sequence) -> ("pixel", "patch", "image"), validated.
+
+    A model with two experts takes the three-level order with its missing level dropped
+    (pixel-patch-image over image and patch -> patch-image), so one ``model.hl_order`` serves every pair.
+    """
     experts = tuple(experts)
-    valid = valid_hl_orders(experts) if len(experts) == 3 else ()
-    s = order if isinstance(order, str) else "-".join(order)
-    if len(experts) != 3:
+    if len(experts) not in (2, 3):
         raise SamoraError(
-            f"fusion=hl_attn needs exactly three experts, the model has {list(experts)}; "
+            f"fusion=hl_attn needs two or three experts, the model has {list(experts)}; "
             f"use fusion=single:<level>, sum, lac or mole otherwise"
         )
-    if s not in valid:
+    s = order if isinstance(order, str) else "-".join(order)
+    names = s.split("-")
+    if len(experts) == 2 and len(names) == 3:
+        names = [n for n in names if n in experts]
+    valid = valid_hl_orders(experts)
+    if "-".join(names) not in valid:
         raise SamoraError(f"invalid model.hl_order {s!r}; choose one of: {', '.join(valid)}")
-    return tuple(s.split("-"))  # type: ignore[return-value]
+    return tuple(names)
 
 
 def build_fusion(

@@ -8,7 +8,9 @@ The pool is indexed once before any training, so unreadable files stop the run b
 teacher whose folder already holds a finished run with the same settings is reused (overwrite=true trains
 it again); a folder with a `last.ckpt` but no finished manifest is resumed from it, and a larger
 `cpt.<teacher>.max_epochs` continues a finished run from its `last.ckpt`. Other changed settings are
-refused (they would mix two experiments in one folder).
+refused (they would mix two experiments in one folder). `cpt.<teacher>.max_epochs=0` writes the teacher's
+starting weights (the public checkpoint, else its random initialisation) untrained: the "without CPT"
+teacher of the `cpt` ablation.
 """
 
 import logging
@@ -66,7 +68,8 @@ def validate_cpt(cfg: DictConfig) -> None:
     need(0.0 <= m.mask_ratio < 1.0, "cpt.mae.mask_ratio", m.mask_ratio, "it must be in [0, 1)")
     for name, sub in (("simclr", s), ("mae", m)):
         need(sub.img_size >= 16, f"cpt.{name}.img_size", sub.img_size, "it must be at least 16")
-        need(sub.max_epochs >= 1, f"cpt.{name}.max_epochs", sub.max_epochs, "it must be at least 1")
+        need(sub.max_epochs >= 0, f"cpt.{name}.max_epochs", sub.max_epochs,
+             "it must be at least 0 (0 keeps the starting weights: no continual pre-training)")
         need(sub.normalize in NORMALIZE, f"cpt.{name}.normalize", sub.normalize, f"allowed: {', '.join(NORMALIZE)}")
         scale = list(sub.crop_scale)
         need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, f"cpt.{name}.crop_scale", scale,
@@ -115,7 +118,7 @@ def _prepare(cfg: DictConfig, kind: str):
                           "add overwrite=true to train it again, or choose another RUN.")
     if finished:
         done = int(manifest.get("metrics", {}).get("epochs") or 0)
-        if cfg.cpt[kind].max_epochs > done and (folder / "checkpoints" / "last.ckpt").exists():
+        if cfg.cpt[kind].max_epochs > done and (done == 0 or (folder / "checkpoints" / "last.ckpt").exists()):
             log.info("cpt: continuing the %s teacher in %s from epoch %d to %d.", kind, folder, done,
                      cfg.cpt[kind].max_epochs)
             return "train", None
@@ -190,7 +193,10 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
     save_config(cfg, folder)
     trainer = build_trainer(cfg, folder, "cpt", kind, max_epochs=sub.max_epochs, callbacks=[Throughput()])
     started = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    if sub.max_epochs > 0:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    else:
+        log.info("cpt: cpt.%s.max_epochs=0; the %s teacher keeps its starting weights.", kind, kind)
     seconds = time.time() - started
 
     losses = module.epoch_losses

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from data_modules.base import SliceDataset
 from data_modules.transforms import SegmentationTransform
+from samora_pl.config import finetune_levels
 from samora_pl.errors import SamoraError
 from samora_pl.models.lora import MultiExpertLoRA, compose_experts, load_expert, read_expert_metadata
 from samora_pl.runs import atomic_write_text, is_rank_zero, verify_input
@@ -93,10 +94,11 @@ def compose_into(cfg: DictConfig, model, data, folder: Path, expert_paths: dict,
 
     Leaves the model with its mask decoder trainable only; returns {"weights", "loss", "holdout"}.
     """
-    from samora_pl.models.factory import LEVELS, base_fingerprint
+    from samora_pl.models.factory import base_fingerprint
 
     hub_cfg = cfg.finetune.lorahub
-    src = MultiExpertLoRA(LEVELS + (HUB,), depth=model.lora.depth, dim=model.lora.dim, rank=model.lora.rank)
+    levels = finetune_levels(cfg)
+    src = MultiExpertLoRA(levels + (HUB,), depth=model.lora.depth, dim=model.lora.dim, rank=model.lora.rank)
     if not cfg.finetune.zero_experts:
         fingerprint = base_fingerprint(model)
         for level, path in expert_paths.items():
@@ -135,7 +137,7 @@ def compose_into(cfg: DictConfig, model, data, folder: Path, expert_paths: dict,
     with torch.no_grad():  # gradient-free: no autograd graph anywhere in the search
         weights, history = search_weights(
             score,
-            LEVELS,
+            levels,
             candidates=hub_cfg.candidates,
             offspring=hub_cfg.offspring,
             sigma=hub_cfg.sigma,

@@ -101,6 +101,24 @@ def test_hl_attn_wiring_follows_the_order():
     assert not torch.allclose(f(rs), f(rs2), atol=1e-4)  # now pixel matters through step 1
 
 
+def test_hl_attn_over_two_experts_is_its_first_unit():
+    pair = ("image", "patch")
+    f = build_fusion("hl_attn", pair, 32, num_heads=4, hl_order="pixel-patch-image", hl_init="paper")
+    assert f.order == ("patch", "image") and f.ca2 is None and f.g2 is None  # pixel dropped, hierarchy kept
+    rs = residuals()
+    expect = f.ca1(rs["image"].flatten(1, 2), rs["patch"].flatten(1, 2))  # Q = image, KV = patch
+    out = f(rs)
+    assert torch.allclose(out, torch.nn.functional.layer_norm(expect, (32,)).reshape(out.shape), atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in f.parameters())
+    f = build_fusion("hl_attn", pair, 32, num_heads=4)  # residual_mean: the mean of the two at init
+    assert torch.allclose(f(rs), (rs["image"] + rs["patch"]) / 2, atol=1e-6)
+    assert build_fusion("hl_attn", ("pixel", "image"), 32, num_heads=4, hl_order="image-patch-pixel").order == (
+        "image", "pixel")
+    with pytest.raises(SamoraError, match="patch-image"):
+        build_fusion("hl_attn", pair, 32, num_heads=4, hl_order="image-pixel")
+
+
 def test_cross_attention_unit_formula():
     f = HLAttention(EXPERTS, 32, heads=4)
     q, kv = torch.randn(2, 10, 32), torch.randn(2, 7, 32)

@@ -53,6 +53,15 @@ def test_samora_mode_trains_fusion_and_decoder_only(randomize_lora, fusion):
     assert got == names  # every trainable parameter is used (DDP-safe), nothing else gets a gradient
 
 
+def test_two_experts_fuse_with_one_hl_attn_unit(randomize_lora):
+    m = tiny(experts=("image", "patch"), fusion="hl_attn")  # the level ablation's pairs
+    randomize_lora(m.lora)
+    assert m.experts == ("image", "patch") and m.fusion[0].order == ("patch", "image")
+    names = set(m.trainable_parameter_names())
+    assert not any(".ca2." in n or n.endswith(".g2") for n in names)
+    assert _grads(m, torch.rand(2, 1, 128, 128)) == names
+
+
 def test_samed_mode(randomize_lora):
     m = tiny(experts=("samed",), fusion="single:samed", trainable="samed")
     names = set(m.trainable_parameter_names())

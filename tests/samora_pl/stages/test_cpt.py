@@ -136,6 +136,26 @@ def test_public_mae_checkpoint_is_the_starting_point(tmp_path):
     assert torch.equal(trained.blocks[0].attn.qkv.weight, donor.blocks[0].attn.qkv.weight)  # lr 0: unchanged
 
 
+def test_zero_epochs_keep_the_starting_weights_and_more_epochs_train_them(tmp_path):
+    from samora_pl.models.teachers import MaeTeacher
+
+    torch.manual_seed(3)
+    donor = MaeTeacher(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
+                       decoder_depth=1, decoder_heads=2)
+    path = tmp_path / "mae_pretrain_vit_tiny_full.pth"
+    torch.save({"model": donor.state_dict()}, path)
+    start = [f"cpt.mae.checkpoint={path}", "cpt.teacher=mae"]
+    metrics = run(config(tmp_path, *start, "cpt.mae.max_epochs=0"))["mae"]  # the cpt ablation's "without"
+    assert metrics["epochs"] == 0 and metrics["steps"] == 0 and metrics["loss_last_epoch"] is None
+    folder = tmp_path / "runs" / "t" / "cpt" / "mae"
+    untrained = load_teacher(folder / "teacher.pt")
+    assert all(torch.equal(a, b) for a, b in zip(untrained.state_dict().values(), donor.state_dict().values()))
+    trained = run(config(tmp_path, *start))["mae"]  # max_epochs=1 later: trained, not the 0-epoch file reused
+    assert trained["epochs"] == 1 and trained["steps"] == 2
+    weight = load_teacher(folder / "teacher.pt").blocks[0].attn.qkv.weight
+    assert not torch.equal(weight, donor.blocks[0].attn.qkv.weight)
+
+
 def test_bad_cpt_settings(tmp_path):
     with pytest.raises(SamoraError, match="cpt.simclr.depth"):
         run(config(tmp_path, "cpt.simclr.depth=20"))
