@@ -34,7 +34,7 @@ from samora_pl.errors import SamoraError
 from .base import SegmentationDataModule, Volume, atomic_write_text, read_name_list
 from .unlabeled_io import INTENSITIES, MR_PERCENTILES, VolumeCache
 from .unlabeled_io import intensity as scale_intensity
-from .volume_io import Geometry, read_image, strip_image_suffix
+from .volume_io import Geometry, read_image, read_shape, strip_image_suffix
 
 TEST_FRACTION = 0.2  # of the cases, for a seeded split
 SLICE_MARK = "_slice"
@@ -93,9 +93,8 @@ class CaseReader(ABC):
 
     @abstractmethod
     def depth(self, case: str) -> int:
-        """Number of slices along D, from the file header only."""
+        return read_shape(self.path(case), "image")[0]
 
-    @abstractmethod
     def read(self, case: str) -> RawCase:
         """The whole case; SamoraError naming the file if it is missing or unreadable."""
 
