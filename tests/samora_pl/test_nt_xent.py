@@ -63,6 +63,7 @@ def _worker(rank: int, world: int, z1_full, z2_full, out_dir: str) -> None:
         loss = nt_xent(z1, z2, 0.1, gather=True)
         loss.backward()
         torch.save({"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (SIGABRT otherwise)
     finally:
         dist.destroy_process_group()
 
