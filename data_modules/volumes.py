@@ -93,8 +93,9 @@ class CaseReader(ABC):
 
     @abstractmethod
     def depth(self, case: str) -> int:
-        return read_shape(self.path(case), "image")[0]
+        """Number of slices along D, from the file header only."""
 
+    @abstractmethod
     def read(self, case: str) -> RawCase:
         """The whole case; SamoraError naming the file if it is missing or unreadable."""
 
@@ -121,20 +122,7 @@ class FilePairReader(CaseReader):
         return self.files(case)[1]
 
     def depth(self, case: str) -> int:
-        import SimpleITK as sitk
-
-        path = self.path(case)
-        if not path.is_file():
-            raise SamoraError(f"{path}: image file not found")
-        header = sitk.ImageFileReader()
-        header.SetFileName(str(path))
-        try:
-            header.ReadImageInformation()
-        except RuntimeError as err:
-            detail = " ".join(str(err).split())[-200:]
-            raise SamoraError(f"{path}: cannot read this image's header ({detail}); check the file") from None
-        size = header.GetSize()
-        return int(size[2]) if len(size) >= 3 else 1
+        return read_shape(self.path(case), "image")[0]
 
     def read(self, case: str) -> RawCase:
         image_path, label_path = self.files(case)
