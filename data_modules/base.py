@@ -68,6 +68,13 @@ class Volume:
     meta: dict = field(default_factory=dict)
 
 
+def as_label_map(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class ids in the Volume dtype: float labels rounded, uint8 (int64 when K > 255)."""
+    if np.issubdtype(label.dtype, np.floating):
+        label = np.rint(label)
+    return label.astype(np.uint8 if num_classes < 256 else np.int64, copy=False)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder and a rename."""
     path = Path(path)

@@ -25,7 +25,7 @@ import numpy as np
 
 from samora_pl.errors import SamoraError
 
-from .base import SegmentationDataModule, Volume, read_name_list
+from .base import SegmentationDataModule, Volume, as_label_map, read_name_list
 
 SYNAPSE_CLASS_NAMES = [
     "spleen",
@@ -77,11 +77,6 @@ def _array_problems(image: np.ndarray, label: np.ndarray, ndim: int, num_classes
     return problems
 
 
-def _to_label(label: np.ndarray, num_classes: int) -> np.ndarray:
-    if np.issubdtype(label.dtype, np.floating):
-        label = np.rint(label)
-    return label.astype(np.uint8 if num_classes < 256 else np.int64, copy=False)
-
 
 def load_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(image float32, raw label) of a training slice; SamoraError naming the file if it is missing,
@@ -117,7 +112,7 @@ def read_npz_slice(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray
     problems = _array_problems(image, label, 2, num_classes)
     if problems:
         raise SamoraError(f"{path}: " + "; ".join(problems))
-    return image, _to_label(label, num_classes)
+    return image, as_label_map(label, num_classes)
 
 
 class SynapseSliceReader:
@@ -231,7 +226,7 @@ class SynapseDataModule(SegmentationDataModule):
         problems = _array_problems(image, label, 3, self.num_classes)
         if problems:
             raise SamoraError(f"{path}: " + "; ".join(problems))
-        return Volume(case=case, image=image, label=_to_label(label, self.num_classes), spacing=(1.0, 1.0, 1.0),
+        return Volume(case=case, image=image, label=as_label_map(label, self.num_classes), spacing=(1.0, 1.0, 1.0),
                       meta={"path": str(path)})
 
     def foreground_slice_indices(self, case: str) -> list[int]:
@@ -251,7 +246,7 @@ class SynapseDataModule(SegmentationDataModule):
         problems = _array_problems(image, label, 3, self.num_classes)
         if problems:
             raise SamoraError(f"{path}: " + "; ".join(problems))
-        return image, _to_label(label, self.num_classes)
+        return image, as_label_map(label, self.num_classes)
 
     # ------------------------------------------------------------------ full check
     def validate(self, progress: bool = False) -> dict:

@@ -31,7 +31,7 @@ import numpy as np
 
 from samora_pl.errors import SamoraError
 
-from .base import SegmentationDataModule, Volume, atomic_write_text, read_name_list
+from .base import SegmentationDataModule, Volume, as_label_map, atomic_write_text, read_name_list
 from .unlabeled_io import INTENSITIES, MR_PERCENTILES, VolumeCache
 from .unlabeled_io import intensity as scale_intensity
 from .volume_io import Geometry, read_image, read_shape, strip_image_suffix
@@ -170,11 +170,6 @@ def case_problems(raw: RawCase, class_names: list) -> list[str]:
     return array_problems(raw.image, raw.label, raw.path, raw.label_path, class_names)
 
 
-def to_label(label: np.ndarray, num_classes: int) -> np.ndarray:
-    if np.issubdtype(label.dtype, np.floating):
-        label = np.rint(label)
-    return label.astype(np.uint8 if num_classes < 256 else np.int64, copy=False)
-
 
 def volume_stats(image: np.ndarray, mode: str) -> Optional[list]:
     """What `scale_intensity` needs from the whole volume (the percentiles for mr_percentile)."""
@@ -202,7 +197,7 @@ class VolumeSliceReader:
         if problems:
             raise SamoraError(f"slice {z} of case {case}: " + "; ".join(problems))
         scaled = scale_intensity(image, self.mode, self._stats.get(case))
-        return scaled, to_label(label, len(self.class_names))
+        return scaled, as_label_map(label, len(self.class_names))
 
 
 # --------------------------------------------------------------------------------------------- the module
@@ -355,7 +350,7 @@ class VolumeDataModule(SegmentationDataModule):
             raise SamoraError("; ".join(problems))
         image = scale_intensity(raw.image, self.intensity, volume_stats(raw.image, self.intensity))
         meta = {"path": str(raw.path), "label_path": str(raw.label_path), "geometry": raw.geometry.to_meta()}
-        return Volume(case=case, image=image, label=to_label(raw.label, self.num_classes),
+        return Volume(case=case, image=image, label=as_label_map(raw.label, self.num_classes),
                       spacing=tuple(raw.geometry.spacing), meta=meta)
 
     def validate(self) -> dict:
