@@ -115,6 +115,14 @@ def finetune_levels(cfg: DictConfig) -> tuple:
     return LEVELS if chosen is None else tuple(lv for lv in LEVELS if lv in chosen)
 
 
+def data_options(cfg: DictConfig) -> dict:
+    """The dataset options the user set (data.intensity, data.list_dir), for every stage that builds data;
+    unset ones are left out, so a dataset without them is only refused when they are asked for."""
+    options = {"intensity": None if cfg.data.intensity == "auto" else cfg.data.intensity,
+               "list_dir": cfg.data.list_dir}
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def _check_levels(cfg: DictConfig) -> None:
     """finetune.levels: distinct known levels, and a fusion that can combine them (level ablation)."""
     if cfg.finetune.levels is None:

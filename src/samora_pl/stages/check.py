@@ -5,16 +5,9 @@ import logging
 from omegaconf import DictConfig
 
 from data_modules import build_datamodule
+from samora_pl.config import data_options
 
 log = logging.getLogger(__name__)
-
-
-def data_options(cfg: DictConfig) -> dict:
-    """The dataset options the user set (data.intensity, data.list_dir), for every stage that builds data;
-    unset ones are left out, so a dataset without them is only refused when they are asked for."""
-    options = {"intensity": None if cfg.data.intensity == "auto" else cfg.data.intensity,
-               "list_dir": cfg.data.list_dir}
-    return {key: value for key, value in options.items() if value is not None}
 
 
 def check(cfg: DictConfig) -> dict:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data_modules import build_datamodule
 from samora_pl.callbacks import Throughput
-from samora_pl.config import changed_since, finetune_levels
+from samora_pl.config import changed_since, data_options, finetune_levels
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import case_metrics, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
@@ -26,7 +26,6 @@ from samora_pl.models.factory import SAMED_EXPERT, base_fingerprint, build_segme
 from samora_pl.models.lora import read_expert_metadata
 from samora_pl.runs import StageRecord, atomic_save, is_rank_zero, read_manifest, save_config, stage_dir, verify_input
 from samora_pl.stages import lorahub
-from samora_pl.stages.check import data_options
 from samora_pl.stages.finetune_module import FinetuneModule
 from samora_pl.trainer import build_trainer, strategy_for, world_size
 

@@ -33,12 +33,11 @@ from data_modules import build_datamodule, datamodule_class
 from data_modules.unlabeled_io import intensity as scale_intensity
 from data_modules.volume_io import IMAGE_SUFFIXES, Geometry, read_image, strip_image_suffix, write_image
 from data_modules.volumes import VolumeDataModule, volume_stats
-from samora_pl.config import load_saved
+from samora_pl.config import data_options, load_saved
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import predict_volume
 from samora_pl.evaluation.overlay import write_overlay
 from samora_pl.runs import run_dir, verify_input
-from samora_pl.stages.check import data_options
 from samora_pl.stages.finetune import FINAL, load_finetuned, tag_of
 
 log = logging.getLogger(__name__)
