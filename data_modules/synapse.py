@@ -46,12 +46,12 @@ def _label_problems(label: np.ndarray, num_classes: int) -> list[str]:
     problems = []
     if label.size == 0:
         return ["label is empty"]
+    lo, hi = label.min(), label.max()  # NaN propagates through min/max, so they also detect NaN and Inf
     if np.issubdtype(label.dtype, np.floating):
-        if not np.isfinite(label).all():
+        if not (np.isfinite(lo) and np.isfinite(hi)):
             return ["label contains NaN or Inf"]
         if not np.array_equal(label, np.rint(label)):
             problems.append("label has non-integer values (expected class ids 0..K)")
-    lo, hi = label.min(), label.max()
     if lo < 0 or hi > num_classes:
         problems.append(
             f"label values span {lo:g}..{hi:g} but must be in 0..{num_classes} "
@@ -66,11 +66,12 @@ def _array_problems(image: np.ndarray, label: np.ndarray, ndim: int, num_classes
         problems.append(f"image has shape {image.shape}, expected {ndim}-D")
     if image.shape != label.shape:
         problems.append(f"image shape {image.shape} and label shape {label.shape} differ")
-    if image.size and not np.isfinite(image).all():
+    lo, hi = (image.min(), image.max()) if image.size else (0.0, 0.0)  # min/max propagate NaN: one pass each
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         problems.append("image contains NaN or Inf values (re-run the preprocessing for this case)")
-    elif image.size and (image.min() < -1e-3 or image.max() > 1.0 + 1e-3):
+    elif lo < -1e-3 or hi > 1.0 + 1e-3:
         problems.append(
-            f"image values span {image.min():.4g}..{image.max():.4g} but must be in [0, 1]: apply the Synapse "
+            f"image values span {lo:.4g}..{hi:.4g} but must be in [0, 1]: apply the Synapse "
             "windowing (clip HU to [-125, 275], then (x + 125) / 400) as TransUNet's preprocessing does"
         )
     problems += _label_problems(label, num_classes)

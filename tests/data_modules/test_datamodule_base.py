@@ -100,7 +100,7 @@ class _Tiny(L.LightningModule):
 
     def training_step(self, batch, _):
         logits = torch.nn.functional.interpolate(self.conv(batch["image"]), size=batch["low_res_label"].shape[-2:])
-        return torch.nn.functional.cross_entropy(logits, batch["low_res_label"])
+        return torch.nn.functional.cross_entropy(logits, batch["low_res_label"].long())
 
     def validation_step(self, batch, _):
         self.seen_val += len(batch["name"])
@@ -120,3 +120,32 @@ def test_lightning_fit(root, tmp_path, val_slices):
     trainer.fit(model, datamodule=dm)
     assert model.seen_val == 2 * val_slices  # sanity check + one validation epoch
     assert (tmp_path / "splits" / "train_selected.txt").is_file()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_cached_training_slices_give_the_same_batches(root, num_workers):
+    """cache=True only changes where the slices come from: same seed, same augmented batches."""
+    def batches(cache):
+        dm = dm_for(root, fraction=0.2, num_workers=num_workers, cache=cache)
+        dm.setup("fit")
+        torch.manual_seed(3)
+        return list(dm.train_dataloader()), dm.train_set
+
+    plain, _ = batches(False)
+    cached, dataset = batches(True)
+    assert len(dataset.images) == 12 and len(plain) == len(cached) == 3
+    for a, b in zip(plain, cached):
+        assert a["name"] == b["name"]
+        for key in ("image", "label", "low_res_label"):
+            assert torch.equal(a[key], b[key])
+
+
+def test_cache_reads_each_slice_once(root, monkeypatch):
+    dm = dm_for(root, fraction=0.2, cache=True)
+    calls = []
+    reader = dm.slice_reader()
+    monkeypatch.setattr(dm, "slice_reader", lambda: lambda name: calls.append(name) or reader(name))
+    dm.setup("fit")
+    for _ in range(2):
+        list(dm.train_dataloader())
+    assert sorted(calls) == sorted(dm.selected_train_names())

@@ -71,7 +71,7 @@ def test_training_slices_match_the_volume(la_root):
     np.testing.assert_array_equal(copy(f"{case}_slice003")[0], image)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (4, 1, 32, 32) and batch["label"].dtype == torch.int64
+    assert batch["image"].shape == (4, 1, 32, 32) and batch["label"].dtype == torch.uint8
     assert set(torch.unique(batch["label"]).tolist()) <= {0, 1}
     assert len(dm.val_set) == 4
 

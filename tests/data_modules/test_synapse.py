@@ -37,8 +37,8 @@ def test_train_batches(synapse_root):
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"image", "label", "low_res_label", "name"}
     assert batch["image"].shape == (4, 1, 32, 32) and batch["image"].dtype == torch.float32
-    assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == torch.int64
-    assert batch["low_res_label"].shape == (4, 8, 8) and batch["low_res_label"].dtype == torch.int64
+    assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == torch.uint8
+    assert batch["low_res_label"].shape == (4, 8, 8) and batch["low_res_label"].dtype == torch.uint8
     assert 0 <= batch["image"].min() and batch["image"].max() <= 1
     assert 0 <= batch["label"].min() and batch["label"].max() <= 8
     assert all(n.startswith("case000") and "_slice" in n for n in batch["name"])

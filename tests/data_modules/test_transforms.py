@@ -1,10 +1,12 @@
 """SAMed-style augmentation: sizes, dtypes, value range, image/label alignment, seeding."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from data_modules.transforms import SegmentationTransform, resize_label, rot90_flip, rotate
+from data_modules.transforms import SegmentationTransform, _rotation_grid, resize_label, rot90_flip, rotate
 from tests.data_modules.conftest import phantom_slice
 
 
@@ -34,8 +36,8 @@ def test_output_sizes_types_and_alignment(size, probs):
     for _ in range(8):
         out = t(image, label)
         assert out["image"].shape == (1, 32, 32) and out["image"].dtype == torch.float32
-        assert out["label"].shape == (32, 32) and out["label"].dtype == torch.int64
-        assert out["low_res_label"].shape == (8, 8) and out["low_res_label"].dtype == torch.int64
+        assert out["label"].shape == (32, 32) and out["label"].dtype == torch.uint8
+        assert out["low_res_label"].shape == (8, 8) and out["low_res_label"].dtype == torch.uint8
         assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
         assert set(out["label"].unique().tolist()) <= set(np.unique(label).astype(int).tolist())
         assert _agreement(out) > 0.97
@@ -73,9 +75,9 @@ def test_no_augment_only_resizes_and_low_res_is_nearest():
     image, label = phantom_slice(rng, 64)
     out = SegmentationTransform(64, augment=False)(image, label)
     assert np.allclose(out["image"][0].numpy(), image)
-    assert np.array_equal(out["label"].numpy(), label.astype(np.int64))
+    assert np.array_equal(out["label"].numpy(), label)
     low = resize_label(torch.from_numpy(label)[None, None], 16)[0, 0]
-    assert torch.equal(out["low_res_label"], low.long())
+    assert torch.equal(out["low_res_label"], low)
 
 
 def test_seeded_augmentation_repeats():
@@ -106,6 +108,16 @@ def test_label_dtypes_and_large_ids(dtype):
     t = SegmentationTransform(16, rot_flip_prob=0.0, rotate_prob=1.0)
     torch.manual_seed(0)
     out = t(np.zeros((40, 40), np.float32), label)
-    assert out["label"].dtype == torch.int64
+    assert out["label"].dtype == (torch.uint8 if dtype == np.uint8 else torch.int64)  # ids above 255 need int64
     assert set(out["label"].unique().tolist()) <= set(np.unique(label).astype(int).tolist())
     assert 3 in out["label"].unique().tolist()
+
+
+@pytest.mark.parametrize("h,w", [(64, 64), (40, 56), (7, 11)])
+@pytest.mark.parametrize("angle", [-20.0, -3.5, 0.0, 13.0])
+def test_rotation_grid_matches_affine_grid(h, w, angle):
+    a = math.radians(angle)
+    c, s = math.cos(a), math.sin(a)
+    theta = torch.tensor([[[c, -s * h / w, 0.0], [s * w / h, c, 0.0]]], dtype=torch.float32)
+    expected = torch.nn.functional.affine_grid(theta, [1, 1, h, w], align_corners=False)
+    assert torch.allclose(_rotation_grid(h, w, c, s), expected, rtol=0, atol=1e-6)

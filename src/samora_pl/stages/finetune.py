@@ -57,6 +57,7 @@ def build_data(cfg: DictConfig, folder: Path):
         split_dir=folder / "splits",
         augment=cfg.data.augment,
         val_slices=cfg.data.val_slices,
+        cache=cfg.data.cache,
         **data_options(cfg),
     )
 

@@ -117,7 +117,7 @@ def compose_into(cfg: DictConfig, model, data, folder: Path, expert_paths: dict,
     dataset = SliceDataset(held, data.slice_reader(), transform)
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([it["image"] for it in items])
-    targets = torch.stack([it["low_res_label"] for it in items])
+    targets = torch.stack([it["low_res_label"] for it in items]).long()
     loss_fn = SegmentationLoss(cfg.loss.ce_weight, cfg.loss.dice_weight)
     model.set_trainable("none")
     was_training = model.training
