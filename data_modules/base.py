@@ -11,7 +11,7 @@ Batches (dicts, from both `train_dataloader` and `val_dataloader`):
     low_res_label  uint8   [B, S/f, S/f]               nearest, f = low_res_factor (4 for SAM)
 
 Labels travel as uint8 (an eighth of int64's bytes through the worker queues and to the GPU); the
-LightningModule casts them to int64 after the transfer (`FinetuneModule.on_after_batch_transfer`).
+LightningModule receives them as int64, cast on the device by `on_after_batch_transfer`.
     name           list[str]                           slice names
 
 Labelled fraction (stage 2's few-shot protocol), chosen once in `setup` and seeded by `seed`:
@@ -397,6 +397,14 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             pin_memory=self.pin_memory,
             drop_last=False,
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        """Labels travel as uint8 to keep batches small; on the device they become the int64 the losses need."""
+        if isinstance(batch, dict):
+            for key in ("label", "low_res_label"):
+                if key in batch:
+                    batch[key] = batch[key].long()
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

@@ -68,7 +68,7 @@ def _class_ids(label: torch.Tensor) -> torch.Tensor:
     """Labels leave the transform as uint8 when their ids fit, else int64.
 
     A uint8 label is an eighth of an int64 one, which at 512x512 cuts a slice's bytes through the worker
-    queues and to the GPU from 3.1 to 1.3 MB; the LightningModules cast to int64 on the device.
+    queues and to the GPU from 3.1 to 1.3 MB; the data module casts to int64 on the device.
     """
     return label if label.dtype == torch.uint8 else label.to(torch.int64)
 

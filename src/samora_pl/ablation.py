@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from samora_pl.config import compose, experiments_dir
+from samora_pl.config import changed_since, compose, experiments_dir
 from samora_pl.errors import SamoraError
 from samora_pl.runs import atomic_path, atomic_write_text, is_rank_zero, read_manifest, run_dir, stage_dir, tb_root
 
@@ -64,6 +64,7 @@ def run_ablation(name: str, overrides, seeds: int = 1) -> list:
             folder = stage_dir(cfg, "finetune", tag)
             manifest = read_manifest(folder) or {}
             if manifest.get("status") == "complete" and not cfg.overwrite:
+                _check_reuse(cfg, folder)
                 log.info("ablation %s: reusing finished %s", name, tag)
                 metrics = manifest["metrics"]
             else:
@@ -79,6 +80,21 @@ def run_ablation(name: str, overrides, seeds: int = 1) -> list:
         write_table(rows, run_dir(cfg) / "ablations" / name, spec.get("description", name))
         write_tensorboard(rows, tb_root(cfg) / "ablations" / name, name, spec.get("description", name))
     return rows
+
+
+def _check_reuse(cfg, folder: Path) -> None:
+    """A finished fine-tune is reused by its tag only if it was made with the same settings (the experts it
+    read are keyed by their own settings, and the cache changes nothing); else an error names them."""
+    from samora_pl.stages.finetune import RESULT_KEYS
+
+    ignore = ("finetune.evaluate", "finetune.experts.", "data.cache")
+    changed = changed_since(folder / "config.yaml", cfg, RESULT_KEYS + ("trainer.max_epochs",), ignore=ignore)
+    if changed:
+        raise SamoraError(
+            f"{folder} holds a finished fine-tune of this ablation made with other settings "
+            f"({', '.join(changed[:8])}): run the ablation with the ARGS that made it, add overwrite=true to "
+            "redo its fine-tunes, or use another RUN."
+        )
 
 
 def _per_class(folder: Path) -> dict:

@@ -5,7 +5,7 @@ A variant's fine-tune loads the experts it fuses (`finetune.levels`, default all
 image and patch experts need their CPT teacher (SimCLR, MAE) unless `distill.teacher` is given. Each of
 these outputs is keyed by a sha256 of the resolved values of the keys its stage already watches to refuse
 changed settings: `cpt.RELEVANT` + `cpt.<teacher>` (max_epochs included) for a teacher,
-`distill.SHAPING_KEYS` for an expert, with its teacher named by the teacher's key instead of a path. So:
+`distill.shaping_keys(level)` for an expert, with its teacher named by the teacher's key instead of a path. So:
 
 - a key equal to the plain run's (the command line without the variant's overrides) is the run's own
   `runs/<run>/cpt/<teacher>` or `runs/<run>/distill/<level>`, exactly what `make cpt` / `make distill` make;
@@ -14,7 +14,8 @@ changed settings: `cpt.RELEVANT` + `cpt.<teacher>` (max_epochs included) for a t
   with that key. The stages still check their folder's saved config, so even a clash of 8 hex digits could
   not mix two settings silently.
 
-An output whose manifest says complete is used as is (`overwrite=true` re-runs an ablation's fine-tunes,
+An output whose manifest says complete is used as is when its saved config agrees on those keys (else an
+error names them; `overwrite=true` re-runs an ablation's fine-tunes,
 not these; redo one with `make cpt` / `make distill ... overwrite=true`); a missing or interrupted one is
 made by the stage's own `run`, which resumes from its `last.ckpt`. Upstream stages use the command line's
 seed, not the fine-tuning seed: over an ablation's seeds only stage 2 varies, and the seeds share experts.
@@ -29,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import DictConfig
 
 from samora_pl.config import compose, finetune_levels, flat_config
+from samora_pl.errors import SamoraError
 from samora_pl.runs import read_manifest, run_dir, stage_dir
 from samora_pl.stages import cpt, distill
 from samora_pl.stages.distill_module import TEACHER_KIND
@@ -75,17 +77,27 @@ def teacher_id(cfgs: Dict[str, DictConfig], level: str) -> Optional[str]:
 
 def expert_key(cfgs: Dict[str, DictConfig], level: str) -> str:
     """What shapes the `level` expert, from a `distill` config and its teacher."""
-    shaping = _settings(cfgs["distill"], distill.SHAPING_KEYS, ignore=("distill.level", "distill.teacher"))
+    shaping = _settings(cfgs["distill"], distill.shaping_keys(level), ignore=("distill.level", "distill.teacher"))
     return _key({"stage": "distill", "sub": level, "teacher": teacher_id(cfgs, level), **shaping})
 
 
-def _finished(folder: Path, stage: str, sub: str) -> bool:
-    """True (and logged) when `folder` holds a complete output of `stage`."""
+def _finished(folder: Path, stage: str, sub: str, cfg: DictConfig) -> bool:
+    """True (and logged) when `folder` holds a complete output of `stage` made with the settings of `cfg`;
+    a complete one made with other settings (the run's own, made with other ARGS) is an error naming them."""
     manifest = read_manifest(folder) or {}
     if manifest.get("status") == "complete" and (folder / OUTPUT[stage]).exists():
+        if stage == "cpt":
+            changed = cpt.changed_settings(cfg, folder, sub)
+        else:  # the teacher's identity is in the key and checked by sha256 when the stage runs
+            changed = [k for k in distill.changed_settings(cfg, folder, sub) if k != "distill.teacher"]
+        if changed:
+            raise SamoraError(
+                f"{folder} holds a {stage} output ({sub}) made with other settings than this ablation's "
+                f"({', '.join(changed[:8])}): run the ablation with the ARGS that made it, or redo it with "
+                f"`make {stage} ... overwrite=true`."
+            )
         log.info("ablation: reusing the finished %s %s in %s", stage, sub, folder)
         return True
-    log.info("ablation: making the %s %s in %s", stage, sub, folder)
     return False
 
 
@@ -115,22 +127,27 @@ class Upstream:
         plain = key == expert_key(self.plain, level)
         stage_args = [f"distill.level={level}"]
         folder = self._folder("distill", level, key, plain)
-        if not _finished(folder, "distill", level):
-            kind = TEACHER_KIND[level]
-            if kind and not cfgs["distill"].distill.teacher:
+        kind = TEACHER_KIND[level] if not cfgs["distill"].distill.teacher else None
+        if not _finished(folder, "distill", level, self._cfg("distill", key, plain, extra, stage_args)):
+            if kind:
                 teacher = self._teacher(kind, cfgs["cpt"], extra)
                 if not plain:  # the run's own experts find the run's own teachers by themselves
                     stage_args.append(arg("distill.teacher", teacher))
+            log.info("ablation: making the distill %s in %s", level, folder)
             distill.run(self._cfg("distill", key, plain, extra, stage_args))
+        elif kind:  # a finished expert needs no teacher, but one still there must agree with the settings
+            self._teacher(kind, cfgs["cpt"], extra, make=False)
         return None if plain else folder / distill.EXPERT
 
-    def _teacher(self, kind: str, cfg: DictConfig, extra: List[str]) -> Path:
-        """The variant's `kind` teacher file (from its `cpt` config `cfg`), made first if missing."""
+    def _teacher(self, kind: str, cfg: DictConfig, extra: List[str], make: bool = True) -> Path:
+        """The variant's `kind` teacher file (from its `cpt` config `cfg`), made first if missing and `make`."""
         key = teacher_key(cfg, kind)
         plain = key == teacher_key(self.plain["cpt"], kind)
         folder = self._folder("cpt", kind, key, plain)
-        if not _finished(folder, "cpt", kind):
-            cpt.run(self._cfg("cpt", key, plain, extra, [f"cpt.teacher={kind}"]))
+        cfg = self._cfg("cpt", key, plain, extra, [f"cpt.teacher={kind}"])
+        if not _finished(folder, "cpt", kind, cfg) and make:
+            log.info("ablation: making the cpt %s in %s", kind, folder)
+            cpt.run(cfg)
         return folder / cpt.TEACHER_FILE
 
     def _folder(self, stage: str, sub: str, key: str, plain: bool) -> Path:

@@ -100,7 +100,8 @@ class _Tiny(L.LightningModule):
 
     def training_step(self, batch, _):
         logits = torch.nn.functional.interpolate(self.conv(batch["image"]), size=batch["low_res_label"].shape[-2:])
-        return torch.nn.functional.cross_entropy(logits, batch["low_res_label"].long())
+        assert batch["low_res_label"].dtype == torch.int64  # uint8 from the loader, int64 after the transfer
+        return torch.nn.functional.cross_entropy(logits, batch["low_res_label"])
 
     def validation_step(self, batch, _):
         self.seen_val += len(batch["name"])

@@ -34,7 +34,7 @@ def _fake_finetune(calls, fail_on=None, seen=None):
     (per-class Dice), finishes the manifest."""
 
     def fake_run(cfg):
-        from samora_pl.runs import StageRecord, atomic_write_text, stage_dir
+        from samora_pl.runs import StageRecord, atomic_write_text, save_config, stage_dir
 
         if cfg.finetune.tag == fail_on:
             raise KeyboardInterrupt("killed")
@@ -42,6 +42,7 @@ def _fake_finetune(calls, fail_on=None, seen=None):
         if seen is not None:
             seen[cfg.finetune.tag] = cfg
         folder = stage_dir(cfg, "finetune", cfg.finetune.tag)
+        save_config(cfg, folder)
         dice = (0.5 if cfg.loss.ce_weight == 0.5 else 0.25) + 0.1 * cfg.seed
         per_class = {
             "liver": {"class_id": 1, "dice": dice, "hd95": 2.0},
@@ -144,16 +145,17 @@ def test_shipped_ablations_compose():
 
 def _fake_stage(stage, calls, fail_on=None):
     """Stands in for `samora cpt` / `samora distill` of one teacher or level: records (stage, sub, folder,
-    config), writes an output naming the settings that matter here, finishes the manifest."""
+    config), saves the config, writes an output naming the settings that matter here, finishes the manifest."""
 
     def fake_run(cfg):
-        from samora_pl.runs import StageRecord, atomic_write_text, stage_dir
+        from samora_pl.runs import StageRecord, atomic_write_text, save_config, stage_dir
 
         sub = cfg.cpt.teacher if stage == "cpt" else cfg.distill.level
         if (stage, sub) == fail_on:
             raise KeyboardInterrupt("killed")
         folder = stage_dir(cfg, stage, sub)
         calls.append((stage, sub, folder, cfg))
+        save_config(cfg, folder)  # as the real stages do: what a later reuse is checked against
         content = {"rank": cfg.model.lora_rank, "teacher": cfg.distill.teacher, "epochs": cfg.cpt.mae.max_epochs}
         atomic_write_text(folder / OUTPUT[stage], json.dumps(content))
         record = StageRecord(cfg, folder)
@@ -222,6 +224,28 @@ def test_rank_variants_distil_once_per_rank_and_finetune_with_them(tmp_path, exp
             path = _expert(cfg, level, root)
             assert json.loads(path.read_text())["rank"] == rank  # made by a distillation at that rank
             assert ("/upstream/" in str(path)) == (rank != 4)  # rank 4 is the run's own (the default)
+
+
+def test_the_runs_own_stage1_made_with_other_settings_is_refused(tmp_path, experiments, stages):
+    """A finished expert or teacher in the run's own folders is reused only if its saved settings agree."""
+    overrides = [f"runs_dir={tmp_path / 'runs'}", "run=r"]
+    ablation.run_ablation("share", overrides)
+    # seed 1 is new, so its fine-tunes look for their experts and teachers
+    with pytest.raises(SamoraError, match="distill.noise_sigma"):
+        ablation.run_ablation("share", overrides + ["distill.noise_sigma=0.3"], seeds=2)
+    with pytest.raises(SamoraError, match="cpt.simclr.temperature"):
+        ablation.run_ablation("share", overrides + ["cpt.simclr.temperature=0.5"], seeds=2)
+
+
+def test_a_finished_finetune_made_with_other_settings_is_refused(tmp_path, experiments, stages):
+    overrides = [f"runs_dir={tmp_path / 'runs'}", "run=r"]
+    ablation.run_ablation("pair", overrides)
+    ablation.run_ablation("pair", overrides + ["data.cache=true"])  # the same slices: reused
+    assert stages["finetune"] == ["pair-a-s0", "pair-b-s0"]
+    with pytest.raises(SamoraError, match="optim.lr"):
+        ablation.run_ablation("pair", overrides + ["optim.lr=0.1"])
+    ablation.run_ablation("pair", overrides + ["optim.lr=0.1", "overwrite=true"])
+    assert stages["finetune"] == ["pair-a-s0", "pair-b-s0"] * 2
 
 
 def test_killed_ablation_resumes_without_redoing_upstream_or_finetunes(tmp_path, experiments, stages):

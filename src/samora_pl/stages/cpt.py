@@ -96,8 +96,9 @@ def build_mae(cfg: DictConfig) -> MaeTeacher:
                       mask_ratio=m.mask_ratio)
 
 
-def _changed(cfg: DictConfig, folder: Path, kind: str) -> List[str]:
-    # more epochs continue the same run, so max_epochs is not a change
+def changed_settings(cfg: DictConfig, folder: Path, kind: str) -> List[str]:
+    """Settings that differ from the ones the `kind` teacher in `folder` was trained with; more epochs
+    continue the same run, so max_epochs is not a change."""
     return changed_since(folder / "config.yaml", cfg, RELEVANT + (f"cpt.{kind}",), ignore=(f"cpt.{kind}.max_epochs",))
 
 
@@ -110,7 +111,7 @@ def _prepare(cfg: DictConfig, kind: str):
             for name in (TEACHER_FILE, MANIFEST, "config.yaml"):
                 (folder / name).unlink(missing_ok=True)
         return "train", None
-    changed = _changed(cfg, folder, kind)
+    changed = changed_settings(cfg, folder, kind)
     manifest = read_manifest(folder)
     finished = manifest and manifest.get("status") == "complete" and (folder / TEACHER_FILE).exists()
     if changed and (finished or (folder / "checkpoints" / "last.ckpt").exists()):

@@ -60,6 +60,8 @@ SHAPING_KEYS = (
     "model.variant", "model.img_size", "model.checkpoint", "model.init_seed", "model.lora_rank",
     "distill.", "cpt.sources", "data.name", "data.dir", "seed",
 )
+# the image level's views are CPT's SimCLR views (simclr_view_settings), so they shape that expert too
+SIMCLR_VIEW_KEYS = ("crop_scale", "rotation_deg", "jitter", "blur_prob", "noise_std")
 
 __all__ = ["run", "run_level", "prepare_level", "teacher_path", "load_level_teacher", "build_student", "build_data",
            "EXPERT"]
@@ -129,9 +131,9 @@ class LevelViews:
 
 def simclr_view_settings(cfg: DictConfig) -> dict:
     """The image level's view augmentation: the one the SimCLR teacher was pre-trained with (cpt.simclr)."""
-    s = cfg.cpt.simclr
-    return dict(crop_scale=tuple(s.crop_scale), rotation_deg=s.rotation_deg, jitter=s.jitter,
-                blur_prob=s.blur_prob, noise_std=s.noise_std)
+    settings = {key: cfg.cpt.simclr[key] for key in SIMCLR_VIEW_KEYS}
+    settings["crop_scale"] = tuple(settings["crop_scale"])
+    return settings
 
 
 def build_data(cfg: DictConfig, level: str):
@@ -176,9 +178,16 @@ def _check(cfg: DictConfig) -> None:
 # ------------------------------------------------------------------------------------------------- runs
 
 
-def _changed(cfg: DictConfig, folder: Path) -> list:
+def shaping_keys(level: str) -> tuple:
+    """The settings that change what `level`'s expert is."""
+    if level == "image":
+        return SHAPING_KEYS + tuple(f"cpt.simclr.{key}" for key in SIMCLR_VIEW_KEYS)
+    return SHAPING_KEYS
+
+
+def changed_settings(cfg: DictConfig, folder: Path, level: str) -> list:
     """Shaping settings that differ from the ones this level's folder was trained with."""
-    return [k for k in changed_since(folder / "config.yaml", cfg, SHAPING_KEYS) if k != "distill.level"]
+    return [k for k in changed_since(folder / "config.yaml", cfg, shaping_keys(level)) if k != "distill.level"]
 
 
 def prepare_level(cfg: DictConfig, level: str):
@@ -196,7 +205,7 @@ def prepare_level(cfg: DictConfig, level: str):
         return "train", None
     manifest = read_manifest(folder)
     finished = bool(manifest) and manifest.get("status") == "complete" and (folder / EXPERT).exists()
-    changed = _changed(cfg, folder)
+    changed = changed_settings(cfg, folder, level)
     if changed and (finished or last.exists()):
         raise SamoraError(
             f"{folder} already holds a {level} expert distilled with other settings ({', '.join(changed[:8])}); "

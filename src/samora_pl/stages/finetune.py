@@ -30,6 +30,8 @@ from samora_pl.stages.finetune_module import FinetuneModule
 from samora_pl.trainer import build_trainer, strategy_for, world_size
 
 log = logging.getLogger(__name__)
+# settings that change what a fine-tune makes (data.cache does not: same slices, same augmentation stream)
+RESULT_KEYS = ("model.", "data.", "optim.", "loss.", "mode", "seed", "finetune.")
 FINAL = "final.safetensors"
 MASK_TOKENS = "mask_decoder.mask_tokens.weight"  # (K + 1, C): background and one token per class
 
@@ -43,7 +45,7 @@ def tag_of(cfg: DictConfig) -> str:
     return f"{cfg.mode}-{fusion}{levels}{zero}-f{cfg.data.fraction:g}"
 
 
-def build_data(cfg: DictConfig, folder: Path):
+def build_data(cfg: DictConfig, folder: Path, **overrides):
     return build_datamodule(
         cfg.data.name,
         root=cfg.data.dir,
@@ -58,8 +60,21 @@ def build_data(cfg: DictConfig, folder: Path):
         augment=cfg.data.augment,
         val_slices=cfg.data.val_slices,
         cache=cfg.data.cache,
-        **data_options(cfg),
+        **{**data_options(cfg), **overrides},
     )
+
+
+def build_evaluation_data(cfg: DictConfig, folder: Path):
+    """The data of a finished fine-tune, with the case split it wrote to `<folder>/splits` (datasets split by
+    case), so re-evaluation tests the same cases even after the dataset's own lists or folder changed.
+    A `data.list_dir` the user sets still wins."""
+    data = build_data(cfg, folder)
+    saved = folder / "splits"
+    list_files = getattr(data, "list_files", ())
+    if cfg.data.list_dir is None and list_files and all((saved / name).is_file() for name in list_files):
+        log.info("evaluate: test cases from the run's split in %s", saved)
+        data = build_data(cfg, folder, list_dir=str(saved))
+    return data
 
 
 def expert_paths(cfg: DictConfig) -> dict:
@@ -180,8 +195,8 @@ def _resume_checkpoint(cfg: DictConfig, folder: Path):
     last = folder / "checkpoints" / "last.ckpt"
     if cfg.overwrite or not last.exists():
         return None
-    watched = ("model.", "data.", "optim.", "loss.", "mode", "seed", "finetune.")
-    changed = changed_since(folder / "config.yaml", cfg, watched, ignore=("finetune.evaluate", "trainer."))
+    ignore = ("finetune.evaluate", "trainer.", "data.cache")
+    changed = changed_since(folder / "config.yaml", cfg, RESULT_KEYS, ignore=ignore)
     if changed:
         raise SamoraError(
             f"{folder} holds an interrupted fine-tune made with other settings ({', '.join(changed)}); "
@@ -248,7 +263,7 @@ def evaluate(cfg: DictConfig) -> dict:
         )
         fabric.launch()
         device = fabric.device
-    data = build_data(cfg, folder)
+    data = build_evaluation_data(cfg, folder)
     model = load_finetuned(cfg, weights, data.num_classes)
     return evaluate_model(cfg, model, data, folder, device)
 

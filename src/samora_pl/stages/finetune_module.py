@@ -46,13 +46,6 @@ class FinetuneModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx):
-        """The data modules send labels as uint8 to keep batches small; the losses and metrics need int64."""
-        for key in ("label", "low_res_label"):
-            if key in batch:
-                batch[key] = batch[key].long()
-        return batch
-
     def training_step(self, batch, batch_idx):
         logits = self.model(batch["image"])
         seg = self.loss(logits, batch["low_res_label"])

@@ -274,6 +274,10 @@ def test_run_all_levels_writes_experts_and_manifests(workspace):
     assert resumed["final_loss"] == pytest.approx(results["pixel"]["final_loss"])
     with pytest.raises(SamoraError, match="overwrite=true"):
         run(make_cfg(workspace, "distill.level=pixel", "distill.noise_sigma=0.2", run_name="full"))
+    # CPT's SimCLR views are the image level's views: changing them refuses the image expert, not the others
+    with pytest.raises(SamoraError, match="cpt.simclr.jitter"):
+        run(make_cfg(workspace, "distill.level=image", "cpt.simclr.jitter=0.1", run_name="full"))
+    assert run(make_cfg(workspace, "distill.level=patch", "cpt.simclr.jitter=0.1", run_name="full"))["patch"]["reused"]
     # the experts load into the stage-2 model
     model = build_student(cfg, "image")
     model.load_expert("image", workspace["root"] / "runs" / "full" / "distill" / "image" / EXPERT)

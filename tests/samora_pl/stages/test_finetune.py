@@ -14,6 +14,7 @@ from samora_pl.config import compose
 from samora_pl.errors import SamoraError
 from samora_pl.models.factory import LEVELS, build_segmenter
 from samora_pl.stages import finetune
+from tests.data_modules.volume_writers import LA_IDS, finetune_folder, finetune_overrides, write_la
 
 
 def quick(tmp_path, *extra):
@@ -263,3 +264,18 @@ def test_evaluate_with_two_processes_equals_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MEMBER: 2/2" in done.stdout + done.stderr  # really two ranks
     assert (folder / "results.csv").read_text() == single
+
+
+def test_evaluate_tests_the_cases_of_the_runs_split(tmp_path):
+    """Re-evaluation reads the case split the fine-tune wrote, not the dataset's lists as they are now."""
+    root = write_la(tmp_path / "la")
+    overrides = finetune_overrides(tmp_path, "la", root)
+    assert main(["finetune", *overrides, "finetune.evaluate=false"]) == 0
+    (root / "train.list").write_text("".join(f"{c}\n" for c in LA_IDS[:4]))  # the lists changed after the run
+    (root / "test.list").write_text(f"{LA_IDS[4]}\n")
+    assert main(["evaluate", *overrides]) == 0
+    rows = list(csv.DictReader(open(finetune_folder(tmp_path) / "results.csv")))
+    assert {r["case"] for r in rows} == set(LA_IDS[3:])
+    assert main(["evaluate", *overrides, f"data.list_dir={root}"]) == 0  # a list_dir the user names wins
+    rows = list(csv.DictReader(open(finetune_folder(tmp_path) / "results.csv")))
+    assert {r["case"] for r in rows} == {LA_IDS[4]}
