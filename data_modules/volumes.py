@@ -49,6 +49,7 @@ class RawCase:
     geometry: Geometry
     path: Path  # the image file
     label_path: Path
+    label_geometry: Optional[Geometry] = None  # where the label file has its own header (NIfTI, MHD)
 
 
 @dataclass
@@ -127,8 +128,8 @@ class FilePairReader(CaseReader):
     def read(self, case: str) -> RawCase:
         image_path, label_path = self.files(case)
         image, geometry = read_image(image_path, "image")
-        label, _ = read_image(label_path, "label")
-        return RawCase(image, label, geometry, image_path, label_path)
+        label, label_geometry = read_image(label_path, "label")
+        return RawCase(image, label, geometry, image_path, label_path, label_geometry)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -162,6 +163,21 @@ def array_problems(image, label, image_path: Path, label_path: Path, class_names
         problems.append(f"{image_path}: image contains NaN or Inf values")
     problems += [f"{label_path}: {msg}" for msg in label_problems(label, class_names)]
     return problems
+
+
+def geometry_problems(raw: RawCase) -> list[str]:
+    """A label header whose spacing, origin or direction differs from the image's (beyond header rounding,
+    0.1 %): the voxels line up by index, but the label was most likely made on another grid."""
+    if raw.label_geometry is None:
+        return []
+    image, label = raw.geometry, raw.label_geometry
+    differ = [name for name in ("spacing", "origin", "direction")
+              if not np.allclose(getattr(image, name), getattr(label, name), rtol=1e-3, atol=1e-3)]
+    if not differ:
+        return []
+    detail = "; ".join(f"{name} {tuple(getattr(label, name))} vs {tuple(getattr(image, name))}" for name in differ)
+    return [f"{raw.label_path}: label {' and '.join(differ)} differ from the image's ({raw.path}): {detail}; "
+            "resample the label onto the image grid (nearest neighbour)"]
 
 
 def case_problems(raw: RawCase, class_names: list) -> list[str]:
@@ -376,7 +392,7 @@ class VolumeDataModule(SegmentationDataModule):
             except SamoraError as err:
                 problems.append(str(err))
                 continue
-            msgs = case_problems(raw, self.class_names)
+            msgs = case_problems(raw, self.class_names) + geometry_problems(raw)
             problems += msgs
             if not msgs:
                 summary["train_slices"] += raw.image.shape[0] if case in train else 0

@@ -104,3 +104,16 @@ def test_cli_finetune(tmp_path, promise_root):
     rows = list(csv.DictReader(open(finetune_folder(tmp_path) / "results.csv")))
     assert {r["class_name"] for r in rows} == {"prostate"} and {r["case"] for r in rows} == set(TEST_CASES)
     assert {"dice", "hd95", "hd95_mm"} <= set(rows[0])  # HD95 also in mm, from the files' spacing
+
+
+def test_check_names_a_label_on_another_grid(promise_root):
+    """`samora check` reports a label header whose spacing or origin differs from its image's."""
+    dm = dm_for(promise_root)
+    dm.validate()  # same headers: fine
+    label = dm.load_volume("Case01").label
+    other = Geometry(spacing=(GEOMETRY.spacing[0] * 2, *GEOMETRY.spacing[1:]), origin=(9.0, 9.0, 9.0),
+                     direction=GEOMETRY.direction)
+    write_image(promise_root / "Case01_segmentation.mhd", label, other)
+    with pytest.raises(SamoraError, match=r"Case01_segmentation\.mhd: label spacing and origin differ") as err:
+        dm_for(promise_root).validate()
+    assert "resample the label" in str(err.value)
