@@ -19,7 +19,7 @@ from data_modules import build_datamodule
 from samora_pl.callbacks import Throughput
 from samora_pl.config import changed_since, data_options, finetune_levels
 from samora_pl.errors import SamoraError
-from samora_pl.evaluation import case_metrics, gather_rows, predict_volume, shard_cases, summarise, write_results
+from samora_pl.evaluation import CaseMetricsPool, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
 from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.factory import SAMED_EXPERT, base_fingerprint, build_segmenter, log_trainable
@@ -216,20 +216,20 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
         return model(batch.to(device)).float().cpu()
 
     cases = shard_cases(list(data.test_cases()), *_rank_and_world())
-    rows = []
-    for case in tqdm(cases, desc="evaluate", unit="volume", disable=not cases):
-        volume = data.load_volume(case)
-        pred = predict_volume(
-            predict,
-            volume.image,
-            cfg.model.img_size,
-            batch_size=cfg.eval.batch_size,
-            resize=cfg.eval.resize,
-            two_step_size=cfg.eval.two_step_size,
-        )
-        for row in case_metrics(pred, volume.label, data.num_classes, spacing=volume.spacing):
-            row["case"] = volume.case
-            rows.append(row)
+    # eval.workers > 1: each case's Dice/HD95 runs in a worker process while the model predicts the next
+    with CaseMetricsPool(data.num_classes, workers=cfg.eval.workers) as pool:
+        for case in tqdm(cases, desc="evaluate", unit="volume", disable=not cases):
+            volume = data.load_volume(case)
+            pred = predict_volume(
+                predict,
+                volume.image,
+                cfg.model.img_size,
+                batch_size=cfg.eval.batch_size,
+                resize=cfg.eval.resize,
+                two_step_size=cfg.eval.two_step_size,
+            )
+            pool.submit(volume.case, pred, volume.label, volume.spacing)
+        rows = pool.rows()
     rows = gather_rows(rows)
     summary = summarise(rows, data.class_names)
     if is_rank_zero():

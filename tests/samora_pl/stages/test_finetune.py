@@ -74,6 +74,9 @@ def test_evaluate_reproduces_the_metrics(tmp_path):
     (folder / "metrics.json").unlink()
     assert main(["evaluate", *overrides]) == 0
     assert json.loads((folder / "metrics.json").read_text())["mean_dice"] == first["mean_dice"]
+    results = (folder / "results.csv").read_text()
+    assert main(["evaluate", *overrides, "eval.workers=2"]) == 0  # metrics in worker processes: same files
+    assert (folder / "results.csv").read_text() == results
 
 
 def test_finished_run_is_not_redone_without_overwrite(tmp_path, capsys):
