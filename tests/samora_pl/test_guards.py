@@ -192,6 +192,43 @@ def test_sigkilled_finetune_resumes_to_the_uninterrupted_result(tmp_path, caplog
     assert same_tensors(load_file(str(killed / "final.safetensors")), load_file(str(whole / "final.safetensors")))
 
 
+def test_sigkilled_ddp_finetune_resumes_to_the_uninterrupted_result(tmp_path):
+    """Two CPU processes (gloo), both killed after a checkpoint, then the same command again: it continues
+    from the last.ckpt rank zero wrote and ends bit-identical to a run that was never interrupted."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]), OMP_NUM_THREADS="1")
+
+    def command(runs: Path) -> list:
+        return [sys.executable, "-m", "samora_pl", *finetune_args(
+            runs, "deterministic=true", "trainer.max_epochs=4", "trainer.accelerator=cpu", "trainer.devices=2")]
+
+    last = tmp_path / "killed" / "t" / "finetune" / TAG / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(command(tmp_path / "killed"), env=env, cwd=root, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert last.exists(), "the DDP fine-tune never wrote last.ckpt"
+        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: rank 1 is a child of the launching process
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] < 3
+    again = subprocess.run(command(tmp_path / "killed"), env=env, cwd=root, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {last}" in again.stdout + again.stderr
+    whole = subprocess.run(command(tmp_path / "whole"), env=env, cwd=root, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed, whole = (tmp_path / name / "t" / "finetune" / TAG for name in ("killed", "whole"))
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads((whole / "metrics.json").read_text())
+    assert same_tensors(load_file(str(killed / "final.safetensors")), load_file(str(whole / "final.safetensors")))
+
+
 # ------------------------------------------------------------------------------ unwritable run folder
 
 
