@@ -150,3 +150,28 @@ def test_cache_reads_each_slice_once(root, monkeypatch):
     for _ in range(2):
         list(dm.train_dataloader())
     assert sorted(calls) == sorted(dm.selected_train_names())
+
+
+@pytest.mark.parametrize("fraction, count", [(0.2, 12), (0.25, 15)])
+def test_ddp_ranks_share_the_selected_slices(root, tmp_path, fraction, count):
+    """Under Lightning's DDP each epoch gives every selected slice to a rank: disjoint shards when the count
+    divides evenly; otherwise Lightning's DistributedSampler repeats (world - 1) slices at most so that every
+    rank runs the same number of steps (uneven steps would hang the gradient all-reduce)."""
+    import math
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo / "src"), str(repo)]), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "tests.data_modules.ddp_record_slices", str(root), str(tmp_path),
+                           str(fraction)], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    selected = (tmp_path / "splits" / "train_selected.txt").read_text().split()
+    assert len(selected) == count
+    for epoch in (0, 1):
+        ranks = [json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text()) for r in (0, 1)]
+        assert len(ranks[0]) == len(ranks[1]) == math.ceil(count / 2)  # the same number of steps
+        assert set(ranks[0]) | set(ranks[1]) == set(selected)  # nothing lost
+        assert len(ranks[0]) + len(ranks[1]) - count == count % 2  # repeats: only the padding
