@@ -178,3 +178,12 @@ def test_demo_pool_is_the_default(tmp_path, monkeypatch):
     sources = sources_from_config(cfg)
     assert sources == [{"path": str(tmp_path / "demo" / "unlabeled"), "format": "npz", "intensity": "none",
                         "axis": None, "key": "image"}]
+
+
+def test_both_teachers_train_in_bf16_mixed(tmp_path):
+    """PRECISION=bf16-mixed on CPU: a few steps of each teacher, finite losses, float32 teacher weights."""
+    metrics = run(config(tmp_path, "trainer.precision=bf16-mixed"))
+    for kind in ("simclr", "mae"):
+        assert metrics[kind]["steps"] == 2 and np.isfinite(metrics[kind]["loss_last_epoch"])
+        teacher = load_teacher(teacher_file(config(tmp_path), kind), kind=kind)
+        assert all(p.dtype == torch.float32 for p in teacher.parameters())

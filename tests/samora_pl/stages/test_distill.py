@@ -321,3 +321,15 @@ def test_ddp_two_cpu_processes_through_the_cli(workspace):
     manifest = json.loads((root / "runs" / "ddp" / "distill" / "pixel" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["epochs"] == 2
     assert manifest["outputs"][EXPERT]["sha256"] == sha256(root / "runs" / "ddp" / "distill" / "pixel" / EXPERT)
+
+
+def test_every_level_distils_in_bf16_mixed(workspace):
+    """PRECISION=bf16-mixed on CPU: each level trains a few steps with a finite loss and writes its expert."""
+    cpt = workspace["root"] / "runs" / "bf16" / "cpt"
+    for kind in ("simclr", "mae"):
+        (cpt / kind).mkdir(parents=True, exist_ok=True)
+        (cpt / kind / "teacher.pt").write_bytes(workspace[kind].read_bytes())
+    results = run(make_cfg(workspace, "distill.level=all", "trainer.precision=bf16-mixed", run_name="bf16"))
+    for level in ("image", "patch", "pixel"):
+        assert np.isfinite(results[level]["final_loss"])
+        assert (workspace["root"] / "runs" / "bf16" / "distill" / level / EXPERT).exists()
