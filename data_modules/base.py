@@ -9,10 +9,10 @@ Batches (dicts, from both `train_dataloader` and `val_dataloader`):
     image          float32 [B, 1, S, S] in [0, 1]      (S = img_size)
     label          uint8   [B, S, S]                   values 0..K (0 = background); int64 when K > 255
     low_res_label  uint8   [B, S/f, S/f]               nearest, f = low_res_factor (4 for SAM)
+    name           list[str]                           slice names
 
 Labels travel as uint8 (an eighth of int64's bytes through the worker queues and to the GPU); the
 LightningModule receives them as int64, cast on the device by `on_after_batch_transfer`.
-    name           list[str]                           slice names
 
 Labelled fraction (stage 2's few-shot protocol), chosen once in `setup` and seeded by `seed`:
 
@@ -348,8 +348,8 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             self.val_set = self._build_val_set()
 
     def _cached_train_set(self, names: list[str], transform: SegmentationTransform) -> Dataset:
-        """The training slices read (and checked) once into memory, so that epochs after the first cost only
-        the augmentation. Loaded before the DataLoader forks its workers, which then share the arrays
+        """The training slices read (and checked) once into memory, so that an epoch costs only the
+        augmentation. Loaded before the DataLoader forks its workers, which then share the arrays
         copy-on-write instead of each holding its own copy."""
         from tqdm import tqdm
 

@@ -30,7 +30,7 @@ from samora_pl.stages.finetune_module import FinetuneModule
 from samora_pl.trainer import build_trainer, strategy_for, world_size
 
 log = logging.getLogger(__name__)
-# settings that change what a fine-tune makes (data.cache does not: same slices, same augmentation stream)
+# settings that change what a fine-tune makes; data.cache, under data., does not (same slices, same augmentation)
 RESULT_KEYS = ("model.", "data.", "optim.", "loss.", "mode", "seed", "finetune.")
 FINAL = "final.safetensors"
 MASK_TOKENS = "mask_decoder.mask_tokens.weight"  # (K + 1, C): background and one token per class
