@@ -81,6 +81,9 @@ def rel_pos_bias(attn: Attention, q: torch.Tensor, hw: Tuple[int, int]) -> torch
     return bias.reshape(*lead, H * W, H * W)
 
 
+HEAD_ALIGN = 32  # head size multiple for the augmented attention (see sdpa_attention)
+
+
 def _key_position_features(hw: Tuple[int, int], like: torch.Tensor) -> torch.Tensor:
     """[N, H + W]: the one-hot row and one-hot column of every key token."""
     H, W = hw
@@ -96,13 +99,18 @@ def sdpa_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.T
     ``rel_h, rel_w`` to the (scaled) queries and the one-hot row and column to the keys gives exactly the
     same logits as a plain dot product. Without an [M, h, N, N] float mask SDPA can use its fused
     (flash / memory-efficient) kernels, which matters at 512 px where global blocks have N = 1024.
-    ``v`` is zero-padded to the same width because those kernels want one head size (dropped after).
+    ``v`` is zero-padded to the same width because those kernels want one head size (dropped after),
+    and all three are zero-padded to a multiple of ``HEAD_ALIGN``: CPU SDPA at head size 96 runs about
+    11 % faster than at the exact 92 of a 14-token window (64 + 14 + 14), forward and backward.
     """
     if not attn.use_rel_pos:
         return F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     rel_h, rel_w = rel_pos_terms(attn, q, hw)
-    q_aug = torch.cat([q * attn.scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], -1)
-    keys = _key_position_features(hw, k).expand(*k.shape[:-2], -1, -1)
+    width = q.shape[-1] + sum(hw)
+    pad = -width % HEAD_ALIGN
+    zeros = q.new_zeros(()).expand(*q.shape[:-1], pad)
+    q_aug = torch.cat([q * attn.scale, rel_h.to(q.dtype), rel_w.to(q.dtype), zeros], -1)
+    keys = F.pad(_key_position_features(hw, k), (0, pad)).expand(*k.shape[:-2], -1, -1)
     k_aug = torch.cat([k, keys], -1)
     v_aug = F.pad(v, (0, q_aug.shape[-1] - v.shape[-1]))
     return F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)[..., : v.shape[-1]]
@@ -216,13 +224,7 @@ class SAMoraEncoder(nn.Module):
         N, nh = h * w, attn.num_heads
         hd = C // nh
         q, k, v = attn.qkv(xn).reshape(Bw, N, 3, C).unbind(2)  # [Bw, N, C]
-        dq, dv = self.lora.deltas(i, xn.reshape(Bw, N, C), levels)  # [E, Bw, N, C]
-        dq, dv = dq.to(q.dtype), dv.to(v.dtype)  # autocast: qkv runs in low precision, LoRA may not
-        if with_base:
-            q_all = torch.cat([q.unsqueeze(0), q.unsqueeze(0) + dq], 0)
-            v_all = torch.cat([v.unsqueeze(0), v.unsqueeze(0) + dv], 0)
-        else:
-            q_all, v_all = q.unsqueeze(0) + dq, v.unsqueeze(0) + dv
+        q_all, v_all = self.lora.streams(i, xn.reshape(Bw, N, C), q, v, levels, with_base=with_base)
         S = q_all.shape[0]
 
         def heads(t):  # [S, Bw, N, C] -> [S*Bw, nh, N, hd]
@@ -257,13 +259,13 @@ class SAMoraEncoder(nn.Module):
             xn, pad_hw = window_partition(xn, blk.window_size)
         if isinstance(fusion, SingleFusion):
             y = self._fused_qkv(i, blk, xn, fusion.levels, with_base=False)
-            y = self._unpartition(blk, y, pad_hw, (H, W))[0]
+            y = self._unpartition(blk, y, pad_hw, (H, W)).squeeze(0)
             x = shortcut + y + blk.attn.proj.bias
         else:
             levels = fusion.levels
             y = self._unpartition(blk, self._fused_qkv(i, blk, xn, levels, with_base=True), pad_hw, (H, W))
-            base = y[0]
-            residuals = {n: y[j + 1] - base for j, n in enumerate(levels)}
+            base, *streams = y.unbind(0)  # unbind, not indexing: its backward stacks, no zero-filled copies
+            residuals = {n: s - base for n, s in zip(levels, streams)}
             x = shortcut + (base + blk.attn.proj.bias) + fusion(residuals)
         return x + blk.mlp(blk.norm2(x))
 

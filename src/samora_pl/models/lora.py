@@ -30,6 +30,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import loralib
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samora_pl.errors import SamoraError
@@ -130,7 +131,8 @@ class LoRAExpert(nn.Module):
 
 
 class MultiExpertLoRA(nn.Module):
-    """Several named :class:`LoRAExpert` s over the same encoder, with a batched delta computation."""
+    """Several named :class:`LoRAExpert` s over the same encoder; their attention streams are
+    computed in batch (:meth:`streams`)."""
 
     def __init__(self, names: Sequence[str] = DEFAULT_EXPERTS, *, depth: int, dim: int, rank: int = 4) -> None:
         super().__init__()
@@ -143,26 +145,40 @@ class MultiExpertLoRA(nn.Module):
             raise SamoraError(f"no LoRA expert named {name!r}; the model has {list(self.names)}")
         return self.experts[name]
 
-    def deltas(
-        self, block: int, x: torch.Tensor, names: Optional[Sequence[str]] = None
+    def streams(
+        self,
+        block: int,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        v: torch.Tensor,
+        names: Optional[Sequence[str]] = None,
+        *,
+        with_base: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """dQ and dV of the given experts (default: all, in ``self.names`` order) at one block.
+        """The queries and values of every attention stream at one block.
 
-        ``x`` is [..., C]; returns two tensors [E, ..., C]. All experts' A factors are applied in one
-        matmul and the B factors in one batched matmul.
+        ``x`` [..., C] is the block's normed input and ``q``, ``v`` [..., C] the frozen ``qkv``'s slices.
+        Returns two [S, ..., C] tensors: ``q + dQ_e(x)`` and ``v + dV_e(x)`` for each expert (default:
+        all, in ``self.names`` order), preceded by the plain ``q`` and ``v`` when ``with_base``. All
+        experts' A factors run in one matmul; each stream's B factor and the add of the shared ``q``/``v``
+        run in one ``baddbmm``, so no per-expert delta, concatenation or selection is materialised
+        (those memory passes cost as much as the LoRA arithmetic at 512 px).
         """
         names = self.names if names is None else tuple(names)
         mods = [self.experts[n].blocks[block] for n in names]
         E, r, C = len(mods), self.rank, self.dim
+        lead = x.shape[:-1]
         a = torch.cat([torch.cat([m.lora_A_q, m.lora_A_v], 0) for m in mods], 0)  # [E*2r, C]
-        z = x @ a.t()  # [..., E*2r]
-        lead = z.shape[:-1]
-        z = z.reshape(-1, E * 2, r).transpose(0, 1)  # [E*2, M, r]
-        b = torch.stack([t for m in mods for t in (m.lora_B_q, m.lora_B_v)], 0)  # [E*2, C, r]
-        s = torch.stack([m.lora_scale for m in mods]).repeat_interleave(2)  # [E*2]
-        d = torch.bmm(z, b.transpose(1, 2)) * s[:, None, None]  # [E*2, M, C]
-        d = d.reshape(E, 2, *lead, C)
-        return d[:, 0], d[:, 1]
+        z = (x.reshape(-1, C) @ a.t()).reshape(-1, E, 2, r)  # [M, E, 2, r]
+        z = z * torch.stack([m.lora_scale for m in mods]).to(z.dtype)[:, None, None]
+        z = z.permute(2, 1, 0, 3)  # [2, E, M, r]
+        b = torch.stack([torch.stack([m.lora_B_q for m in mods]), torch.stack([m.lora_B_v for m in mods])])
+        if with_base:  # a zero low-rank factor makes the base stream q + 0 in the same call
+            z, b = F.pad(z, (0, 0, 0, 0, 1, 0)), F.pad(b, (0, 0, 0, 0, 1, 0))
+        z, b = z.to(q.dtype), b.to(q.dtype)
+        q_all = torch.baddbmm(q.reshape(1, -1, C), z[0], b[0].transpose(1, 2))
+        v_all = torch.baddbmm(v.reshape(1, -1, C), z[1], b[1].transpose(1, 2))
+        return q_all.reshape(-1, *lead, C), v_all.reshape(-1, *lead, C)
 
     # -- state ---------------------------------------------------------------------------------------
     def expert_state_dict(self, name: str) -> Dict[str, torch.Tensor]:

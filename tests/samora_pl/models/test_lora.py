@@ -61,16 +61,19 @@ def test_delta_is_q_and_v_only_with_scale(randomize_lora):
     assert torch.allclose(d[:, 16:], m.lora_scale * (x @ m.lora_A_v.t() @ m.lora_B_v.t()), atol=1e-6)
 
 
-def test_batched_deltas_equal_per_expert(randomize_lora):
+def test_batched_streams_equal_per_expert(randomize_lora):
     lora = randomize_lora(MultiExpertLoRA(depth=3, dim=16, rank=4))
-    x = torch.randn(2, 4, 4, 16)
-    dq, dv = lora.deltas(1, x)
-    assert dq.shape == (3, 2, 4, 4, 16)
+    with torch.no_grad():
+        lora.experts["patch"].blocks[1].lora_scale.fill_(0.5)
+    x, q, v = torch.randn(3, 2, 4, 4, 16).unbind(0)
+    q_all, v_all = lora.streams(1, x, q, v)
+    assert q_all.shape == v_all.shape == (3, 2, 4, 4, 16)
     for e, n in enumerate(lora.names):
-        q, v = lora.experts[n].blocks[1](x)
-        assert torch.allclose(dq[e], q, atol=1e-6) and torch.allclose(dv[e], v, atol=1e-6)
-    dq2, _ = lora.deltas(1, x, names=("pixel",))
-    assert torch.allclose(dq2[0], dq[2], atol=1e-6)
+        dq, dv = lora.experts[n].blocks[1](x)
+        assert torch.allclose(q_all[e], q + dq, atol=1e-6) and torch.allclose(v_all[e], v + dv, atol=1e-6)
+    q_b, v_b = lora.streams(1, x, q, v, names=("pixel",), with_base=True)
+    assert q_b.shape[0] == 2 and torch.equal(q_b[0], q) and torch.equal(v_b[0], v)
+    assert torch.allclose(q_b[1], q_all[2], atol=1e-6) and torch.allclose(v_b[1], v_all[2], atol=1e-6)
 
 
 def test_bad_names():
