@@ -19,8 +19,13 @@ SAMED_EXPERT = "samed"
 log = logging.getLogger(__name__)
 
 
-def build_segmenter(cfg: DictConfig, num_classes: int, experts: Sequence[str], fusion: str) -> SAMoraSegmenter:
-    """SAM + the named LoRA experts + `fusion`, with SAM weights from the checkpoint or `init_seed`."""
+def build_segmenter(
+    cfg: DictConfig, num_classes: int, experts: Sequence[str], fusion: str, *, load_sam: bool = True
+) -> SAMoraSegmenter:
+    """SAM + the named LoRA experts + `fusion`, with SAM weights from the checkpoint or `init_seed`.
+
+    `load_sam=False` skips the checkpoint (weights from `init_seed`) for callers that overwrite every
+    weight anyway, such as loading a finished fine-tune."""
     m = cfg.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(m.init_seed)
@@ -35,7 +40,7 @@ def build_segmenter(cfg: DictConfig, num_classes: int, experts: Sequence[str], f
             hl_width=m.hl_width,
             hl_heads=m.hl_heads,
             hl_init=m.hl_init,
-            checkpoint=m.checkpoint,
+            checkpoint=m.checkpoint if load_sam else None,
             grad_checkpoint=m.grad_checkpoint,
         )
 

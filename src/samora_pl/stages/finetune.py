@@ -272,13 +272,14 @@ def load_finetuned(cfg: DictConfig, weights: Path, num_classes: int = None):
     """The stage-2 model of `cfg` holding a finished fine-tune's weights (`samora evaluate`, `samora predict`).
 
     Without `num_classes`, K is read from the weights (the decoder has K + 1 mask tokens), so a prediction
-    needs no copy of the training data."""
+    needs no copy of the training data. The file holds every weight (the load is strict), so SAM's
+    `model.checkpoint` is not read: a run still predicts after the .pth moved or on a machine without it."""
     state = load_file(str(weights))
     if num_classes is None:
         if MASK_TOKENS not in state:
             raise SamoraError(f"{weights} holds no {MASK_TOKENS}: it is not a fine-tuned SAMora model.")
         num_classes = state[MASK_TOKENS].shape[0] - 1
-    model = build_segmenter(cfg, num_classes, *model_layout(cfg))
+    model = build_segmenter(cfg, num_classes, *model_layout(cfg), load_sam=False)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

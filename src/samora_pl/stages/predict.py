@@ -2,7 +2,7 @@
 
 The model is rebuilt from the run's saved `config.yaml` and `final.safetensors` (`finetune.load_finetuned`),
 so the command line only names the run (`run`, and `finetune.tag` when it holds several fine-tunes); the
-saved config is used as it is, so a `model.checkpoint` (SAM .pth) it names must still be readable.
+weights file holds the whole model, so the SAM .pth the run was trained from is not needed.
 `predict.input` is one volume or a folder searched recursively for `.nii.gz`, `.nii`, `.mhd`, `.mha`
 (read with their geometry) and `.h5` / `.hdf5` (dataset `image`; no geometry: unit spacing, identity
 direction; the h5 volumes of LA are (W, H, D) and are transposed as `data_modules.la` reads them). Label

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from samora_pl.cli import main
@@ -14,6 +15,7 @@ from samora_pl.config import compose
 from samora_pl.errors import SamoraError
 from samora_pl.models.factory import LEVELS, build_segmenter
 from samora_pl.stages import finetune
+from tests.samora_pl.models.conftest import tiny_sam_state_dict
 from tests.data_modules.volume_writers import LA_IDS, finetune_folder, finetune_overrides, write_la
 
 
@@ -282,3 +284,19 @@ def test_evaluate_tests_the_cases_of_the_runs_split(tmp_path):
     assert main(["evaluate", *overrides, f"data.list_dir={root}"]) == 0  # a list_dir the user names wins
     rows = list(csv.DictReader(open(finetune_folder(tmp_path) / "results.csv")))
     assert {r["case"] for r in rows} == {LA_IDS[4]}
+
+
+def test_a_finished_finetune_loads_without_its_sam_checkpoint(tmp_path):
+    """evaluate / predict rebuild the model from the saved weights alone: the SAM .pth may have moved."""
+    ckpt = tmp_path / "sam_tiny_1024.pth"
+    torch.save(tiny_sam_state_dict(), ckpt)
+    cfg = compose("finetune", quick(tmp_path, f"model.checkpoint={ckpt}"))
+    trained = build_segmenter(cfg, 8, LEVELS, "hl_attn")
+    state = {k: v.detach().contiguous() for k, v in trained.state_dict().items()}
+    save_file(state, str(tmp_path / finetune.FINAL))
+    ckpt.unlink()
+    with pytest.raises(SamoraError):  # building from the config alone needs the .pth
+        build_segmenter(cfg, 8, LEVELS, "hl_attn")
+    loaded = finetune.load_finetuned(cfg, tmp_path / finetune.FINAL).state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
