@@ -13,7 +13,7 @@ FLOPs of one forward+backward step are counted with torch.utils.flop_counter.Flo
 fused SAMora path and on samed_fast (same attention formulation, so the ratio is implementation
 neutral). The last line is ratio_vs_flops = (time samora_fused / time samed_fast) / FLOP ratio.
 
-    python benchmarks/encoder_step.py [--img-size 224] [--variant vit_b] [--batch 1] [--reps 5]
+    python benchmarks/encoder_step.py [--img-size 224] [--variant vit_b] [--batch 1] [--reps 5] [--hl-width 384]
 """
 
 from __future__ import annotations
@@ -35,14 +35,15 @@ from samora_pl.models.lora import MultiExpertLoRA  # noqa: E402
 from samora_pl.models.sam import build_image_encoder, get_variant  # noqa: E402
 
 
-def make(variant, img_size, experts, fusion, image_encoder):
+def make(variant, img_size, experts, fusion, image_encoder, hl_width=None):
     v = get_variant(variant)
     lora = MultiExpertLoRA(experts, depth=v.depth, dim=v.embed_dim, rank=4)
     with torch.no_grad():
         for n, p in lora.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    fusions = [build_fusion(fusion, lora.names, v.embed_dim, num_heads=v.num_heads) for _ in range(v.depth)]
+    fusions = [build_fusion(fusion, lora.names, v.embed_dim, num_heads=v.num_heads, hl_width=hl_width)
+               for _ in range(v.depth)]
     enc = SAMoraEncoder(image_encoder, lora, fusions)
     for p in enc.parameters():
         p.requires_grad_(False)
@@ -114,6 +115,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--skip-naive", action="store_true", help="skip the slow reference paths")
+    ap.add_argument("--hl-width", type=int, default=None,
+                    help="HL-Attn width (model.hl_width; default: the encoder's, as the authors)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -121,7 +124,8 @@ def main(argv=None):
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     image_encoder = build_image_encoder(args.variant, args.img_size)
-    samora = make(args.variant, args.img_size, ("image", "patch", "pixel"), "hl_attn", image_encoder).to(dev)
+    samora = make(args.variant, args.img_size, ("image", "patch", "pixel"), "hl_attn", image_encoder,
+                  args.hl_width).to(dev)
     samed = make(args.variant, args.img_size, ("samed",), "single:samed", image_encoder).to(dev)
     x = torch.rand(args.batch, 1, args.img_size, args.img_size, device=dev)
 
@@ -130,6 +134,7 @@ def main(argv=None):
     print(f"variant: {args.variant}")
     print(f"img_size: {args.img_size}")
     print(f"batch: {args.batch}")
+    print(f"hl_width: {args.hl_width or 'encoder width'}")
     fns = {"samed_fast": lambda: step(samed, x), "samora_fused": lambda: step(samora, x)}
     if not args.skip_naive:
         fns["samed_reference"] = lambda: step(samed, x, naive=True)
