@@ -31,7 +31,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
 	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
 
-.PHONY: setup demo test test-slow cpt distill finetune evaluate predict check prepare ablation bench tensorboard clean-venv
+.PHONY: setup demo test test-fast test-slow lint cpt distill finetune evaluate predict check prepare ablation bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -48,8 +48,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# everything not marked slow (no CLI subprocesses, no DDP): the quick loop while editing
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 cpt: $(STAMP)
 	$(SAMORA) cpt cpt.teacher=$(TEACHER) $(COMMON)

@@ -96,8 +96,11 @@ def main() -> None:
             sync(device)
             times[name].append(time.perf_counter() - start)
 
-    print(f"device: {device.type} ({torch.get_num_threads()} threads)" if device.type == "cpu" else
-          f"device: {torch.cuda.get_device_name(device)}")
+    print(
+        f"device: {device.type} ({torch.get_num_threads()} threads)"
+        if device.type == "cpu"
+        else f"device: {torch.cuda.get_device_name(device)}"
+    )
     print(f"img_size: {args.img_size}")
     print(f"batch: {args.batch}")
     print(f"amp_bf16: {args.amp}")

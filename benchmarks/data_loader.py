@@ -143,12 +143,25 @@ def main(argv=None) -> float:
 
         loaders = {}
         for name, cache in (("samora", False), ("samora_cached", True)):
-            dm = SynapseDataModule(root, img_size=args.img_size, batch_size=args.batch_size,
-                                   num_workers=args.workers, val_slices=0, pin_memory=False, cache=cache)
+            dm = SynapseDataModule(
+                root,
+                img_size=args.img_size,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                val_slices=0,
+                pin_memory=False,
+                cache=cache,
+            )
             loaders[name] = dm.train_dataloader()
         ref_set = ScipyReferenceDataset(root / "train_npz", names, args.img_size, args.img_size // 4)
-        ref_loader = DataLoader(ref_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                persistent_workers=args.workers > 0, worker_init_fn=_seed_worker)
+        ref_loader = DataLoader(
+            ref_set,
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            persistent_workers=args.workers > 0,
+            worker_init_fn=_seed_worker,
+        )
         loaders["reference"] = ref_loader
         rates = interleaved_throughput(loaders, args.epochs)
 

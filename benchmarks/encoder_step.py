@@ -42,13 +42,16 @@ def make(variant, img_size, experts, fusion, image_encoder, hl_width=None):
         for n, p in lora.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    fusions = [build_fusion(fusion, lora.names, v.embed_dim, num_heads=v.num_heads, hl_width=hl_width)
-               for _ in range(v.depth)]
+    fusions = [
+        build_fusion(fusion, lora.names, v.embed_dim, num_heads=v.num_heads, hl_width=hl_width) for _ in range(v.depth)
+    ]
     enc = SAMoraEncoder(image_encoder, lora, fusions)
     for p in enc.parameters():
         p.requires_grad_(False)
-    trainable = enc.fusion.parameters() if len(experts) > 1 else (
-        p for n, p in lora.named_parameters() if "lora_A" in n or "lora_B" in n
+    trainable = (
+        enc.fusion.parameters()
+        if len(experts) > 1
+        else (p for n, p in lora.named_parameters() if "lora_A" in n or "lora_B" in n)
     )
     for p in trainable:
         p.requires_grad_(True)
@@ -94,8 +97,10 @@ def _sdpa_cpu_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
 # torch's FlopCounterMode has no formula for the CPU flash-attention kernels (used by HL-Attn's
 # unmasked MultiheadAttention); without these its matmuls would silently count as zero.
 _CPU_SDPA = {}
-for _name, _f in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_fwd),
-                  ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_bwd)):
+for _name, _f in (
+    ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_fwd),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_bwd),
+):
     if hasattr(torch.ops.aten, _name):
         _CPU_SDPA[getattr(torch.ops.aten, _name)] = _f
 
@@ -115,8 +120,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--skip-naive", action="store_true", help="skip the slow reference paths")
-    ap.add_argument("--hl-width", type=int, default=None,
-                    help="HL-Attn width (model.hl_width; default: the encoder's, as the authors)")
+    ap.add_argument(
+        "--hl-width",
+        type=int,
+        default=None,
+        help="HL-Attn width (model.hl_width; default: the encoder's, as the authors)",
+    )
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -124,8 +133,9 @@ def main(argv=None):
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     image_encoder = build_image_encoder(args.variant, args.img_size)
-    samora = make(args.variant, args.img_size, ("image", "patch", "pixel"), "hl_attn", image_encoder,
-                  args.hl_width).to(dev)
+    samora = make(args.variant, args.img_size, ("image", "patch", "pixel"), "hl_attn", image_encoder, args.hl_width).to(
+        dev
+    )
     samed = make(args.variant, args.img_size, ("samed",), "single:samed", image_encoder).to(dev)
     x = torch.rand(args.batch, 1, args.img_size, args.img_size, device=dev)
 

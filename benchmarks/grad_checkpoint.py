@@ -52,7 +52,11 @@ def measure(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {"activation_mib": (peak - base) / 2**20, "step_s": sorted(times)[len(times) // 2]}
 
 
@@ -72,9 +76,23 @@ def main() -> None:
         return
     results = {}
     for checkpointing in (False, True):
-        cmd = [sys.executable, __file__, "--child", "--img-size", str(args.img_size), "--variant", args.variant,
-               "--batch", str(args.batch), "--reps", str(args.reps), "--hl-width", str(args.hl_width),
-               "--device", args.device] + (["--checkpointing"] if checkpointing else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--img-size",
+            str(args.img_size),
+            "--variant",
+            args.variant,
+            "--batch",
+            str(args.batch),
+            "--reps",
+            str(args.reps),
+            "--hl-width",
+            str(args.hl_width),
+            "--device",
+            args.device,
+        ] + (["--checkpointing"] if checkpointing else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[checkpointing] = json.loads(out)
     plain, ckpt = results[False], results[True]

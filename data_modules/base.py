@@ -216,9 +216,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             if not (0.0 < fraction <= 1.0) or not np.isfinite(fraction):
                 raise SamoraError(f"fraction={fraction} must be in (0, 1] (for example 0.1 for 10 %)")
         if int(img_size) <= 0 or int(img_size) % int(low_res_factor):
-            raise SamoraError(
-                f"img_size={img_size} must be a positive multiple of low_res_factor={low_res_factor}"
-            )
+            raise SamoraError(f"img_size={img_size} must be a positive multiple of low_res_factor={low_res_factor}")
         if int(batch_size) <= 0:
             raise SamoraError(f"batch_size={batch_size} must be a positive integer")
         if int(num_workers) < 0:

@@ -46,7 +46,13 @@ from .synapse import SynapseDataModule
 
 DEMO_VERSION = 1
 DEFAULT_PARAMS = dict(
-    seed=0, n_train=8, n_test=3, size=128, min_slices=16, max_slices=24, n_unlabeled=200,
+    seed=0,
+    n_train=8,
+    n_test=3,
+    size=128,
+    min_slices=16,
+    max_slices=24,
+    n_unlabeled=200,
 )
 # Synapse's test case ids first, then the training ones (names only; the content is synthetic).
 _TEST_IDS = [1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38]
@@ -130,7 +136,9 @@ def make_phantom_case(rng: np.random.Generator, n_slices: int, size: int) -> tup
         t = math.radians(ang + jitter(10.0))
         xr = (x - cx) * math.cos(t) + (y - cy) * math.sin(t)
         yr = -(x - cx) * math.sin(t) + (y - cy) * math.cos(t)
-        dist = (xr / (rx * s[0] * body_scale)) ** 2 + (yr / (ry * s[1] * body_scale)) ** 2 + ((z - cz) / (rz * s[2])) ** 2
+        dist = (
+            (xr / (rx * s[0] * body_scale)) ** 2 + (yr / (ry * s[1] * body_scale)) ** 2 + ((z - cz) / (rz * s[2])) ** 2
+        )
         mask = dist < 1.0 + _coarse_field(rng, shape, (4, 8, 8), 0.18)
         if lab == 5:  # left lobe of the liver reaching across the midline
             xl, yl = x - (0.02 + gx + jitter(0.03)), y - (-0.24 + gy + jitter(0.03))
@@ -233,8 +241,7 @@ def _params(**params) -> dict:
         )
     if p["size"] < 32 or not 8 <= p["min_slices"] <= p["max_slices"] or p["n_unlabeled"] < 0:
         raise SamoraError(
-            "demo parameters need size >= 32, 8 <= min_slices <= max_slices and n_unlabeled >= 0 "
-            f"(got {p})"
+            f"demo parameters need size >= 32, 8 <= min_slices <= max_slices and n_unlabeled >= 0 (got {p})"
         )
     return p
 

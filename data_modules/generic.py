@@ -30,16 +30,17 @@ CHANNEL = re.compile(r"(.+)_(\d{4})")
 def read_dataset_json(path: Path) -> tuple[list, str]:
     """(foreground class names for ids 1..K, name of channel 0) from a MSD or nnU-Net v2 dataset.json."""
     if not path.is_file():
-        raise SamoraError(f"{path} does not exist: the generic layout needs a dataset.json whose \"labels\" map "
-                          "ids to names, as the Medical Segmentation Decathlon and nnU-Net write it")
+        raise SamoraError(
+            f'{path} does not exist: the generic layout needs a dataset.json whose "labels" map '
+            "ids to names, as the Medical Segmentation Decathlon and nnU-Net write it"
+        )
     try:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise SamoraError(f"{path} cannot be read as JSON ({err}); fix the file") from None
     labels = info.get("labels") if isinstance(info, dict) else None
     if not isinstance(labels, dict) or not labels:
-        raise SamoraError(f"{path} has no \"labels\" mapping; add one, e.g. "
-                          "{\"0\": \"background\", \"1\": \"liver\"}")
+        raise SamoraError(f'{path} has no "labels" mapping; add one, e.g. {{"0": "background", "1": "liver"}}')
     names = {}
     for key, value in labels.items():
         if str(key).strip().isdigit():  # MSD: "1": "liver"
@@ -47,8 +48,10 @@ def read_dataset_json(path: Path) -> tuple[list, str]:
         elif isinstance(value, int) and not isinstance(value, bool):  # nnU-Net v2: "liver": 1
             label_id, name = value, str(key)
         else:
-            raise SamoraError(f"{path}: label entry \"{key}\": {json.dumps(value)} is neither \"id\": \"name\" (MSD) "
-                              "nor \"name\": id (nnU-Net v2); region labels (lists of ids) are not supported")
+            raise SamoraError(
+                f'{path}: label entry "{key}": {json.dumps(value)} is neither "id": "name" (MSD) '
+                'nor "name": id (nnU-Net v2); region labels (lists of ids) are not supported'
+            )
         if label_id in names:
             raise SamoraError(f"{path}: label id {label_id} is given twice ({names[label_id]}, {name})")
         names[label_id] = name
@@ -62,18 +65,22 @@ def read_dataset_json(path: Path) -> tuple[list, str]:
 def find_cases(images: Path, labels: Path) -> dict:
     """case -> (image file, label file) of an images folder; the label file may not exist (found on reading)."""
     if not images.is_dir():
-        raise SamoraError(f"{images} does not exist: the generic layout keeps images there (<case>.nii.gz or "
-                          "<case>_0000.nii.gz)")
+        raise SamoraError(
+            f"{images} does not exist: the generic layout keeps images there (<case>.nii.gz or <case>_0000.nii.gz)"
+        )
     label_files = {}
     if labels.is_dir():
-        label_files = {strip_image_suffix(p.name): p for p in labels.iterdir()
-                       if not p.name.startswith(".") and has_image_suffix(p.name)}
+        label_files = {
+            strip_image_suffix(p.name): p
+            for p in labels.iterdir()
+            if not p.name.startswith(".") and has_image_suffix(p.name)
+        }
     pairs: dict = {}
     for path in sorted(images.iterdir()):
         if path.name.startswith(".") or not path.is_file() or not has_image_suffix(path.name):
             continue
         case = strip_image_suffix(path.name)
-        suffix = path.name[len(case):]
+        suffix = path.name[len(case) :]
         channel = CHANNEL.fullmatch(case)
         if case not in label_files and channel and channel.group(1) in label_files:
             if channel.group(2) != "0000":
@@ -122,8 +129,9 @@ class GenericDataModule(VolumeDataModule):
             test = find_cases(self.root / "imagesTs", self.root / "labelsTs")
             both = sorted(set(pairs) & set(test))
             if both:
-                raise SamoraError(f"{self.root}: cases in both imagesTr and imagesTs: {', '.join(both[:10])}; "
-                                  "rename them")
+                raise SamoraError(
+                    f"{self.root}: cases in both imagesTr and imagesTs: {', '.join(both[:10])}; rename them"
+                )
             pairs.update(test)
         return GenericReader(pairs, self.root / "imagesTr", self.root / "labelsTr")
 

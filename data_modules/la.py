@@ -52,13 +52,16 @@ class LAReader(CaseReader):
         try:
             f = h5py.File(path, "r")
         except OSError as err:
-            raise SamoraError(f"{path} cannot be opened as HDF5 ({err}): the file is truncated or corrupt; "
-                              "copy it again") from None
+            raise SamoraError(
+                f"{path} cannot be opened as HDF5 ({err}): the file is truncated or corrupt; copy it again"
+            ) from None
         problem = None
         missing = [k for k in ("image", "label") if k not in f]
         if missing:
-            problem = (f"has no {' or '.join(repr(k) for k in missing)} dataset (it has: "
-                       f"{', '.join(sorted(f.keys())) or 'nothing'}); LA cases need 'image' and 'label'")
+            problem = (
+                f"has no {' or '.join(repr(k) for k in missing)} dataset (it has: "
+                f"{', '.join(sorted(f.keys())) or 'nothing'}); LA cases need 'image' and 'label'"
+            )
         elif len(f["image"].shape) != 3:
             problem = f"image has shape {f['image'].shape}, expected (W, H, D)"
         elif f["image"].shape != f["label"].shape:
@@ -76,8 +79,9 @@ class LAReader(CaseReader):
         try:
             return np.asarray(f[key][sel])
         except (OSError, ValueError, TypeError) as err:
-            raise SamoraError(f"{f.filename}: reading '{key}' failed ({err}): the file is corrupt; copy it again") \
-                from None
+            raise SamoraError(
+                f"{f.filename}: reading '{key}' failed ({err}): the file is corrupt; copy it again"
+            ) from None
 
     def read(self, case: str) -> RawCase:
         with self._open(case) as f:
@@ -107,9 +111,14 @@ class LADataModule(VolumeDataModule):
     def default_split(self) -> CaseSplit:
         folder = self.root / LA_FOLDER
         if not folder.is_dir():
-            raise SamoraError(f"{folder} does not exist: LA cases go there as <ID>/{LA_FILE} (UA-MT layout; note "
-                              "the space in the folder name)")
+            raise SamoraError(
+                f"{folder} does not exist: LA cases go there as <ID>/{LA_FILE} (UA-MT layout; note "
+                "the space in the folder name)"
+            )
         cases = [p.name for p in folder.iterdir() if (p / LA_FILE).is_file()]
-        log.warning("LA: no train.list / test.list in %s; using a seeded split by case, whose numbers do not "
-                    "compare with published ones", self.root)
+        log.warning(
+            "LA: no train.list / test.list in %s; using a seeded split by case, whose numbers do not "
+            "compare with published ones",
+            self.root,
+        )
         return self.seeded_split(cases, folder)

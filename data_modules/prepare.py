@@ -149,15 +149,20 @@ def _write_synapse_test(image_path: Path, label_path: Path, case: str) -> Callab
 
 
 def _synapse_folders(raw: Path, skip: Path) -> tuple[Path, Path]:
-    pairs = [(folder / "img", folder / "label") for folder, dirs, _ in _walk(raw, skip)
-             if "img" in dirs and "label" in dirs]
+    pairs = [
+        (folder / "img", folder / "label") for folder, dirs, _ in _walk(raw, skip) if "img" in dirs and "label" in dirs
+    ]
     if not pairs:
-        raise SamoraError(f"{raw}: no 'img' folder with a 'label' folder beside it; Synapse's raw release has "
-                          "RawData/Training/img/img00XX.nii.gz and RawData/Training/label/label00XX.nii.gz: point "
-                          "RAW at the download")
+        raise SamoraError(
+            f"{raw}: no 'img' folder with a 'label' folder beside it; Synapse's raw release has "
+            "RawData/Training/img/img00XX.nii.gz and RawData/Training/label/label00XX.nii.gz: point "
+            "RAW at the download"
+        )
     if len(pairs) > 1:
-        raise SamoraError(f"{raw}: several img/label folder pairs ({', '.join(str(p[0].parent) for p in pairs)}); "
-                          "point RAW at the one to prepare")
+        raise SamoraError(
+            f"{raw}: several img/label folder pairs ({', '.join(str(p[0].parent) for p in pairs)}); "
+            "point RAW at the one to prepare"
+        )
     return pairs[0]
 
 
@@ -175,22 +180,40 @@ def plan_synapse(raw: Path, skip: Path) -> Plan:
             raise SamoraError(f"{image_path}: no label file for it in {label_dir} (expected label{number:04d}.nii.gz)")
         shape, label_shape = read_shape(image_path, "image"), read_shape(label_path, "label")
         if shape != label_shape:
-            raise SamoraError(f"{label_path}: label shape {label_shape} differs from the image's {shape} "
-                              f"({image_path}); image and label must be voxel-aligned")
+            raise SamoraError(
+                f"{label_path}: label shape {label_shape} differs from the image's {shape} "
+                f"({image_path}); image and label must be voxel-aligned"
+            )
         if case in SYNAPSE_TEST_CASES:
             test.append(case)
-            units.append(Unit(case, [image_path, label_path], [f"test_vol_h5/{case}.npy.h5"],
-                              _write_synapse_test(image_path, label_path, case)))
+            units.append(
+                Unit(
+                    case,
+                    [image_path, label_path],
+                    [f"test_vol_h5/{case}.npy.h5"],
+                    _write_synapse_test(image_path, label_path, case),
+                )
+            )
         else:
             names = [f"{case}_slice{z:03d}" for z in range(shape[0])]
             train += names
-            units.append(Unit(case, [image_path, label_path], [f"train_npz/{n}.npz" for n in names],
-                              _write_synapse_train(image_path, label_path, case)))
+            units.append(
+                Unit(
+                    case,
+                    [image_path, label_path],
+                    [f"train_npz/{n}.npz" for n in names],
+                    _write_synapse_train(image_path, label_path, case),
+                )
+            )
     if not test or len(test) == len(units):
-        raise SamoraError(f"{img_dir}: {len(test)} of {len(units)} cases are Synapse test cases "
-                          f"({', '.join(SYNAPSE_TEST_CASES)}); the fixed split needs both test and training cases")
-    texts = {"lists/lists_Synapse/train.txt": "".join(f"{n}\n" for n in train),
-             "lists/lists_Synapse/test_vol.txt": "".join(f"{c}\n" for c in test)}
+        raise SamoraError(
+            f"{img_dir}: {len(test)} of {len(units)} cases are Synapse test cases "
+            f"({', '.join(SYNAPSE_TEST_CASES)}); the fixed split needs both test and training cases"
+        )
+    texts = {
+        "lists/lists_Synapse/train.txt": "".join(f"{n}\n" for n in train),
+        "lists/lists_Synapse/test_vol.txt": "".join(f"{c}\n" for c in test),
+    }
     counts = {"training cases": len(units) - len(test), "training slices": len(train), "test volumes": len(test)}
     return Plan(units, texts, counts)
 
@@ -216,24 +239,35 @@ def plan_promise12(raw: Path, skip: Path) -> Plan:
             if CASE_FILE.fullmatch(name):
                 case = name[: -len(".mhd")]
                 if case in found:
-                    raise SamoraError(f"{folder / name}: {case} is also at {found[case]}; point RAW at one copy "
-                                      "of the training release")
+                    raise SamoraError(
+                        f"{folder / name}: {case} is also at {found[case]}; point RAW at one copy "
+                        "of the training release"
+                    )
                 found[case] = folder / name
     if not found:
-        raise SamoraError(f"{raw}: no CaseNN.mhd files (PROMISE12's training release: CaseNN.mhd/.raw and "
-                          "CaseNN_segmentation.mhd/.raw)")
+        raise SamoraError(
+            f"{raw}: no CaseNN.mhd files (PROMISE12's training release: CaseNN.mhd/.raw and "
+            "CaseNN_segmentation.mhd/.raw)"
+        )
     units = []
     for case, image_path in sorted(found.items()):
         label_path = image_path.with_name(f"{case}_segmentation.mhd")
         if not label_path.is_file():
-            raise SamoraError(f"{image_path}: no {label_path.name} beside it; the training release has a "
-                              "segmentation per case (point RAW at the training data only)")
+            raise SamoraError(
+                f"{image_path}: no {label_path.name} beside it; the training release has a "
+                "segmentation per case (point RAW at the training data only)"
+            )
         shape, label_shape = read_shape(image_path, "image"), read_shape(label_path, "label")
         if shape != label_shape:
-            raise SamoraError(f"{label_path}: label shape {label_shape} differs from the image's {shape} "
-                              f"({image_path}); image and label must be voxel-aligned")
-        sources = [p for p in (image_path, image_path.with_suffix(".raw"), label_path, label_path.with_suffix(".raw"))
-                   if p.is_file()]
+            raise SamoraError(
+                f"{label_path}: label shape {label_shape} differs from the image's {shape} "
+                f"({image_path}); image and label must be voxel-aligned"
+            )
+        sources = [
+            p
+            for p in (image_path, image_path.with_suffix(".raw"), label_path, label_path.with_suffix(".raw"))
+            if p.is_file()
+        ]
         files = [f"{case}.mhd", f"{case}.raw", f"{case}_segmentation.mhd", f"{case}_segmentation.raw"]
         units.append(Unit(case, sources, files, _write_promise12(image_path, label_path, case)))
     test = [c for c in PROMISE12_TEST if c in found]
@@ -254,14 +288,17 @@ def _la_shape(path: Path) -> tuple:
             missing = [k for k in ("image", "label") if k not in handle]
             if missing:
                 keys = ", ".join(sorted(handle.keys())) or "nothing"
-                raise SamoraError(f"{path}: no {' or '.join(repr(k) for k in missing)} dataset (it has: {keys}); "
-                                  "LA cases need 'image' and 'label'")
+                raise SamoraError(
+                    f"{path}: no {' or '.join(repr(k) for k in missing)} dataset (it has: {keys}); "
+                    "LA cases need 'image' and 'label'"
+                )
             shape, label_shape = handle["image"].shape, handle["label"].shape
     except OSError as err:
         raise SamoraError(f"{path} cannot be opened as HDF5 ({err}): the file is truncated or corrupt") from None
     if len(shape) != 3 or shape != label_shape:
-        raise SamoraError(f"{path}: image shape {shape} and label shape {label_shape}; both must be the same 3-D "
-                          "(W, H, D) shape")
+        raise SamoraError(
+            f"{path}: image shape {shape} and label shape {label_shape}; both must be the same 3-D (W, H, D) shape"
+        )
     return tuple(int(s) for s in shape)
 
 
@@ -306,8 +343,9 @@ def plan_la(raw: Path, skip: Path) -> Plan:
     roots += [folder / LA_FOLDER for folder, dirs, _ in _walk(raw, skip) if LA_FOLDER in dirs]
     if len(roots) != 1:
         found = f"{len(roots)} '{LA_FOLDER}' folders ({', '.join(map(str, roots))})" if roots else f"no '{LA_FOLDER}'"
-        raise SamoraError(f"{raw}: {found}; RAW must hold exactly one (UA-MT's layout: '{LA_FOLDER}/<ID>/{LA_FILE}', "
-                          "note the space)")
+        raise SamoraError(
+            f"{raw}: {found}; RAW must hold exactly one (UA-MT's layout: '{LA_FOLDER}/<ID>/{LA_FILE}', note the space)"
+        )
     root = roots[0]
     cases = sorted(p.name for p in root.iterdir() if (p / LA_FILE).is_file())
     if not cases:
@@ -355,29 +393,46 @@ def _previous(out: Path, name: str, raw: Path, overwrite: bool) -> dict:
     if not present or overwrite:
         return manifest
     if manifest.get("dataset") != name or manifest.get("source") != str(raw):
-        what = (f"{manifest.get('dataset')} prepared from {manifest.get('source')}" if manifest
-                else f"files that `samora prepare` did not write (no readable {MANIFEST})")
-        raise SamoraError(f"{out} already holds {what}; choose another OUT (an empty or new folder), or add "
-                          "overwrite=true to prepare into it anyway")
+        what = (
+            f"{manifest.get('dataset')} prepared from {manifest.get('source')}"
+            if manifest
+            else f"files that `samora prepare` did not write (no readable {MANIFEST})"
+        )
+        raise SamoraError(
+            f"{out} already holds {what}; choose another OUT (an empty or new folder), or add "
+            "overwrite=true to prepare into it anyway"
+        )
     foreign = [f for f in present if f not in _written_by(manifest) | {MANIFEST}]
     if foreign:
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise SamoraError(f"{out} holds files this preparation did not write ({', '.join(foreign[:5])}{more}); "
-                          "move them away, choose another OUT, or add overwrite=true")
+        raise SamoraError(
+            f"{out} holds files this preparation did not write ({', '.join(foreign[:5])}{more}); "
+            "move them away, choose another OUT, or add overwrite=true"
+        )
     return manifest
 
 
 def _write_manifest(out: Path, name: str, raw: Path, units: dict, plan: Plan, status: str) -> None:
-    manifest = {"format": "samora prepare", "version": VERSION, "dataset": name, "source": str(raw),
-                "status": status, "counts": plan.counts, "texts": sorted(plan.texts), "units": units}
+    manifest = {
+        "format": "samora prepare",
+        "version": VERSION,
+        "dataset": name,
+        "source": str(raw),
+        "status": status,
+        "counts": plan.counts,
+        "texts": sorted(plan.texts),
+        "units": units,
+    }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def prepare(name: str, raw, out, overwrite: bool = False, progress: bool = True) -> dict:
     """Prepare dataset `name` from the download `raw` into `out`; returns a summary of what was written."""
     if name not in PLANNERS:
-        raise SamoraError(f"`samora prepare` knows {', '.join(sorted(PLANNERS))}, not data.name={name!r} (the demo "
-                          "writes itself; the generic layout is read as it is)")
+        raise SamoraError(
+            f"`samora prepare` knows {', '.join(sorted(PLANNERS))}, not data.name={name!r} (the demo "
+            "writes itself; the generic layout is read as it is)"
+        )
     raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
     if not raw.is_dir():
         raise SamoraError(f"{raw}: RAW (prepare.raw) must be the folder of the {name} download")
@@ -394,12 +449,20 @@ def prepare(name: str, raw, out, overwrite: bool = False, progress: bool = True)
         else:
             records[unit.key] = {"sources": None, "files": unit.files}  # ours, not yet written
             todo.append((unit, record))
-    texts = {rel: text for rel, text in plan.texts.items()
-             if not (out / rel).is_file() or (out / rel).read_text() != text}
+    texts = {
+        rel: text for rel, text in plan.texts.items() if not (out / rel).is_file() or (out / rel).read_text() != text
+    }
     stale = sorted(_written_by(previous) - {f for u in plan.units for f in u.files} - set(plan.texts))
-    summary = {"dataset": name, "source": str(raw), "out": str(out), "cases": len(plan.units),
-               "cases_written": len(todo), "files_written": sum(len(u.files) for u, _ in todo) + len(texts),
-               "files_removed": len(stale), **plan.counts}
+    summary = {
+        "dataset": name,
+        "source": str(raw),
+        "out": str(out),
+        "cases": len(plan.units),
+        "cases_written": len(todo),
+        "files_written": sum(len(u.files) for u, _ in todo) + len(texts),
+        "files_removed": len(stale),
+        **plan.counts,
+    }
     if not todo and not texts and not stale and previous.get("status") == "complete":
         log.info("prepare %s: %s is up to date with %s (%d cases); nothing written.", name, out, raw, len(plan.units))
         return summary
@@ -417,9 +480,20 @@ def prepare(name: str, raw, out, overwrite: bool = False, progress: bool = True)
         atomic_write_text(out / rel, text)
     _write_manifest(out, name, raw, records, plan, "complete")
     counts = ", ".join(f"{k}: {v}" for k, v in plan.counts.items())
-    log.info("prepare %s: wrote %d files (%d of %d cases, %d list/index files)%s to %s: %s. Check it with "
-             "`samora check data.name=%s data.dir=%s`.", name, summary["files_written"], len(todo), len(plan.units),
-             len(texts), f", removed {len(stale)} stale" if stale else "", out, counts, name, out)
+    log.info(
+        "prepare %s: wrote %d files (%d of %d cases, %d list/index files)%s to %s: %s. Check it with "
+        "`samora check data.name=%s data.dir=%s`.",
+        name,
+        summary["files_written"],
+        len(todo),
+        len(plan.units),
+        len(texts),
+        f", removed {len(stale)} stale" if stale else "",
+        out,
+        counts,
+        name,
+        out,
+    )
     return summary
 
 
@@ -427,6 +501,8 @@ def run(cfg) -> dict:
     """`samora prepare`: data.name, prepare.raw, prepare.out (default data.dir), overwrite."""
     if not cfg.prepare.raw:
         name = cfg.data.name
-        raise SamoraError(f"prepare.raw (RAW) is missing: give the folder of the {name} download, e.g. "
-                          f"`make prepare DATA={name} RAW=/downloads/{name} OUT=data/{name}`")
+        raise SamoraError(
+            f"prepare.raw (RAW) is missing: give the folder of the {name} download, e.g. "
+            f"`make prepare DATA={name} RAW=/downloads/{name} OUT=data/{name}`"
+        )
     return prepare(cfg.data.name, cfg.prepare.raw, cfg.prepare.out or cfg.data.dir, overwrite=cfg.overwrite)

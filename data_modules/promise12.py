@@ -47,5 +47,8 @@ class Promise12DataModule(VolumeDataModule):
     def default_split(self) -> CaseSplit:
         found = sorted(p.stem for p in self.root.iterdir() if CASE_FILE.fullmatch(p.name))
         train = [c for c in found if c not in PROMISE12_TEST]
-        return CaseSplit(train, list(PROMISE12_TEST),
-                         f"the default PROMISE12 split of {self.root} (test: {' '.join(PROMISE12_TEST)})")
+        return CaseSplit(
+            train,
+            list(PROMISE12_TEST),
+            f"the default PROMISE12 split of {self.root} (test: {' '.join(PROMISE12_TEST)})",
+        )

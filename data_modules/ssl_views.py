@@ -42,7 +42,7 @@ class RandomGaussianBlur(torch.nn.Module):
         sigma = float(low + (high - low) * torch.rand(()))
         radius = min(self.radius, image.shape[-1] - 1, image.shape[-2] - 1)
         offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
-        weights = torch.exp(-(offsets ** 2) / (2 * sigma ** 2))
+        weights = torch.exp(-(offsets**2) / (2 * sigma**2))
         weights = weights / weights.sum()
         x = F.pad(image.unsqueeze(0), (radius,) * 4, mode="reflect")
         channels = x.shape[1]
@@ -94,8 +94,12 @@ class TwoViews:
 
 def mae_augment(size: int, crop_scale: Sequence[float] = (0.2, 1.0)) -> T.Compose:
     """MAE's light augmentation: random resized crop (bicubic) and horizontal flip."""
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.RandomHorizontalFlip(),
-        Clamp01(),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC, antialias=True
+            ),
+            T.RandomHorizontalFlip(),
+            Clamp01(),
+        ]
+    )

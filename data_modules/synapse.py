@@ -78,7 +78,6 @@ def _array_problems(image: np.ndarray, label: np.ndarray, ndim: int, num_classes
     return problems
 
 
-
 def load_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(image float32, raw label) of a training slice; SamoraError naming the file if it is missing,
     unreadable or lacks a key. Values are not checked."""
@@ -138,7 +137,9 @@ def _open_h5(path: Path):
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise SamoraError(f"{path} cannot be opened as HDF5 ({e}): the file is truncated or corrupt; re-create it") from None
+        raise SamoraError(
+            f"{path} cannot be opened as HDF5 ({e}): the file is truncated or corrupt; re-create it"
+        ) from None
     missing = [k for k in ("image", "label") if k not in f]
     if missing:
         keys = ", ".join(sorted(f.keys())) or "nothing"
@@ -198,8 +199,9 @@ class SynapseDataModule(SegmentationDataModule):
 
     def test_cases(self) -> list[str]:
         if self._test_cases is None:
-            self._test_cases = [c[: -len(".npy.h5")] if c.endswith(".npy.h5") else c
-                                for c in self._read_list("test_vol.txt", "test")]
+            self._test_cases = [
+                c[: -len(".npy.h5")] if c.endswith(".npy.h5") else c for c in self._read_list("test_vol.txt", "test")
+            ]
         return list(self._test_cases)
 
     def case_of(self, name: str) -> str:
@@ -227,8 +229,13 @@ class SynapseDataModule(SegmentationDataModule):
         problems = _array_problems(image, label, 3, self.num_classes)
         if problems:
             raise SamoraError(f"{path}: " + "; ".join(problems))
-        return Volume(case=case, image=image, label=as_label_map(label, self.num_classes), spacing=(1.0, 1.0, 1.0),
-                      meta={"path": str(path)})
+        return Volume(
+            case=case,
+            image=image,
+            label=as_label_map(label, self.num_classes),
+            spacing=(1.0, 1.0, 1.0),
+            meta={"path": str(path)},
+        )
 
     def foreground_slice_indices(self, case: str) -> list[int]:
         path = self.volume_path(case)
@@ -257,8 +264,14 @@ class SynapseDataModule(SegmentationDataModule):
         a summary dict (counts, slice shapes, label values seen) when the dataset is fine.
         """
         problems: list[str] = []
-        summary = {"root": str(self.root), "train_slices": 0, "test_volumes": 0, "slice_shapes": set(),
-                   "volume_shapes": [], "labels_seen": set()}
+        summary = {
+            "root": str(self.root),
+            "train_slices": 0,
+            "test_volumes": 0,
+            "slice_shapes": set(),
+            "volume_shapes": [],
+            "labels_seen": set(),
+        }
 
         def add(path, msg):
             problems.append(f"{path}: {msg}")
@@ -332,4 +345,3 @@ class SynapseDataModule(SegmentationDataModule):
         summary["slice_shapes"] = sorted(summary["slice_shapes"])
         summary["labels_seen"] = sorted(int(v) for v in summary["labels_seen"])
         return summary
-

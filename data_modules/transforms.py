@@ -10,7 +10,8 @@ SAMed's `RandomGenerator` does, per slice:
 
 The reference does this with `scipy.ndimage` per sample (cubic spline zoom of a 512x512 slice costs tens of
 milliseconds). Here every step is a torch op on tensors: `rot90`/`flip`, one `grid_sample` on a
-rotation grid built by broadcasting (what `affine_grid` computes, at a fifth of its cost) for the free rotation (bilinear for the image, nearest for the label; the reference uses nearest for both),
+rotation grid built by broadcasting (what `affine_grid` computes, at a fifth of its cost) for the free
+rotation (bilinear for the image, nearest for the label; the reference uses nearest for both),
 and `F.interpolate` for the resize (bicubic with half-pixel centres for the image, clamped back to [0, 1]
 because cubic kernels overshoot; `nearest-exact`, i.e. the same half-pixel geometry, for the labels, so
 image and label stay aligned). The low-resolution label is taken from the augmented label at its original
@@ -153,9 +154,7 @@ class SegmentationTransform:
         max_angle: float = 20.0,
     ):
         if img_size <= 0 or low_res_factor <= 0 or img_size % low_res_factor:
-            raise ValueError(
-                f"img_size ({img_size}) must be a positive multiple of low_res_factor ({low_res_factor})"
-            )
+            raise ValueError(f"img_size ({img_size}) must be a positive multiple of low_res_factor ({low_res_factor})")
         self.img_size = int(img_size)
         self.low_res_size = self.img_size // int(low_res_factor)
         self.augment = bool(augment)

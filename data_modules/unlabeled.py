@@ -53,10 +53,28 @@ log = logging.getLogger(__name__)
 FORMATS = ("auto", "npz", "h5", "nifti", "mhd", "dicom", "png", "synapse", "la", "promise12")
 SOURCE_INTENSITIES = ("auto",) + INTENSITIES
 INDEX_VERSION = 1
-AUTO_INTENSITY = {"npz": "none", "h5": "none", "png": "none", "nifti": "mr_percentile", "mhd": "mr_percentile",
-                  "dicom": "mr_percentile", "synapse": "none", "la": "mr_percentile", "promise12": "mr_percentile"}
-EXTENSIONS = {".npz": "npz", ".h5": "h5", ".hdf5": "h5", ".nii": "nifti", ".nii.gz": "nifti", ".mhd": "mhd",
-              ".mha": "mhd", ".png": "png", ".dcm": "dicom"}
+AUTO_INTENSITY = {
+    "npz": "none",
+    "h5": "none",
+    "png": "none",
+    "nifti": "mr_percentile",
+    "mhd": "mr_percentile",
+    "dicom": "mr_percentile",
+    "synapse": "none",
+    "la": "mr_percentile",
+    "promise12": "mr_percentile",
+}
+EXTENSIONS = {
+    ".npz": "npz",
+    ".h5": "h5",
+    ".hdf5": "h5",
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".mhd": "mhd",
+    ".mha": "mhd",
+    ".png": "png",
+    ".dcm": "dicom",
+}
 LABEL_FOLDERS = {"labelstr", "labelsts", "label", "labels", "mask", "masks", "gt", "segmentations"}
 LA_FOLDER = "2018LA_Seg_Training Set"
 MAX_LISTED = 40
@@ -84,11 +102,13 @@ def source_dict(source, position: int = 0) -> dict:
     if out["format"] not in FORMATS:
         raise SamoraError(f"{where}.format is {out['format']!r}; allowed values: {', '.join(FORMATS)}.")
     if out["intensity"] not in SOURCE_INTENSITIES:
-        raise SamoraError(f"{where}.intensity is {out['intensity']!r}; "
-                          f"allowed values: {', '.join(SOURCE_INTENSITIES)}.")
+        raise SamoraError(
+            f"{where}.intensity is {out['intensity']!r}; allowed values: {', '.join(SOURCE_INTENSITIES)}."
+        )
     if out["axis"] is not None and out["axis"] not in (0, 1, 2):
-        raise SamoraError(f"{where}.axis is {out['axis']!r}; "
-                          "allowed values: 0, 1, 2 (or null for the format's default).")
+        raise SamoraError(
+            f"{where}.axis is {out['axis']!r}; allowed values: 0, 1, 2 (or null for the format's default)."
+        )
     return out
 
 
@@ -101,8 +121,10 @@ def sources_from_config(cfg) -> List[dict]:
         try:
             from data_modules.demo import ensure_demo
         except ImportError as err:
-            raise SamoraError(f"The demo data writer (data_modules/demo.py) is not available ({err}); "
-                              "set cpt.sources to a folder of unlabeled images.") from err
+            raise SamoraError(
+                f"The demo data writer (data_modules/demo.py) is not available ({err}); "
+                "set cpt.sources to a folder of unlabeled images."
+            ) from err
         root = Path(ensure_demo(root))
         return [source_dict({"path": str(root / "unlabeled"), "format": "npz", "intensity": "none"})]
     if name in ("synapse", "la", "promise12"):
@@ -181,10 +203,17 @@ def scan_source(source: dict, index: dict) -> Tuple[List[Volume], Dict[str, str]
         if reader == "dicom":
             dicom_groups.setdefault(path.parent, []).append(path)
             continue
-        volumes.append(Volume(path=str(path.resolve()), reader=reader, key=source["key"],
-                              axis=source["axis"] if source["axis"] is not None else axis_default[reader],
-                              intensity=AUTO_INTENSITY[fmt if fmt in ("synapse", "la", "promise12") else reader]
-                              if mode == "auto" else mode))
+        volumes.append(
+            Volume(
+                path=str(path.resolve()),
+                reader=reader,
+                key=source["key"],
+                axis=source["axis"] if source["axis"] is not None else axis_default[reader],
+                intensity=AUTO_INTENSITY[fmt if fmt in ("synapse", "la", "promise12") else reader]
+                if mode == "auto"
+                else mode,
+            )
+        )
     for folder, members in sorted(dicom_groups.items()):
         series, bad = _dicom_folder(folder.resolve(), sorted(p.resolve() for p in members), index)
         errors.update(bad)
@@ -205,12 +234,16 @@ def _dicom_folder(folder: Path, members: List[Path], index: dict) -> Tuple[List[
     key = f"dicomdir|{folder}"
     cached = index.get(key)
     if cached and cached.get("sig") == signature:
-        series = [Volume(path=str(folder), reader="dicom", files=s["files"], series=s["series"])
-                  for s in cached["series"]]
+        series = [
+            Volume(path=str(folder), reader="dicom", files=s["files"], series=s["series"]) for s in cached["series"]
+        ]
         return series, dict(cached.get("errors", {}))
     series, errors = dicom_series(folder, members)
-    index[key] = {"sig": signature, "errors": errors,
-                  "series": [{"series": v.series, "files": v.files} for v in series]}
+    index[key] = {
+        "sig": signature,
+        "errors": errors,
+        "series": [{"series": v.series, "files": v.files} for v in series],
+    }
     return series, errors
 
 
@@ -220,8 +253,15 @@ def _dicom_folder(folder: Path, members: List[Path], index: dict) -> Tuple[List[
 class SlicePool:
     """The readable volumes of a pool, with how many slices each gives and their intensity statistics."""
 
-    def __init__(self, volumes: List[Volume], slices: Sequence[int], stats: Sequence, bad: Dict[str, str],
-                 index_path: Optional[Path] = None, sources: Sequence[dict] = ()):
+    def __init__(
+        self,
+        volumes: List[Volume],
+        slices: Sequence[int],
+        stats: Sequence,
+        bad: Dict[str, str],
+        index_path: Optional[Path] = None,
+        sources: Sequence[dict] = (),
+    ):
         self.volumes = list(volumes)
         self.slices = np.asarray(slices, dtype=np.int64)
         self.stats = list(stats)
@@ -336,13 +376,17 @@ def build_pool(
             "Fix or remove them, or set cpt.skip_bad_files=true to pre-train without them."
         )
     if bad:
-        warnings.warn(f"Skipping {len(bad)} unreadable file(s) of the CPT pool (cpt.skip_bad_files=true):\n"
-                      f"{listed}{more}")
+        warnings.warn(
+            f"Skipping {len(bad)} unreadable file(s) of the CPT pool (cpt.skip_bad_files=true):\n{listed}{more}",
+            stacklevel=2,
+        )
     pool = SlicePool(good, slices, stats, bad, index_path, sources)
     if len(pool) == 0:
         paths = ", ".join(f"{s['path']} ({s['format']})" for s in sources)
-        raise SamoraError(f"The CPT pool is empty: no readable slices in {paths}. "
-                          "Point cpt.sources at folders of images (npz, h5, nii/nii.gz, mhd, dicom, png).")
+        raise SamoraError(
+            f"The CPT pool is empty: no readable slices in {paths}. "
+            "Point cpt.sources at folders of images (npz, h5, nii/nii.gz, mhd, dicom, png)."
+        )
     return pool
 
 
@@ -356,8 +400,13 @@ def _display(volume: Volume) -> str:
 class UnlabeledSlices(Dataset):
     """Pool slices as float32 [1, H, W] in [0, 1], passed through `transform` (e.g. two SSL views)."""
 
-    def __init__(self, pool: SlicePool, transform: Optional[Callable] = None, cache_volumes: int = 2,
-                 skip_bad_files: bool = False):
+    def __init__(
+        self,
+        pool: SlicePool,
+        transform: Optional[Callable] = None,
+        cache_volumes: int = 2,
+        skip_bad_files: bool = False,
+    ):
         self.pool = pool
         self.transform = transform
         self.cache = VolumeCache(cache_volumes)
@@ -375,7 +424,7 @@ class UnlabeledSlices(Dataset):
         return torch.from_numpy(np.ascontiguousarray(scaled))[None]
 
     def __getitem__(self, item: int):
-        for attempt in range(10):
+        for _attempt in range(10):
             try:
                 image = self.slice(item)
                 break
@@ -383,11 +432,13 @@ class UnlabeledSlices(Dataset):
                 number, index = self.pool.locate(item)
                 where = _display(self.pool.volumes[number])
                 if not self.skip_bad_files:
-                    raise SamoraError(f"Cannot read slice {index} of {where}: {err}. Fix or remove the file, "
-                                      "or set cpt.skip_bad_files=true.") from err
+                    raise SamoraError(
+                        f"Cannot read slice {index} of {where}: {err}. Fix or remove the file, "
+                        "or set cpt.skip_bad_files=true."
+                    ) from err
                 if where not in self._warned:
                     self._warned.add(where)
-                    warnings.warn(f"Skipping unreadable slice {index} of {where}: {err}")
+                    warnings.warn(f"Skipping unreadable slice {index} of {where}: {err}", stacklevel=2)
                 item = (item + 1) % len(self.pool)
         else:
             raise SamoraError("Ten consecutive slices of the CPT pool could not be read; check the files named above.")
@@ -427,8 +478,10 @@ class UnlabeledDataModule(L.LightningDataModule):
         if self.pool is None:
             self.pool = build_pool(self.sources, self.skip_bad_files, self.index_path)
         if self.drop_last and len(self.pool) < self.batch_size:
-            raise SamoraError(f"The CPT pool has {len(self.pool)} slices, fewer than one batch ({self.batch_size}); "
-                              "add images or lower the teacher's batch_size.")
+            raise SamoraError(
+                f"The CPT pool has {len(self.pool)} slices, fewer than one batch ({self.batch_size}); "
+                "add images or lower the teacher's batch_size."
+            )
         if self.dataset is None:
             self.dataset = UnlabeledSlices(self.pool, self.transform, self.cache_volumes, self.skip_bad_files)
 

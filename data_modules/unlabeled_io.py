@@ -137,8 +137,18 @@ def _probe_mhd(volume: Volume):
     return tuple(reversed(size))  # SimpleITK arrays are (z, y, x)
 
 
-_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
-              "MET_FLOAT": 4, "MET_DOUBLE": 8, "MET_ULONG": 8, "MET_LONG": 8}
+_MET_BYTES = {
+    "MET_UCHAR": 1,
+    "MET_CHAR": 1,
+    "MET_USHORT": 2,
+    "MET_SHORT": 2,
+    "MET_UINT": 4,
+    "MET_INT": 4,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+    "MET_ULONG": 8,
+    "MET_LONG": 8,
+}
 
 
 def _check_mhd_data(path: Path, size, components: int) -> None:
@@ -158,8 +168,9 @@ def _check_mhd_data(path: Path, size, components: int) -> None:
         return
     expected = int(np.prod(size)) * components * _MET_BYTES.get(fields.get("ElementType", ""), 1)
     if raw.stat().st_size < expected:
-        raise ReadError(f"its data file {raw.name} has {raw.stat().st_size} bytes, "
-                        f"fewer than the {expected} the header needs")
+        raise ReadError(
+            f"its data file {raw.name} has {raw.stat().st_size} bytes, fewer than the {expected} the header needs"
+        )
 
 
 def _probe_dicom(volume: Volume):
@@ -179,8 +190,14 @@ def _probe_png(volume: Volume):
         return (image.size[1], image.size[0])
 
 
-_PROBES = {"npz": _probe_npz, "h5": _probe_h5, "nifti": _probe_nifti, "mhd": _probe_mhd,
-           "dicom": _probe_dicom, "png": _probe_png}
+_PROBES = {
+    "npz": _probe_npz,
+    "h5": _probe_h5,
+    "nifti": _probe_nifti,
+    "mhd": _probe_mhd,
+    "dicom": _probe_dicom,
+    "png": _probe_png,
+}
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -337,8 +354,14 @@ def _read_png(volume: Volume) -> np.ndarray:
         return array if image.mode == "F" else array / 255.0
 
 
-_READ_WHOLE = {"npz": _read_npz, "h5": _read_h5, "nifti": _read_nifti, "mhd": _read_mhd,
-               "dicom": _read_dicom, "png": _read_png}
+_READ_WHOLE = {
+    "npz": _read_npz,
+    "h5": _read_h5,
+    "nifti": _read_nifti,
+    "mhd": _read_mhd,
+    "dicom": _read_dicom,
+    "png": _read_png,
+}
 
 
 # --------------------------------------------------------------------------------------------- intensity

@@ -65,8 +65,10 @@ def read_image(path: str | os.PathLike, what: str = "volume") -> tuple[np.ndarra
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         detail = " ".join(str(err).split())[-200:]
-        raise SamoraError(f"{path}: cannot read this {what} ({detail}); check the file and, for .mhd, its "
-                          "ElementDataFile (.raw) beside it") from None
+        raise SamoraError(
+            f"{path}: cannot read this {what} ({detail}); check the file and, for .mhd, its "
+            "ElementDataFile (.raw) beside it"
+        ) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise SamoraError(f"{path}: {image.GetNumberOfComponentsPerPixel()} components per voxel; grey volumes only")
     if image.GetDimension() not in (2, 3):
@@ -81,8 +83,9 @@ def read_image(path: str | os.PathLike, what: str = "volume") -> tuple[np.ndarra
     else:
         spacing = tuple(reversed(image.GetSpacing()))
         origin, direction = image.GetOrigin(), image.GetDirection()
-    geometry = Geometry(tuple(float(s) for s in spacing), tuple(float(o) for o in origin),
-                        tuple(float(v) for v in direction))
+    geometry = Geometry(
+        tuple(float(s) for s in spacing), tuple(float(o) for o in origin), tuple(float(v) for v in direction)
+    )
     return array, geometry
 
 

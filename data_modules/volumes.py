@@ -156,8 +156,10 @@ def label_problems(label: np.ndarray, class_names: list) -> list[str]:
 def array_problems(image, label, image_path: Path, label_path: Path, class_names: list) -> list[str]:
     """Every problem of an image/label pair (a volume or one slice), each line naming the file at fault."""
     if image.shape != label.shape:
-        return [f"{label_path}: label shape {label.shape} differs from the image's {image.shape} "
-                f"({image_path}); image and label must be voxel-aligned"]
+        return [
+            f"{label_path}: label shape {label.shape} differs from the image's {image.shape} "
+            f"({image_path}); image and label must be voxel-aligned"
+        ]
     problems = []
     if not np.isfinite(image).all():
         problems.append(f"{image_path}: image contains NaN or Inf values")
@@ -171,20 +173,24 @@ def geometry_problems(raw: RawCase) -> list[str]:
     if raw.label_geometry is None:
         return []
     image, label = raw.geometry, raw.label_geometry
-    differ = [name for name in ("spacing", "origin", "direction")
-              if not np.allclose(getattr(image, name), getattr(label, name), rtol=1e-3, atol=1e-3)]
+    differ = [
+        name
+        for name in ("spacing", "origin", "direction")
+        if not np.allclose(getattr(image, name), getattr(label, name), rtol=1e-3, atol=1e-3)
+    ]
     if not differ:
         return []
     detail = "; ".join(f"{name} {tuple(getattr(label, name))} vs {tuple(getattr(image, name))}" for name in differ)
-    return [f"{raw.label_path}: label {' and '.join(differ)} differ from the image's ({raw.path}): {detail}; "
-            "resample the label onto the image grid (nearest neighbour)"]
+    return [
+        f"{raw.label_path}: label {' and '.join(differ)} differ from the image's ({raw.path}): {detail}; "
+        "resample the label onto the image grid (nearest neighbour)"
+    ]
 
 
 def case_problems(raw: RawCase, class_names: list) -> list[str]:
     if raw.image.ndim != 3:
         return [f"{raw.path}: image has shape {raw.image.shape}, expected a 3-D volume"]
     return array_problems(raw.image, raw.label, raw.path, raw.label_path, class_names)
-
 
 
 def volume_stats(image: np.ndarray, mode: str) -> Optional[list]:
@@ -208,8 +214,7 @@ class VolumeSliceReader:
         if self.mode == "mr_percentile" and case not in self._stats:
             self._stats[case] = volume_stats(self.reader.read_cached(case).image, self.mode)
         image, label = self.reader.read_slice(case, z)
-        problems = array_problems(image, label, self.reader.path(case), self.reader.label_path(case),
-                                  self.class_names)
+        problems = array_problems(image, label, self.reader.path(case), self.reader.label_path(case), self.class_names)
         if problems:
             raise SamoraError(f"slice {z} of case {case}: " + "; ".join(problems))
         scaled = scale_intensity(image, self.mode, self._stats.get(case))
@@ -234,8 +239,9 @@ class VolumeDataModule(SegmentationDataModule):
     list_files: tuple = ("train.txt", "test.txt")
     default_list_dir: Optional[str] = None
 
-    def __init__(self, root, *args, intensity: Optional[str] = None,
-                 list_dir: Optional[str | os.PathLike] = None, **kwargs):
+    def __init__(
+        self, root, *args, intensity: Optional[str] = None, list_dir: Optional[str | os.PathLike] = None, **kwargs
+    ):
         super().__init__(root, *args, **kwargs)
         if not self.root.is_dir():
             raise SamoraError(
@@ -290,8 +296,10 @@ class VolumeDataModule(SegmentationDataModule):
             paths = [folder / name for name in self.list_files]
             found = [p.is_file() for p in paths]
             if all(found):
-                train, test = (list(map(strip_image_suffix, read_name_list(p, what)))
-                               for p, what in zip(paths, ("training", "test")))
+                train, test = (
+                    list(map(strip_image_suffix, read_name_list(p, what)))
+                    for p, what in zip(paths, ("training", "test"))
+                )
                 return CaseSplit(train, test, f"the lists {paths[0]} and {paths[1]}")
             if any(found) or self.list_dir is not None:
                 missing = next(p for p, ok in zip(paths, found) if not ok)
@@ -317,21 +325,26 @@ class VolumeDataModule(SegmentationDataModule):
         if missing:
             shown = ", ".join(f"{c} ({reader.path(c)})" for c in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            problems.append(f"{split.source}: cases with no file: {shown}{more}; restore the files or leave the "
-                            f"cases out of {' and '.join(self.list_files)}")
+            problems.append(
+                f"{split.source}: cases with no file: {shown}{more}; restore the files or leave the "
+                f"cases out of {' and '.join(self.list_files)}"
+            )
         return problems
 
     def seeded_split(self, cases, where) -> CaseSplit:
         """A seeded 80/20 split by case of `cases` (found in `where`)."""
         cases = sorted(cases)
         if len(cases) < 2:
-            raise SamoraError(f"{where}: found {len(cases)} {self.title} case(s); a train/test split needs at "
-                              f"least 2 ({self.layout})")
+            raise SamoraError(
+                f"{where}: found {len(cases)} {self.title} case(s); a train/test split needs at least 2 ({self.layout})"
+            )
         n_test = max(1, int(round(TEST_FRACTION * len(cases))))
         test = set(np.asarray(cases)[np.random.default_rng(self.seed).permutation(len(cases))[:n_test]].tolist())
-        return CaseSplit([c for c in cases if c not in test], [c for c in cases if c in test],
-                         f"a seeded split by case (seed {self.seed}, {n_test} of {len(cases)} cases for test) "
-                         f"of {where}")
+        return CaseSplit(
+            [c for c in cases if c not in test],
+            [c for c in cases if c in test],
+            f"a seeded split by case (seed {self.seed}, {n_test} of {len(cases)} cases for test) of {where}",
+        )
 
     def write_split(self, split_dir=None):
         """Also write the case split, under the dataset's list names (rank zero only)."""
@@ -366,16 +379,29 @@ class VolumeDataModule(SegmentationDataModule):
             raise SamoraError("; ".join(problems))
         image = scale_intensity(raw.image, self.intensity, volume_stats(raw.image, self.intensity))
         meta = {"path": str(raw.path), "label_path": str(raw.label_path), "geometry": raw.geometry.to_meta()}
-        return Volume(case=case, image=image, label=as_label_map(raw.label, self.num_classes),
-                      spacing=tuple(raw.geometry.spacing), meta=meta)
+        return Volume(
+            case=case,
+            image=image,
+            label=as_label_map(raw.label, self.num_classes),
+            spacing=tuple(raw.geometry.spacing),
+            meta=meta,
+        )
 
     def validate(self) -> dict:
         """Read every case of the split; raise one SamoraError listing every problem, else return a summary."""
         problems: list[str] = []
         cases: list[str] = []
         train: set = set()
-        summary = {"root": str(self.root), "split": None, "intensity": self.intensity, "train_cases": 0,
-                   "test_cases": 0, "train_slices": 0, "volume_shapes": set(), "labels_seen": set()}
+        summary = {
+            "root": str(self.root),
+            "split": None,
+            "intensity": self.intensity,
+            "train_cases": 0,
+            "test_cases": 0,
+            "train_slices": 0,
+            "volume_shapes": set(),
+            "labels_seen": set(),
+        }
         try:
             split = self._find_split()
             reader = self.reader()
@@ -399,8 +425,10 @@ class VolumeDataModule(SegmentationDataModule):
                 summary["volume_shapes"].add(tuple(raw.image.shape))
                 summary["labels_seen"].update(np.unique(raw.label).astype(int).tolist())
         if problems:
-            raise SamoraError(f"{len(problems)} problem(s) in the {self.title} dataset at {self.root}:\n  - "
-                              + "\n  - ".join(problems))
+            raise SamoraError(
+                f"{len(problems)} problem(s) in the {self.title} dataset at {self.root}:\n  - "
+                + "\n  - ".join(problems)
+            )
         summary["volume_shapes"] = sorted(summary["volume_shapes"])
         summary["labels_seen"] = sorted(summary["labels_seen"])
         return summary

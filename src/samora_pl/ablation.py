@@ -149,8 +149,15 @@ def markdown_table(rows: list, description: str) -> str:
     head = ["variant", "overrides", "seeds", "Mean Dice (%)", "± std", "Mean HD95", "± std"] + classes
     lines = [f"# {description}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["variant"], f"`{row['overrides'] or '-'}`", str(row["seeds"]), _pct(row["mean_dice"]),
-                 _pct(row["mean_dice_std"]), _num(row["mean_hd95"]), _num(row["mean_hd95_std"])]
+        cells = [
+            row["variant"],
+            f"`{row['overrides'] or '-'}`",
+            str(row["seeds"]),
+            _pct(row["mean_dice"]),
+            _pct(row["mean_dice_std"]),
+            _num(row["mean_hd95"]),
+            _num(row["mean_hd95_std"]),
+        ]
         cells += [_pct(row["per_class"].get(c)) for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
     if classes:

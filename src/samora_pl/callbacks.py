@@ -11,25 +11,28 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 # Background transparent, then distinct colours for up to 13 classes (Synapse's 8 first).
-PALETTE = torch.tensor(
-    [
-        [0, 0, 0],
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-        [70, 240, 240],
-        [240, 50, 230],
-        [210, 245, 60],
-        [250, 190, 190],
-        [0, 128, 128],
-        [170, 110, 40],
-        [128, 128, 128],
-    ],
-    dtype=torch.float32,
-) / 255.0
+PALETTE = (
+    torch.tensor(
+        [
+            [0, 0, 0],
+            [230, 25, 75],
+            [60, 180, 75],
+            [255, 225, 25],
+            [0, 130, 200],
+            [245, 130, 48],
+            [145, 30, 180],
+            [70, 240, 240],
+            [240, 50, 230],
+            [210, 245, 60],
+            [250, 190, 190],
+            [0, 128, 128],
+            [170, 110, 40],
+            [128, 128, 128],
+        ],
+        dtype=torch.float32,
+    )
+    / 255.0
+)
 
 
 def overlay(image: torch.Tensor, label: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:

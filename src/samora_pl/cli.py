@@ -59,9 +59,7 @@ def run_command(command: str, overrides) -> dict:
 
         names = [item for item in overrides if "=" not in item]
         if len(names) != 1:
-            raise SamoraError(
-                "Usage: samora ablation NAME [seeds=N] key=value ... (NAME from experiments/ablations/)."
-            )
+            raise SamoraError("Usage: samora ablation NAME [seeds=N] key=value ... (NAME from experiments/ablations/).")
         seeds = [item.split("=", 1)[1] for item in overrides if item.startswith("seeds=")]
         if seeds and not seeds[-1].strip().isdigit():
             raise SamoraError(f"seeds={seeds[-1]}: give a whole number of seeds per variant, e.g. seeds=3.")
@@ -104,9 +102,11 @@ def main(argv=None) -> int:
         if err.errno not in _FOLDER_ERRORS:
             raise  # anything else is a bug: keep the traceback
         where = err.filename or "a file of the run"
-        print(f"samora {args.command}: error: {where}: {err.strerror}. Under the runs folder: make it writable (and "
-              "check free space) or write the run elsewhere with runs_dir=... / RUN=...; an input: make it readable.",
-              file=sys.stderr)
+        print(
+            f"samora {args.command}: error: {where}: {err.strerror}. Under the runs folder: make it writable (and "
+            "check free space) or write the run elsewhere with runs_dir=... / RUN=...; an input: make it readable.",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"samora {args.command}: interrupted.", file=sys.stderr)

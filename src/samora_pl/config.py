@@ -17,9 +17,7 @@ from samora_pl.schema import RootConfig
 
 STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict")
 LEVELS = ("image", "patch", "pixel")
-ORDERS = tuple(
-    f"{a}-{b}-{c}" for a in LEVELS for b in LEVELS for c in LEVELS if len({a, b, c}) == 3
-)
+ORDERS = tuple(f"{a}-{b}-{c}" for a in LEVELS for b in LEVELS for c in LEVELS if len({a, b, c}) == 3)
 
 CHOICES = {
     "data.fraction_by": ("slice", "case", "list"),
@@ -76,7 +74,9 @@ def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
         known = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
         raise SamoraError(f"Unknown config key '{key}' (from {source}). Known keys here: {known}.") from err
     except ValidationError as err:
-        raise SamoraError(f"Bad value for config key '{err.full_key}' (from {source}): {str(err).splitlines()[0]}") from err
+        raise SamoraError(
+            f"Bad value for config key '{err.full_key}' (from {source}): {str(err).splitlines()[0]}"
+        ) from err
     except OmegaConfBaseException as err:
         raise SamoraError(f"Bad config (from {source}): {err}") from err
 
@@ -118,8 +118,7 @@ def finetune_levels(cfg: DictConfig) -> tuple:
 def data_options(cfg: DictConfig) -> dict:
     """The dataset options the user set (data.intensity, data.list_dir), for every stage that builds data;
     unset ones are left out, so a dataset without them is only refused when they are asked for."""
-    options = {"intensity": None if cfg.data.intensity == "auto" else cfg.data.intensity,
-               "list_dir": cfg.data.list_dir}
+    options = {"intensity": None if cfg.data.intensity == "auto" else cfg.data.intensity, "list_dir": cfg.data.list_dir}
     return {key: value for key, value in options.items() if value is not None}
 
 

@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 
-def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+def normalized_mse(
+    student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-6
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rows [..., D] -> (mean over rows of ||s/|s| - t/|t|||^2, mean cosine similarity)."""
     if student.shape != teacher.shape:
         raise ValueError(f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} differ")
@@ -126,7 +128,8 @@ def degrade(
 
 
 def overlap_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Soft Dice-style overlap per image, averaged over the batch: 1 - (2 sum(p t) + eps) / (sum p^2 + sum t^2 + eps)."""
+    """Soft Dice-style overlap per image, averaged over the batch:
+    1 - (2 sum(p t) + eps) / (sum p^2 + sum t^2 + eps)."""
     p = pred.float().flatten(1)
     t = target.float().flatten(1)
     dice = (2 * (p * t).sum(1) + eps) / (p.pow(2).sum(1) + t.pow(2).sum(1) + eps)

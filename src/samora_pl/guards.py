@@ -50,8 +50,11 @@ class NonFiniteGuard(L.Callback):
 
     def failure(self, module: L.LightningModule, loss: torch.Tensor) -> SamoraError:
         last = self.last_checkpoint()
-        where = (f"the last good checkpoint is {last} (re-running the same command resumes from it)" if last
-                 else f"there is no checkpoint yet in {self.folder / 'checkpoints'}")
+        where = (
+            f"the last good checkpoint is {last} (re-running the same command resumes from it)"
+            if last
+            else f"there is no checkpoint yet in {self.folder / 'checkpoints'}"
+        )
         return SamoraError(
             f"{self.stage}: the training loss became non-finite ({float(loss.detach()):g}) at global step "
             f"{module.global_step} (epoch {module.current_epoch}); the stage stopped without writing its hand-off "
@@ -80,8 +83,12 @@ def guard_loss(module: L.LightningModule, loss: torch.Tensor) -> Optional[torch.
     if not guard.skip:
         raise guard.failure(module, loss)
     guard.skipped += 1
-    log.warning("%s: skipped a batch with a non-finite loss at global step %d (%d skipped so far)",
-                guard.stage, module.global_step, guard.skipped)
+    log.warning(
+        "%s: skipped a batch with a non-finite loss at global step %d (%d skipped so far)",
+        guard.stage,
+        module.global_step,
+        guard.skipped,
+    )
     module.log("train/nonfinite_skipped", float(guard.skipped), on_step=True, on_epoch=False)
     return None
 

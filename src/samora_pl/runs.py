@@ -96,7 +96,9 @@ def read_manifest(folder: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise SamoraError(f"Manifest {path} is unreadable ({err}); delete the folder or re-run with overwrite=true.")
+        raise SamoraError(
+            f"Manifest {path} is unreadable ({err}); delete the folder or re-run with overwrite=true."
+        ) from err
 
 
 def verify_input(path: Path, producer: Path) -> dict:

@@ -63,8 +63,13 @@ def build_trainer(
         enable_version_counter=False,
     )
     guard = NonFiniteGuard(f"{stage} {sub}", folder, skip=bool(cfg.get("skip_nonfinite", False)))
-    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), TQDMProgressBar(refresh_rate=1), guard,
-                     RandomState()]
+    all_callbacks = [
+        checkpoint,
+        LearningRateMonitor(logging_interval="step"),
+        TQDMProgressBar(refresh_rate=1),
+        guard,
+        RandomState(),
+    ]
     all_callbacks += list(callbacks or [])
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,

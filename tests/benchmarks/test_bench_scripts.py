@@ -15,17 +15,26 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 TINY_RUNS = {
-    "encoder_step.py": (["--variant", "tiny", "--img-size", "64", "--warmup", "0", "--reps", "1", "--hl-width", "32"],
-                        ["samora_fused_s", "samora_naive_s", "speedup_fused_vs_naive", "ratio_vs_flops"]),
-    "cpt_step.py": (["--img-size", "32", "--batch", "2", "--reps", "1", "--warmup", "0"],
-                    ["simclr_r50_channels_last_images_per_s", "mae_vit_b_images_per_s", "channels_last_vs_contiguous"]),
-    "data_loader.py": (["--slices", "8", "--size", "64", "--img-size", "32", "--workers", "1", "--batch-size", "4",
-                        "--epochs", "1"],
-                       ["samora_slices_per_s", "scipy_reference_slices_per_s", "ratio_cached", "ratio"]),
-    "evaluation.py": (["--depth", "6", "--size", "48", "--cases", "2", "--repeats", "1"],
-                      ["identical_to_medpy", "workers_identical", "workers_speedup", "ratio"]),
-    "grad_checkpoint.py": (["--variant", "tiny", "--img-size", "64", "--reps", "1", "--hl-width", "32"],
-                           ["memory_ratio (goal >= 2)", "time_ratio (goal <= 1.4)"]),
+    "encoder_step.py": (
+        ["--variant", "tiny", "--img-size", "64", "--warmup", "0", "--reps", "1", "--hl-width", "32"],
+        ["samora_fused_s", "samora_naive_s", "speedup_fused_vs_naive", "ratio_vs_flops"],
+    ),
+    "cpt_step.py": (
+        ["--img-size", "32", "--batch", "2", "--reps", "1", "--warmup", "0"],
+        ["simclr_r50_channels_last_images_per_s", "mae_vit_b_images_per_s", "channels_last_vs_contiguous"],
+    ),
+    "data_loader.py": (
+        ["--slices", "8", "--size", "64", "--img-size", "32", "--workers", "1", "--batch-size", "4", "--epochs", "1"],
+        ["samora_slices_per_s", "scipy_reference_slices_per_s", "ratio_cached", "ratio"],
+    ),
+    "evaluation.py": (
+        ["--depth", "6", "--size", "48", "--cases", "2", "--repeats", "1"],
+        ["identical_to_medpy", "workers_identical", "workers_speedup", "ratio"],
+    ),
+    "grad_checkpoint.py": (
+        ["--variant", "tiny", "--img-size", "64", "--reps", "1", "--hl-width", "32"],
+        ["memory_ratio (goal >= 2)", "time_ratio (goal <= 1.4)"],
+    ),
 }
 
 
@@ -44,8 +53,9 @@ def test_every_benchmark_is_covered():
 def test_benchmark_runs_at_a_tiny_size(script):
     args, expected = TINY_RUNS[script]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     printed = figures(done.stdout)
     missing = [name for name in expected if name not in printed]

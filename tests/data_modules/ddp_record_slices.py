@@ -36,10 +36,19 @@ class RecordSlices(L.LightningModule):
 
 def main(root: str, out: str, fraction: str) -> None:
     out = Path(out)
-    data = SynapseDataModule(root, img_size=16, batch_size=2, fraction=float(fraction), val_slices=0,
-                             split_dir=out / "splits")
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    data = SynapseDataModule(
+        root, img_size=16, batch_size=2, fraction=float(fraction), val_slices=0, split_dir=out / "splits"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(RecordSlices(out), datamodule=data)
 
 

@@ -115,8 +115,14 @@ def test_lightning_fit(root, tmp_path, val_slices):
     dm = dm_for(root, fraction=0.2, val_slices=val_slices, split_dir=tmp_path / "splits")
     model = _Tiny()
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=dm)
     assert model.seen_val == 2 * val_slices  # sanity check + one validation epoch
@@ -126,6 +132,7 @@ def test_lightning_fit(root, tmp_path, val_slices):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_cached_training_slices_give_the_same_batches(root, num_workers):
     """cache=True only changes where the slices come from: same seed, same augmented batches."""
+
     def batches(cache):
         dm = dm_for(root, fraction=0.2, num_workers=num_workers, cache=cache)
         dm.setup("fit")
@@ -165,8 +172,14 @@ def test_ddp_ranks_share_the_selected_slices(root, tmp_path, fraction, count):
 
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo / "src"), str(repo)]), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "tests.data_modules.ddp_record_slices", str(root), str(tmp_path),
-                           str(fraction)], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.data_modules.ddp_record_slices", str(root), str(tmp_path), str(fraction)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     selected = (tmp_path / "splits" / "train_selected.txt").read_text().split()
     assert len(selected) == count

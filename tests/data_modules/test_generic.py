@@ -78,11 +78,14 @@ def test_intensity_default_follows_the_modality(tmp_path):
     assert dm_for(write_generic(tmp_path / "ct", modality="CT"), intensity="none").intensity == "none"
 
 
-@pytest.mark.parametrize("labels, message", [
-    ({"0": "background", "2": "liver"}, r"label ids \[0, 2\] must run 0..K without gaps"),
-    ({"background": 0, "liver": [1, 2]}, r"region labels \(lists of ids\) are not supported"),
-    ({"background": 0, "liver": 1, "organ": 1}, "label id 1 is given twice"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ({"0": "background", "2": "liver"}, r"label ids \[0, 2\] must run 0..K without gaps"),
+        ({"background": 0, "liver": [1, 2]}, r"region labels \(lists of ids\) are not supported"),
+        ({"background": 0, "liver": 1, "organ": 1}, "label id 1 is given twice"),
+    ],
+)
 def test_bad_dataset_json(msd_root, labels, message):
     (msd_root / "dataset.json").write_text(json.dumps({"labels": labels}))
     with pytest.raises(SamoraError, match=message):
@@ -101,8 +104,11 @@ def test_bad_cases_name_the_file(msd_root):
     dm = dm_for(msd_root)
     with pytest.raises(SamoraError, match=r"labelsTr/liver_0\.nii\.gz: label shape \(5, 16, 19\) differs"):
         dm.load_volume("liver_0")
-    with pytest.raises(SamoraError, match=r"labelsTr/liver_1\.nii\.gz: label has values 3 that are not class ids: "
-                                          r"expected 0 \(background\) to 2 \(1 liver, 2 tumour\)"):
+    with pytest.raises(
+        SamoraError,
+        match=r"labelsTr/liver_1\.nii\.gz: label has values 3 that are not class ids: "
+        r"expected 0 \(background\) to 2 \(1 liver, 2 tumour\)",
+    ):
         dm.load_volume("liver_1")
     with pytest.raises(SamoraError, match=r"labelsTr/liver_2\.nii\.gz: label file not found"):
         dm.load_volume("liver_2")

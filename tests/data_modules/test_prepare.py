@@ -108,8 +108,7 @@ def test_second_run_writes_nothing_and_a_changed_case_is_redone(synapse_raw, tmp
 
 def test_refuses_an_out_with_another_dataset_or_foreign_files(synapse_raw, tmp_path):
     promise_out = tmp_path / "promise"
-    prepare("promise12", write_promise12(tmp_path / "promise_raw", train=(0,), test=(12,)), promise_out,
-            progress=False)
+    prepare("promise12", write_promise12(tmp_path / "promise_raw", train=(0,), test=(12,)), promise_out, progress=False)
     with pytest.raises(SamoraError, match="promise12 prepared from .*overwrite=true"):
         prepare("synapse", synapse_raw, promise_out, progress=False)
 

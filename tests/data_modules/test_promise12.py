@@ -11,8 +11,13 @@ from data_modules.promise12 import Promise12DataModule
 from data_modules.volume_io import Geometry, write_image
 from samora_pl.cli import main
 from samora_pl.errors import SamoraError
-from tests.data_modules.volume_writers import (GEOMETRY, PROMISE12_TEST, finetune_folder, finetune_overrides,
-                                               write_promise12)
+from tests.data_modules.volume_writers import (
+    GEOMETRY,
+    PROMISE12_TEST,
+    finetune_folder,
+    finetune_overrides,
+    write_promise12,
+)
 
 TEST_CASES = [f"Case{n:02d}" for n in PROMISE12_TEST]
 
@@ -111,8 +116,9 @@ def test_check_names_a_label_on_another_grid(promise_root):
     dm = dm_for(promise_root)
     dm.validate()  # same headers: fine
     label = dm.load_volume("Case01").label
-    other = Geometry(spacing=(GEOMETRY.spacing[0] * 2, *GEOMETRY.spacing[1:]), origin=(9.0, 9.0, 9.0),
-                     direction=GEOMETRY.direction)
+    other = Geometry(
+        spacing=(GEOMETRY.spacing[0] * 2, *GEOMETRY.spacing[1:]), origin=(9.0, 9.0, 9.0), direction=GEOMETRY.direction
+    )
     write_image(promise_root / "Case01_segmentation.mhd", label, other)
     with pytest.raises(SamoraError, match=r"Case01_segmentation\.mhd: label spacing and origin differ") as err:
         dm_for(promise_root).validate()

@@ -1,6 +1,5 @@
 """SynapseDataModule on tiny trees in the exact TransUNet layout: batches, volumes, and every bad input."""
 
-
 import h5py
 import numpy as np
 import pytest
@@ -23,7 +22,14 @@ def test_class_names_and_registry(synapse_root):
     assert isinstance(dm, SynapseDataModule)
     assert dm.num_classes == 8
     assert dm.class_names == [
-        "spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "gallbladder",
+        "liver",
+        "stomach",
+        "aorta",
+        "pancreas",
     ]
     assert {"demo", "synapse"} <= set(known_datamodules())
     with pytest.raises(SamoraError, match="known datasets are.*demo.*synapse"):

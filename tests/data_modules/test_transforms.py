@@ -19,7 +19,9 @@ def _agreement(out) -> float:
     img = out["image"][0].numpy() * 10.0
     lab = out["label"].numpy()
     pad = np.pad(lab, 1, mode="edge")
-    shifts = [pad[1 + dy : 1 + dy + lab.shape[0], 1 + dx : 1 + dx + lab.shape[1]] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    shifts = [
+        pad[1 + dy : 1 + dy + lab.shape[0], 1 + dx : 1 + dx + lab.shape[1]] for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+    ]
     interior = np.all([s == lab for s in shifts], axis=0)
     return float((np.abs(img[interior] - lab[interior]) < 0.5).mean())
 

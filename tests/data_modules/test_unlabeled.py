@@ -285,8 +285,9 @@ def test_file_lost_after_indexing(tmp_path):
 def test_datamodule_batches(tmp_path):
     for k in range(6):
         np.savez(tmp_path / f"{k}.npz", image=ramp((40, 48)))
-    module = UnlabeledDataModule(sources=[{"path": str(tmp_path)}], transform=TwoViews(simclr_augment(32)),
-                                 batch_size=4)
+    module = UnlabeledDataModule(
+        sources=[{"path": str(tmp_path)}], transform=TwoViews(simclr_augment(32)), batch_size=4
+    )
     module.setup("fit")
     view1, view2 = next(iter(module.train_dataloader()))
     assert view1.shape == view2.shape == (4, 1, 32, 32)

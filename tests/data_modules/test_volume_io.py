@@ -29,8 +29,9 @@ def test_geometry_survives_plain_metadata():
 
 def test_unreadable_mhd_names_the_file(tmp_path):
     header = tmp_path / "Case00.mhd"
-    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 5 6\nElementType = MET_UCHAR\n"
-                      "ElementDataFile = Case00.raw\n")
+    header.write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 4 5 6\nElementType = MET_UCHAR\nElementDataFile = Case00.raw\n"
+    )
     with pytest.raises(SamoraError, match="Case00.mhd: cannot read"):
         read_image(header)
     with pytest.raises(SamoraError, match="not found"):

@@ -12,10 +12,16 @@ import numpy as np
 from data_modules.volume_io import Geometry, write_image
 
 # non-unit spacing, a rotated frame and an offset origin, so a lost or reordered geometry shows
-GEOMETRY = Geometry(spacing=(3.0, 0.75, 0.5), origin=(-10.0, 20.5, 3.0),
-                    direction=(0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
-LA_IDS = ("0RZDK210BSMWAA6467LU", "1D7CUD1955YZPGK8XHJX", "3C2QTUNI0852XV7ZH4Q1", "4URSJYI2QUH1T5S5PP47",
-          "5QFK2PMHNX7UALK52NNA")
+GEOMETRY = Geometry(
+    spacing=(3.0, 0.75, 0.5), origin=(-10.0, 20.5, 3.0), direction=(0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+)
+LA_IDS = (
+    "0RZDK210BSMWAA6467LU",
+    "1D7CUD1955YZPGK8XHJX",
+    "3C2QTUNI0852XV7ZH4Q1",
+    "4URSJYI2QUH1T5S5PP47",
+    "5QFK2PMHNX7UALK52NNA",
+)
 PROMISE12_TEST = (12, 13, 16, 20, 23, 28, 34, 35, 43, 49)
 
 
@@ -65,8 +71,15 @@ def write_promise12(root: Path, train=(0, 1, 2), test=PROMISE12_TEST, shape=(4, 
     return root
 
 
-def write_generic(root: Path, train=("liver_0", "liver_1", "liver_2", "liver_3", "liver_4"), test=(),
-                  nnunet: bool = False, modality: str = "CT", shape=(5, 16, 20), seed: int = 0) -> Path:
+def write_generic(
+    root: Path,
+    train=("liver_0", "liver_1", "liver_2", "liver_3", "liver_4"),
+    test=(),
+    nnunet: bool = False,
+    modality: str = "CT",
+    shape=(5, 16, 20),
+    seed: int = 0,
+) -> Path:
     """imagesTr/labelsTr (+ imagesTs/labelsTs) NIfTI pairs with GEOMETRY and a dataset.json of 2 classes;
     MSD naming and labels style by default, nnU-Net v2's (`<case>_0000`, {"name": id}) with nnunet=True."""
     rng = np.random.default_rng(seed)
@@ -78,8 +91,11 @@ def write_generic(root: Path, train=("liver_0", "liver_1", "liver_2", "liver_3",
             write_image(root / images / f"{case}{'_0000' if nnunet else ''}.nii.gz", image, GEOMETRY)
             write_image(root / labels / f"{case}.nii.gz", label, GEOMETRY)
     if nnunet:
-        info = {"channel_names": {"0": modality}, "labels": {"background": 0, "liver": 1, "tumour": 2},
-                "file_ending": ".nii.gz"}
+        info = {
+            "channel_names": {"0": modality},
+            "labels": {"background": 0, "liver": 1, "tumour": 2},
+            "file_ending": ".nii.gz",
+        }
     else:
         info = {"modality": {"0": modality}, "labels": {"0": "background", "1": "liver", "2": "tumour"}}
     (root / "dataset.json").write_text(json.dumps(info))

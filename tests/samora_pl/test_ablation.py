@@ -197,9 +197,16 @@ def test_variants_sharing_experts_distil_once(tmp_path, experiments, stages):
     ablation.run_ablation("share", [f"runs_dir={tmp_path / 'runs'}", "run=r"], seeds=2)
     made = _made(stages, root)
     # the rank-8 experts once (under upstream/, from the run's own teachers); the plain ones in the run
-    assert [m[:2] for m in made] == [("cpt", "simclr"), ("distill", "image"), ("cpt", "mae"), ("distill", "patch"),
-                                     ("distill", "pixel"), ("distill", "image"), ("distill", "patch"),
-                                     ("distill", "pixel")]
+    assert [m[:2] for m in made] == [
+        ("cpt", "simclr"),
+        ("distill", "image"),
+        ("cpt", "mae"),
+        ("distill", "patch"),
+        ("distill", "pixel"),
+        ("distill", "image"),
+        ("distill", "patch"),
+        ("distill", "pixel"),
+    ]
     assert made[0][2] == "cpt/simclr" and made[1][2].startswith("upstream/") and made[5][2] == "distill/image"
     assert stages["upstream"][1][3].distill.teacher == str(root / "cpt" / "simclr" / "teacher.pt")
     seen = stages["seen"]
@@ -273,7 +280,9 @@ def test_cpt_ablation_distils_from_untrained_teachers_and_shares_pixel(tmp_path,
     assert len(made) == 9 and ("distill", "pixel", True) not in made  # no teacher, so one pixel expert
     teachers = [c[3] for c in stages["upstream"] if c[0] == "cpt" and "upstream" in str(c[2])]
     assert [(c.cpt.teacher, c.cpt.simclr.max_epochs, c.cpt.mae.max_epochs) for c in teachers] == [
-        ("simclr", 0, 0), ("mae", 0, 0)]
+        ("simclr", 0, 0),
+        ("mae", 0, 0),
+    ]
     without = stages["seen"]["cpt-without-s0"]
     for level, kind in (("image", "simclr"), ("patch", "mae")):
         expert = Path(without.finetune.experts[level])
@@ -286,9 +295,13 @@ def test_cpt_ablation_distils_from_untrained_teachers_and_shares_pixel(tmp_path,
 def test_level_variants_make_only_the_experts_they_fuse(tmp_path, experiments, stages):
     root = tmp_path / "runs" / "r"
     ablation.run_ablation("level", [f"runs_dir={tmp_path / 'runs'}", "run=r"])
-    assert _made(stages, root) == [("cpt", "simclr", "cpt/simclr"), ("distill", "image", "distill/image"),
-                                   ("cpt", "mae", "cpt/mae"), ("distill", "patch", "distill/patch"),
-                                   ("distill", "pixel", "distill/pixel")]
+    assert _made(stages, root) == [
+        ("cpt", "simclr", "cpt/simclr"),
+        ("distill", "image", "distill/image"),
+        ("cpt", "mae", "cpt/mae"),
+        ("distill", "patch", "distill/patch"),
+        ("distill", "pixel", "distill/pixel"),
+    ]
     pair = stages["seen"]["level-image+patch-s0"]
     assert list(pair.finetune.levels) == ["image", "patch"] and pair.model.fusion == "hl_attn"
 
@@ -303,14 +316,22 @@ def test_real_rank_ablation_on_the_pixel_expert(tmp_path, experiments, monkeypat
         '  r2: ["finetune.levels=[pixel]", model.fusion=single:pixel, model.lora_rank=2]\n'
         '  r4: ["finetune.levels=[pixel]", model.fusion=single:pixel]\n'
     )
-    overrides = quick(tmp_path, "run=r", "trainer.check_val_every_n_epoch=5", "distill.max_epochs=1",
-                      "distill.batch_size=4", "distill.pixel_width=16", "data.num_workers=0",
-                      f"cpt.index_cache={tmp_path / 'index.json'}")
+    overrides = quick(
+        tmp_path,
+        "run=r",
+        "trainer.check_val_every_n_epoch=5",
+        "distill.max_epochs=1",
+        "distill.batch_size=4",
+        "distill.pixel_width=16",
+        "data.num_workers=0",
+        f"cpt.index_cache={tmp_path / 'index.json'}",
+    )
     rows = ablation.run_ablation("pix", overrides)
     assert [r["variant"] for r in rows] == ["r2", "r4"] and all(r["mean_dice"] is not None for r in rows)
     root = tmp_path / "runs" / "r"
-    inputs = {v: json.loads((root / "finetune" / f"pix-{v}-s0" / "manifest.json").read_text())["inputs"]
-              for v in ("r2", "r4")}
+    inputs = {
+        v: json.loads((root / "finetune" / f"pix-{v}-s0" / "manifest.json").read_text())["inputs"] for v in ("r2", "r4")
+    }
     assert set(inputs["r2"]) == {"expert_pixel"} and "/upstream/" in inputs["r2"]["expert_pixel"]["path"]
     assert inputs["r4"]["expert_pixel"]["path"] == str(root / "distill" / "pixel" / "expert.safetensors")
     assert not (root / "cpt").exists()  # the pixel expert has no teacher: no CPT was run

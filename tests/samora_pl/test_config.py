@@ -1,5 +1,6 @@
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 
 from samora_pl.config import ORDERS, compose, diff_keys, finetune_levels
 from samora_pl.errors import SamoraError
@@ -22,7 +23,7 @@ def test_paper_profile_for_real_data():
 
 def test_config_is_read_only():
     cfg = compose("finetune")
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         cfg.data.fraction = 0.5
 
 

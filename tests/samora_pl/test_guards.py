@@ -39,8 +39,16 @@ def demo_dir() -> Path:
 def finetune_args(runs: Path, *extra):
     """A seconds-long SAMed fine-tune on the demo data (2 batches an epoch)."""
     return [
-        "finetune", f"runs_dir={runs}", f"data.dir={demo_dir()}", "run=t", "mode=samed", "data.fraction=0.1",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.val_slices=4", "trainer.log_every_n_steps=1",
+        "finetune",
+        f"runs_dir={runs}",
+        f"data.dir={demo_dir()}",
+        "run=t",
+        "mode=samed",
+        "data.fraction=0.1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "data.val_slices=4",
+        "trainer.log_every_n_steps=1",
         *extra,
     ]
 
@@ -104,12 +112,29 @@ def pool(tmp_path: Path, count: int = 16, size: int = 40) -> Path:
 
 def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
-    args = ["distill", f"runs_dir={runs}", "run=t", "data.name=demo", f"data.dir={tmp_path / 'demo'}",
-            "distill.level=pixel", "model.img_size=64", "distill.batch_size=4", "distill.max_epochs=2",
-            "trainer.limit_train_batches=2", "distill.pixel_width=16", "trainer.accelerator=cpu",
-            f"cpt.sources=[{{path: '{pool(tmp_path, size=64)}', format: npz}}]"]
-    nan_from(monkeypatch, distill_module, "denoise_loss", first=3, pick=lambda out: out[0],
-             put=lambda out, loss: (loss, *out[1:]))
+    args = [
+        "distill",
+        f"runs_dir={runs}",
+        "run=t",
+        "data.name=demo",
+        f"data.dir={tmp_path / 'demo'}",
+        "distill.level=pixel",
+        "model.img_size=64",
+        "distill.batch_size=4",
+        "distill.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "distill.pixel_width=16",
+        "trainer.accelerator=cpu",
+        f"cpt.sources=[{{path: '{pool(tmp_path, size=64)}', format: npz}}]",
+    ]
+    nan_from(
+        monkeypatch,
+        distill_module,
+        "denoise_loss",
+        first=3,
+        pick=lambda out: out[0],
+        put=lambda out, loss: (loss, *out[1:]),
+    )
     assert main(args) == 1
     err = capsys.readouterr().err
     folder = runs / "t" / "distill" / "pixel"
@@ -120,16 +145,31 @@ def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch,
 
 def test_nan_loss_stops_cpt_and_keeps_the_previous_teacher(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
-    args = ["cpt", f"runs_dir={runs}", "run=t", f"data.dir={tmp_path / 'demo'}", "cpt.teacher=mae",
-            f"cpt.sources=[{{path: '{pool(tmp_path)}', format: npz}}]", "cpt.mae.embed_dim=32", "cpt.mae.depth=1",
-            "cpt.mae.num_heads=2", "cpt.mae.patch_size=16", "cpt.mae.img_size=32", "cpt.mae.decoder_dim=32",
-            "cpt.mae.decoder_depth=1", "cpt.mae.decoder_heads=2", "cpt.mae.batch_size=8", "trainer.accelerator=cpu"]
+    args = [
+        "cpt",
+        f"runs_dir={runs}",
+        "run=t",
+        f"data.dir={tmp_path / 'demo'}",
+        "cpt.teacher=mae",
+        f"cpt.sources=[{{path: '{pool(tmp_path)}', format: npz}}]",
+        "cpt.mae.embed_dim=32",
+        "cpt.mae.depth=1",
+        "cpt.mae.num_heads=2",
+        "cpt.mae.patch_size=16",
+        "cpt.mae.img_size=32",
+        "cpt.mae.decoder_dim=32",
+        "cpt.mae.decoder_depth=1",
+        "cpt.mae.decoder_heads=2",
+        "cpt.mae.batch_size=8",
+        "trainer.accelerator=cpu",
+    ]
     assert main(args + ["cpt.mae.max_epochs=1"]) == 0
     teacher = runs / "t" / "cpt" / "mae" / "teacher.pt"
     before = teacher.read_bytes()
     capsys.readouterr()
-    nan_from(monkeypatch, MaeTeacher, "forward", first=1, pick=lambda out: out[0],
-             put=lambda out, loss: (loss, *out[1:]))
+    nan_from(
+        monkeypatch, MaeTeacher, "forward", first=1, pick=lambda out: out[0], put=lambda out, loss: (loss, *out[1:])
+    )
     assert main(args + ["cpt.mae.max_epochs=2"]) == 1  # continues the finished run: its epoch 1 is NaN
     err = capsys.readouterr().err
     assert "cpt mae" in err and "global step 2" in err and "last.ckpt" in err and "Traceback" not in err
@@ -168,8 +208,14 @@ def test_sigkilled_finetune_resumes_to_the_uninterrupted_result(tmp_path, caplog
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]), OMP_NUM_THREADS="1")
     args = finetune_args(tmp_path / "killed", "deterministic=true", "trainer.max_epochs=4", "trainer.accelerator=cpu")
     last = tmp_path / "killed" / "t" / "finetune" / TAG / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "samora_pl", *args], env=env, cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "samora_pl", *args],
+        env=env,
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -185,8 +231,10 @@ def test_sigkilled_finetune_resumes_to_the_uninterrupted_result(tmp_path, caplog
     caplog.set_level(logging.INFO, logger="samora_pl")
     assert main(args) == 0  # the same command again continues from last.ckpt
     assert f"resuming from {last}" in caplog.text
-    assert main(finetune_args(tmp_path / "whole", "deterministic=true", "trainer.max_epochs=4",
-                              "trainer.accelerator=cpu")) == 0
+    assert (
+        main(finetune_args(tmp_path / "whole", "deterministic=true", "trainer.max_epochs=4", "trainer.accelerator=cpu"))
+        == 0
+    )
     killed, whole = (tmp_path / name / "t" / "finetune" / TAG for name in ("killed", "whole"))
     assert json.loads((killed / "metrics.json").read_text()) == json.loads((whole / "metrics.json").read_text())
     assert same_tensors(load_file(str(killed / "final.safetensors")), load_file(str(whole / "final.safetensors")))
@@ -199,12 +247,24 @@ def test_sigkilled_ddp_finetune_resumes_to_the_uninterrupted_result(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]), OMP_NUM_THREADS="1")
 
     def command(runs: Path) -> list:
-        return [sys.executable, "-m", "samora_pl", *finetune_args(
-            runs, "deterministic=true", "trainer.max_epochs=4", "trainer.accelerator=cpu", "trainer.devices=2")]
+        return [
+            sys.executable,
+            "-m",
+            "samora_pl",
+            *finetune_args(
+                runs, "deterministic=true", "trainer.max_epochs=4", "trainer.accelerator=cpu", "trainer.devices=2"
+            ),
+        ]
 
     last = tmp_path / "killed" / "t" / "finetune" / TAG / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(command(tmp_path / "killed"), env=env, cwd=root, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(tmp_path / "killed"),
+        env=env,
+        cwd=root,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 180
         while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -217,12 +277,10 @@ def test_sigkilled_ddp_finetune_resumes_to_the_uninterrupted_result(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] < 3
-    again = subprocess.run(command(tmp_path / "killed"), env=env, cwd=root, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(command(tmp_path / "killed"), env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {last}" in again.stdout + again.stderr
-    whole = subprocess.run(command(tmp_path / "whole"), env=env, cwd=root, capture_output=True, text=True,
-                           timeout=600)
+    whole = subprocess.run(command(tmp_path / "whole"), env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed, whole = (tmp_path / name / "t" / "finetune" / TAG for name in ("killed", "whole"))
     assert json.loads((killed / "metrics.json").read_text()) == json.loads((whole / "metrics.json").read_text())

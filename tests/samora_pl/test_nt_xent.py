@@ -58,8 +58,8 @@ def _worker(rank: int, world: int, z1_full, z2_full, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
         per = z1_full.shape[0] // world
-        z1 = z1_full[rank * per:(rank + 1) * per].clone().requires_grad_(True)
-        z2 = z2_full[rank * per:(rank + 1) * per].clone().requires_grad_(True)
+        z1 = z1_full[rank * per : (rank + 1) * per].clone().requires_grad_(True)
+        z2 = z2_full[rank * per : (rank + 1) * per].clone().requires_grad_(True)
         loss = nt_xent(z1, z2, 0.1, gather=True)
         loss.backward()
         torch.save({"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad}, os.path.join(out_dir, f"rank{rank}.pt"))

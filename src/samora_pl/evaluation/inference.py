@@ -51,9 +51,7 @@ def _zoom_to(array: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray
     return out
 
 
-def resize_slice(
-    slice_2d: np.ndarray, img_size: int, resize: str = "direct", two_step_size: int = 224
-) -> np.ndarray:
+def resize_slice(slice_2d: np.ndarray, img_size: int, resize: str = "direct", two_step_size: int = 224) -> np.ndarray:
     """The model-input version of one (H, W) slice: cubic to ``img_size`` (``two_step``: via ``two_step_size``)."""
     if resize == "two_step":
         slice_2d = _zoom_to(slice_2d, (two_step_size, two_step_size), order=3)
@@ -109,18 +107,14 @@ def predict_volume(
     out = np.zeros((depth, height, width), dtype=np.uint8)
     for start in range(0, depth, batch_size):
         stop = min(start + batch_size, depth)
-        batch = np.stack(
-            [resize_slice(volume[d], img_size, resize, two_step_size) for d in range(start, stop)]
-        )
+        batch = np.stack([resize_slice(volume[d], img_size, resize, two_step_size) for d in range(start, stop)])
         inputs = torch.from_numpy(np.ascontiguousarray(batch)).float().unsqueeze(1)
         if device is not None:
             inputs = inputs.to(device)
         logits = predict_fn(inputs)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 4 or logits.shape[0] != stop - start:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise SamoraError(
-                f"predict_fn must return logits [B, K+1, s, s] with B = {stop - start}, got {shape}"
-            )
+            raise SamoraError(f"predict_fn must return logits [B, K+1, s, s] with B = {stop - start}, got {shape}")
         if logits.shape[1] > 256:
             raise SamoraError(f"{logits.shape[1]} classes do not fit the uint8 label map")
         if tuple(logits.shape[-2:]) != (img_size, img_size):

@@ -44,7 +44,12 @@ def write_overlay(path: Path, image: np.ndarray, label: np.ndarray, num_classes:
         ax.axis("off")
     present = [int(k) for k in np.unique(label) if k]
     if present:
-        figure.legend(handles=[Patch(color=colours[(k - 1) % len(colours)], label=str(k)) for k in present],
-                      loc="outside right center", fontsize=8, title="class", title_fontsize=8)
+        figure.legend(
+            handles=[Patch(color=colours[(k - 1) % len(colours)], label=str(k)) for k in present],
+            loc="outside right center",
+            fontsize=8,
+            title="class",
+            title_fontsize=8,
+        )
     atomic_save(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     return Path(path)

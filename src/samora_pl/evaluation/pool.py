@@ -6,8 +6,8 @@ case then class, whatever the number of workers or the order in which cases fini
 
 Moving a 100 x 512 x 512 volume to a worker through a pipe costs about as much as evaluating it, so
 before sending, label maps are reduced to their compact integer form (uint8 for up to 255 classes; a
-float32 Synapse label or an int64 map shrinks 4-8x) and large arrays travel through POSIX shared memory (one copy in, the
-worker maps it, the parent frees it when the result is back). When shared memory is unavailable or
+float32 Synapse label or an int64 map shrinks 4-8x) and large arrays travel through POSIX shared memory
+(one copy in, the worker maps it, the parent frees it when the result is back). When shared memory is unavailable or
 ``/dev/shm`` is short of space (small Docker default), arrays are pickled instead; results are the same.
 """
 

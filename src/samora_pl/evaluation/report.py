@@ -114,8 +114,10 @@ def format_table(
 
         rule = "-" * len(fmt(header))
         lines = [fmt(header), rule] + [fmt(r) for r in body] + [rule, fmt(mean)]
-    notes = [f"{summary.get('num_cases', '?')} test cases. HD95 in voxels (unit spacing, SAMed/TransUNet protocol)"
-             + ("; HD95 (mm) uses the voxel spacing." if with_mm else ".")]
+    notes = [
+        f"{summary.get('num_cases', '?')} test cases. HD95 in voxels (unit spacing, SAMed/TransUNet protocol)"
+        + ("; HD95 (mm) uses the voxel spacing." if with_mm else ".")
+    ]
     described = _describe_resize(resize, two_step_size)
     if described:
         notes.append(f"Resize protocol: {described}.")

@@ -11,7 +11,8 @@ Per block, with ``xn = norm1(x)`` (window-partitioned for windowed blocks, as SA
     x            = x + base + Fuse({e: r_e});   x = x + mlp(norm2(x))
 
 Attention uses ``F.scaled_dot_product_attention`` with SAM's relative-position bias folded into extra
-query/key features (exact; see :func:`sdpa_attention`), so no N x N bias is materialised. With ``single:<level>`` fusion the block runs SAMed's computation directly,
+query/key features (exact; see :func:`sdpa_attention`), so no N x N bias is materialised. With
+``single:<level>`` fusion the block runs SAMed's computation directly,
 ``x + proj(attn(qkv(xn) + [dQ, 0, dV]))``, without a separate base pass. Without LoRA the original
 segment-anything ``Block.forward`` runs.
 
@@ -46,9 +47,7 @@ __all__ = ["SAMoraEncoder", "rel_pos_terms", "rel_pos_bias", "sdpa_attention", "
 def prepare_images(images: torch.Tensor, img_size: Optional[int] = None) -> torch.Tensor:
     """[B, 1|3, H, W] in [0, 1] -> [B, 3, H, W] (grey repeated; pixel mean 0, std 1: no normalisation)."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise SamoraError(
-            f"images must be [B, 1, H, W] or [B, 3, H, W], got shape {list(images.shape)}"
-        )
+        raise SamoraError(f"images must be [B, 1, H, W] or [B, 3, H, W], got shape {list(images.shape)}")
     if img_size is not None and (images.shape[-2] != img_size or images.shape[-1] != img_size):
         raise SamoraError(
             f"images are {images.shape[-2]}x{images.shape[-1]} but the model was built for "
@@ -307,7 +306,7 @@ class SAMoraEncoder(nn.Module):
         """Mean over blocks of the fusion modules' auxiliary losses of the last forward (0 if none)."""
         losses = []
         if self.fusion is not None:
-            losses = [l for l in (f.aux_loss() for f in self.fusion) if l is not None]
+            losses = [loss for loss in (f.aux_loss() for f in self.fusion) if loss is not None]
         if not losses:
             return self.image_encoder.pos_embed.new_zeros(())
         return torch.stack(losses).mean()

@@ -57,5 +57,7 @@ def base_fingerprint(model: torch.nn.Module) -> str:
 def log_trainable(model: torch.nn.Module, where: str) -> int:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("%s: %s trainable of %s parameters (%.2f%%)", where, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info(
+        "%s: %s trainable of %s parameters (%.2f%%)", where, f"{trainable:,}", f"{total:,}", 100 * trainable / total
+    )
     return trainable

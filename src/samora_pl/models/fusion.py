@@ -300,7 +300,5 @@ def build_fusion(
         return MoLEFusion(experts, dim)
     if name == "hl_attn":
         order = parse_hl_order(hl_order, experts)
-        return HLAttention(
-            order, dim, width=hl_width, heads=int(hl_heads or num_heads), init=hl_init
-        )
+        return HLAttention(order, dim, width=hl_width, heads=int(hl_heads or num_heads), init=hl_init)
     raise SamoraError(f"unknown model.fusion {name!r}; choose one of {list(FUSIONS)}")

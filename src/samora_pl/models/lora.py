@@ -195,8 +195,13 @@ def compose_experts(lora: MultiExpertLoRA, weights: Dict[str, float], into: str)
     if unknown:
         raise SamoraError(f"cannot compose unknown experts {unknown}; the model has {list(lora.names)}")
     target = lora[into]
-    srcs = {n: [(b.lora_A_q.clone(), b.lora_B_q * b.lora_scale, b.lora_A_v.clone(), b.lora_B_v * b.lora_scale)
-                for b in lora[n].blocks] for n in weights}
+    srcs = {
+        n: [
+            (b.lora_A_q.clone(), b.lora_B_q * b.lora_scale, b.lora_A_v.clone(), b.lora_B_v * b.lora_scale)
+            for b in lora[n].blocks
+        ]
+        for n in weights
+    }
     for i, blk in enumerate(target.blocks):
         for j, t in enumerate((blk.lora_A_q, blk.lora_B_q, blk.lora_A_v, blk.lora_B_v)):
             t.copy_(sum(float(w) * srcs[n][i][j] for n, w in weights.items()))
@@ -213,9 +218,7 @@ def lora_ab_parameter_count(module: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_expert(
-    lora: MultiExpertLoRA, name: str, path, *, img_size: Optional[int] = None, extra_metadata=None
-) -> str:
+def save_expert(lora: MultiExpertLoRA, name: str, path, *, img_size: Optional[int] = None, extra_metadata=None) -> str:
     """Write expert ``name`` to ``path`` (.safetensors) atomically; returns the path."""
     from safetensors.torch import save_file
 

@@ -97,9 +97,7 @@ def get_variant(variant) -> SamVariant:
     if isinstance(variant, SamVariant):
         return variant
     if variant not in VARIANTS:
-        raise SamoraError(
-            f"unknown SAM variant {variant!r}; choose one of {sorted(VARIANTS)} (model.variant=...)"
-        )
+        raise SamoraError(f"unknown SAM variant {variant!r}; choose one of {sorted(VARIANTS)} (model.variant=...)")
     return VARIANTS[variant]
 
 
@@ -238,14 +236,8 @@ def adapt_sam_state_dict(
     out: Dict[str, torch.Tensor] = {}
     ckpt_tokens = state_dict.get("mask_decoder.mask_tokens.weight")
     model_tokens = model_state.get("mask_decoder.mask_tokens.weight")
-    same_k = (
-        ckpt_tokens is None
-        or model_tokens is None
-        or tuple(ckpt_tokens.shape) == tuple(model_tokens.shape)
-    )
-    global_rel = {
-        f"image_encoder.blocks.{i}.attn.rel_pos_{a}" for i in global_blocks for a in ("h", "w")
-    }
+    same_k = ckpt_tokens is None or model_tokens is None or tuple(ckpt_tokens.shape) == tuple(model_tokens.shape)
+    global_rel = {f"image_encoder.blocks.{i}.attn.rel_pos_{a}" for i in global_blocks for a in ("h", "w")}
 
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
@@ -295,9 +287,7 @@ def adapt_sam_state_dict(
             if _decoder_head_key(key) and key not in out and key not in report.reinitialised:
                 report.reinitialised.append(key)
     report.loaded = sorted(out)
-    report.missing = sorted(
-        k for k in model_state if k not in out and k not in report.reinitialised
-    )
+    report.missing = sorted(k for k in model_state if k not in out and k not in report.reinitialised)
     return out, report
 
 
@@ -314,12 +304,8 @@ def _read_checkpoint(path) -> Dict[str, torch.Tensor]:
         raise SamoraError(f"cannot read SAM checkpoint {path}: {exc}; re-download the file") from exc
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # tolerate the common {"model": state_dict} wrapper
-    if not isinstance(sd, dict) or not any(
-        isinstance(k, str) and k.startswith(_PREFIXES) for k in sd
-    ):
-        raise SamoraError(
-            f"{path} is not a SAM checkpoint: expected keys starting with {', '.join(_PREFIXES)}"
-        )
+    if not isinstance(sd, dict) or not any(isinstance(k, str) and k.startswith(_PREFIXES) for k in sd):
+        raise SamoraError(f"{path} is not a SAM checkpoint: expected keys starting with {', '.join(_PREFIXES)}")
     return sd
 
 
@@ -350,9 +336,7 @@ def load_sam_checkpoint(
         for k, v in sd.items()
         if not (isinstance(k, str) and k.startswith(_PREFIXES) and modules[k.split(".", 1)[0]] is None)
     }
-    global_blocks = tuple(
-        i for i, blk in enumerate(image_encoder.blocks) if getattr(blk, "window_size", 0) == 0
-    )
+    global_blocks = tuple(i for i, blk in enumerate(image_encoder.blocks) if getattr(blk, "window_size", 0) == 0)
     new_sd, report = adapt_sam_state_dict(
         wanted, model_state, global_blocks, path=os.fspath(path), reuse_hypernetworks=reuse_hypernetworks
     )
@@ -371,6 +355,10 @@ def load_sam_checkpoint(
             ", ".join(sorted({k.rsplit(".", 2)[0] for k in report.reinitialised})),
         )
     if report.missing:
-        log.warning("SAM checkpoint %s lacks %d model tensors (kept random): %s", path, len(report.missing),
-                    ", ".join(report.missing[:10]))
+        log.warning(
+            "SAM checkpoint %s lacks %d model tensors (kept random): %s",
+            path,
+            len(report.missing),
+            ", ".join(report.missing[:10]),
+        )
     return report

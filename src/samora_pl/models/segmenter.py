@@ -82,7 +82,8 @@ class SAMoraSegmenter(nn.Module):
         else:
             log.warning(
                 "no SAM checkpoint given (model.checkpoint=null): %s encoder, prompt encoder and mask "
-                "decoder are randomly initialised", v.name
+                "decoder are randomly initialised",
+                v.name,
             )
         lora = MultiExpertLoRA(tuple(experts), depth=v.depth, dim=v.embed_dim, rank=lora_rank)
         fusions = [
@@ -232,4 +233,6 @@ class SAMoraSegmenter(nn.Module):
 
     def load_expert(self, level: str, path, *, source_level: Optional[str] = None) -> Dict[str, str]:
         """Load an expert file into slot ``level``; ``source_level`` allows a file of another level."""
-        return lora_mod.load_expert(self.lora, level, os.fspath(path), source_level=source_level, img_size=self.img_size)
+        return lora_mod.load_expert(
+            self.lora, level, os.fspath(path), source_level=source_level, img_size=self.img_size
+        )

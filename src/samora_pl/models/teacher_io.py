@@ -49,11 +49,22 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
             return load_file(str(path))
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            AttributeError, ImportError, KeyError) as err:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        AttributeError,
+        ImportError,
+        KeyError,
+    ) as err:
         reason = str(err).splitlines()[0] if str(err) else ""
-        raise SamoraError(f"Cannot read {what} {path}: {type(err).__name__}: {reason}. "
-                          "The file is truncated or not a PyTorch weights file; copy it again.") from err
+        raise SamoraError(
+            f"Cannot read {what} {path}: {type(err).__name__}: {reason}. "
+            "The file is truncated or not a PyTorch weights file; copy it again."
+        ) from err
     if not isinstance(data, dict):
         raise SamoraError(f"{what} {path} holds a {type(data).__name__}, not a dict of weights.")
     return data
@@ -71,7 +82,7 @@ def _strip(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             changed = False
             for prefix in PREFIXES:
                 if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+                    key, changed = key[len(prefix) :], True
         out[key] = value
     return out
 
@@ -84,8 +95,11 @@ def _listing(keys: List[str]) -> str:
 def _compare(found: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]):
     missing = [k for k in expected if k not in found and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in found and found[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and found[k].shape != expected[k].shape
+    ]
     return missing, unexpected, shapes
 
 
@@ -114,7 +128,7 @@ def _split_simclr(data: dict) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.
     backbone = {}
     for key, value in body.items():
         if key.startswith("head."):
-            head[key[len("head."):]] = value
+            head[key[len("head.") :]] = value
         else:
             backbone[key] = value
     return backbone, head
@@ -126,10 +140,13 @@ def load_simclr_checkpoint(model: SimclrTeacher, path) -> dict:
     ignored = sorted(k for k in backbone if k.startswith("fc."))
     backbone = {k: v for k, v in backbone.items() if not k.startswith("fc.")}
     arch = model.arch
-    desc = (f"SimCLR teacher (ResNet-{arch['depth']}, width {arch['width']:g}, "
-            f"selective_kernel={arch['selective_kernel']})")
-    fix = ("Set cpt.simclr.depth / width / selective_kernel to the checkpoint's architecture, or convert the file "
-           "to torchvision ResNet key names (conv1.weight, layer1.0.conv1.weight, ...).")
+    desc = (
+        f"SimCLR teacher (ResNet-{arch['depth']}, width {arch['width']:g}, selective_kernel={arch['selective_kernel']})"
+    )
+    fix = (
+        "Set cpt.simclr.depth / width / selective_kernel to the checkpoint's architecture, or convert the file "
+        "to torchvision ResNet key names (conv1.weight, layer1.0.conv1.weight, ...)."
+    )
     problems = _compare(backbone, model.backbone.state_dict())
     if any(problems):
         raise _mismatch_error(path, desc, fix, *problems)
@@ -137,8 +154,12 @@ def load_simclr_checkpoint(model: SimclrTeacher, path) -> dict:
     if head:
         head_problems = _compare(head, model.head.state_dict())
         if any(head_problems):
-            raise _mismatch_error(path, desc + " projection head", "Set cpt.simclr.proj_dim / proj_hidden_dim "
-                                  "to the checkpoint's head, or remove the head from the file.", *head_problems)
+            raise _mismatch_error(
+                path,
+                desc + " projection head",
+                "Set cpt.simclr.proj_dim / proj_hidden_dim to the checkpoint's head, or remove the head from the file.",
+                *head_problems,
+            )
         model.head.load_state_dict(head, strict=False)
         head_state = "loaded"
     model.backbone.load_state_dict(backbone, strict=False)
@@ -157,7 +178,7 @@ def load_mae_checkpoint(model: MaeTeacher, path) -> dict:
     state = {}
     for key, value in _tensors(body).items():
         for prefix in ("module.", "teacher."):
-            key = key[len(prefix):] if key.startswith(prefix) else key
+            key = key[len(prefix) :] if key.startswith(prefix) else key
         state[key] = value
     ignored = sorted(k for k in state if k.startswith(("head.", "fc_norm.")))
     state = {k: v for k, v in state.items() if k not in ignored}
@@ -170,8 +191,9 @@ def load_mae_checkpoint(model: MaeTeacher, path) -> dict:
             from timm.layers import resample_abs_pos_embed
 
             side = int(round((table.shape[1] - 1) ** 0.5))
-            state["pos_embed"] = resample_abs_pos_embed(table, new_size=list(model.grid), old_size=[side, side],
-                                                        num_prefix_tokens=1)
+            state["pos_embed"] = resample_abs_pos_embed(
+                table, new_size=list(model.grid), old_size=[side, side], num_prefix_tokens=1
+            )
             notes.append(f"pos_embed resampled from {side}x{side} to {model.grid[0]}x{model.grid[1]}")
     if "decoder_pos_embed" in state and state["decoder_pos_embed"].shape != expected["decoder_pos_embed"].shape:
         if state["decoder_pos_embed"].shape[-1] == expected["decoder_pos_embed"].shape[-1]:
@@ -184,15 +206,24 @@ def load_mae_checkpoint(model: MaeTeacher, path) -> dict:
     missing = [k for k in missing if k != "decoder_pos_embed"]
     if missing or unexpected or shapes:
         arch = model.arch
-        desc = (f"MAE teacher ({arch['variant']}: width {arch['embed_dim']}, depth {arch['depth']}, "
-                f"patch {arch['patch_size']}, decoder {arch['decoder_dim']} x {arch['decoder_depth']})")
-        fix = ("Set cpt.mae.variant (and embed_dim / depth / num_heads / patch_size, decoder_dim / decoder_depth / "
-               "decoder_heads) to the checkpoint's architecture; official files are mae_pretrain_vit_{base,large,huge}"
-               "[_full].pth.")
+        desc = (
+            f"MAE teacher ({arch['variant']}: width {arch['embed_dim']}, depth {arch['depth']}, "
+            f"patch {arch['patch_size']}, decoder {arch['decoder_dim']} x {arch['decoder_depth']})"
+        )
+        fix = (
+            "Set cpt.mae.variant (and embed_dim / depth / num_heads / patch_size, decoder_dim / decoder_depth / "
+            "decoder_heads) to the checkpoint's architecture; official files are mae_pretrain_vit_{base,large,huge}"
+            "[_full].pth."
+        )
         raise _mismatch_error(path, desc, fix, missing, unexpected, shapes)
     model.load_state_dict(state, strict=False)
-    return {"checkpoint": str(path), "tensors": len(state), "decoder": "loaded" if has_decoder else "initialised",
-            "ignored": ignored, "notes": notes}
+    return {
+        "checkpoint": str(path),
+        "tensors": len(state),
+        "decoder": "loaded" if has_decoder else "initialised",
+        "ignored": ignored,
+        "notes": notes,
+    }
 
 
 def load_public_checkpoint(model: nn.Module, path) -> dict:
@@ -226,13 +257,17 @@ def load_teacher(path, kind: Optional[str] = None, device="cpu") -> nn.Module:
     attributes `patch_size`, `img_size`, `embed_dim`."""
     data = read_checkpoint(path, "teacher file")
     if data.get("samora_teacher") != FORMAT_VERSION or "state_dict" not in data or "arch" not in data:
-        raise SamoraError(f"{path} is not a samora_pl teacher file (no 'samora_teacher' header). Give the "
-                          "runs/<RUN>/cpt/<teacher>/teacher.pt written by `samora cpt`; public checkpoints go in "
-                          "cpt.simclr.checkpoint / cpt.mae.checkpoint.")
+        raise SamoraError(
+            f"{path} is not a samora_pl teacher file (no 'samora_teacher' header). Give the "
+            "runs/<RUN>/cpt/<teacher>/teacher.pt written by `samora cpt`; public checkpoints go in "
+            "cpt.simclr.checkpoint / cpt.mae.checkpoint."
+        )
     found = data.get("kind")
     if kind is not None and found != kind:
-        raise SamoraError(f"{path} holds a {found} teacher, but a {kind} teacher is needed here; "
-                          f"give runs/<RUN>/cpt/{kind}/teacher.pt.")
+        raise SamoraError(
+            f"{path} holds a {found} teacher, but a {kind} teacher is needed here; "
+            f"give runs/<RUN>/cpt/{kind}/teacher.pt."
+        )
     try:
         model = build_teacher(found, dict(data["arch"]))
     except TypeError as err:
@@ -240,8 +275,9 @@ def load_teacher(path, kind: Optional[str] = None, device="cpu") -> nn.Module:
     state = data["state_dict"]
     problems = _compare(state, model.state_dict())
     if any(problems):
-        raise _mismatch_error(path, f"{found} teacher it describes", "The file is damaged; re-run `samora cpt`.",
-                              *problems)
+        raise _mismatch_error(
+            path, f"{found} teacher it describes", "The file is damaged; re-run `samora cpt`.", *problems
+        )
     model.load_state_dict(state, strict=True)
     model.teacher_meta = dict(data.get("meta", {}))
     model.eval().requires_grad_(False)

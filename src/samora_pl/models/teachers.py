@@ -34,8 +34,13 @@ from samora_pl.errors import SamoraError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESNET_DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
-                 101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
+RESNET_DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
 NORMALIZE = ("imagenet", "none")
 
 
@@ -78,8 +83,13 @@ def build_resnet(depth: int = 50, width: float = 1.0, selective_kernel: bool = F
     if selective_kernel:
         sk = dict(kernel_size=[3, 3], rd_ratio=1.0 / 16, split_input=False)
         block = SelectiveKernelBottleneck if kind == "bottleneck" else SelectiveKernelBasic
-        kwargs.update(stem_type="deep", stem_width=max(8, int(round(32 * width))), avg_down=True,
-                      block_args=dict(sk_kwargs=sk), zero_init_last=False)
+        kwargs.update(
+            stem_type="deep",
+            stem_width=max(8, int(round(32 * width))),
+            avg_down=True,
+            block_args=dict(sk_kwargs=sk),
+            zero_init_last=False,
+        )
         return ResNet(block=block, **kwargs)  # the deep stem already scales: (32w, 32w, 64w)
     block = Bottleneck if kind == "bottleneck" else BasicBlock
     model = ResNet(block=block, **kwargs)
@@ -95,8 +105,9 @@ def _scale_stem(model: ResNet, width: int) -> None:
     model.bn1 = nn.BatchNorm2d(width)
     first = model.layer1[0]
     old = first.conv1
-    first.conv1 = nn.Conv2d(width, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
-                            padding=old.padding, bias=False)
+    first.conv1 = nn.Conv2d(
+        width, old.out_channels, kernel_size=old.kernel_size, stride=old.stride, padding=old.padding, bias=False
+    )
     if first.downsample is not None:
         out = first.downsample[0].out_channels
         if out == width:  # basic blocks: input already matches, no projection (as torchvision)
@@ -111,9 +122,14 @@ def _scale_stem(model: ResNet, width: int) -> None:
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """SimCLRv2's 3-layer head: (Linear no bias, BN, ReLU) x 2, then Linear no bias, BN."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim),
+        nn.Linear(in_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False),
+        nn.BatchNorm1d(out_dim),
     )
 
 
@@ -122,8 +138,16 @@ class SimclrTeacher(nn.Module):
 
     kind = "simclr"
 
-    def __init__(self, depth: int = 50, width: float = 1.0, selective_kernel: bool = False, proj_dim: int = 128,
-                 proj_hidden_dim: Optional[int] = None, normalize: str = "imagenet", img_size: int = 224):
+    def __init__(
+        self,
+        depth: int = 50,
+        width: float = 1.0,
+        selective_kernel: bool = False,
+        proj_dim: int = 128,
+        proj_hidden_dim: Optional[int] = None,
+        normalize: str = "imagenet",
+        img_size: int = 224,
+    ):
         super().__init__()
         self.input = GreyInput(normalize)
         self.backbone = build_resnet(depth, width, selective_kernel)
@@ -132,9 +156,15 @@ class SimclrTeacher(nn.Module):
         self.head = projection_head(self.feature_dim, hidden, proj_dim)
         self.proj_dim = proj_dim
         self.img_size = img_size
-        self.arch = dict(depth=int(depth), width=float(width), selective_kernel=bool(selective_kernel),
-                         proj_dim=int(proj_dim), proj_hidden_dim=int(hidden), normalize=normalize,
-                         img_size=int(img_size))
+        self.arch = dict(
+            depth=int(depth),
+            width=float(width),
+            selective_kernel=bool(selective_kernel),
+            proj_dim=int(proj_dim),
+            proj_hidden_dim=int(hidden),
+            normalize=normalize,
+            img_size=int(img_size),
+        )
         self.channels_last = False
 
     def use_channels_last(self, enabled: bool = True) -> "SimclrTeacher":
@@ -194,8 +224,9 @@ def unpatchify(patches: torch.Tensor, patch: int, grid: Tuple[int, int], channel
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * patch, gw * patch)
 
 
-def random_masking(batch: int, tokens: int, mask_ratio: float, device=None,
-                   noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def random_masking(
+    batch: int, tokens: int, mask_ratio: float, device=None, noise: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """MAE's per-sample random masking: keep the int(N * (1 - ratio)) tokens of lowest noise.
 
     Returns ids_keep [B, N_vis] (sorted, row-major grid indices) and mask [B, N] (1 = masked)."""
@@ -224,21 +255,42 @@ class MaeTeacher(nn.Module):
 
     kind = "mae"
 
-    def __init__(self, variant: str = "vit_base_patch16_224", img_size: int = 224, patch_size: Optional[int] = None,
-                 embed_dim: Optional[int] = None, depth: Optional[int] = None, num_heads: Optional[int] = None,
-                 decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 norm_pix_loss: bool = True, normalize: str = "imagenet", mask_ratio: float = 0.75):
+    def __init__(
+        self,
+        variant: str = "vit_base_patch16_224",
+        img_size: int = 224,
+        patch_size: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        depth: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+        normalize: str = "imagenet",
+        mask_ratio: float = 0.75,
+    ):
         super().__init__()
-        overrides = {k: v for k, v in dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                           num_heads=num_heads).items() if v is not None}
+        overrides = {
+            k: v
+            for k, v in dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads).items()
+            if v is not None
+        }
         try:
             vit = timm.create_model(variant, pretrained=False, img_size=img_size, num_classes=0, **overrides)
         except (RuntimeError, ValueError, TypeError, AssertionError) as err:
             raise SamoraError(f"cpt.mae.variant {variant!r} with {overrides} cannot be built by timm: {err}") from err
-        if (not isinstance(vit, VisionTransformer) or vit.cls_token is None or vit.num_reg_tokens
-                or vit.no_embed_class or not isinstance(vit.norm, nn.LayerNorm)):
-            raise SamoraError(f"cpt.mae.variant {variant!r} is not a plain ViT with a class token "
-                              "(use vit_base_patch16_224, vit_large_patch16_224, vit_huge_patch14_224 or similar).")
+        if (
+            not isinstance(vit, VisionTransformer)
+            or vit.cls_token is None
+            or vit.num_reg_tokens
+            or vit.no_embed_class
+            or not isinstance(vit.norm, nn.LayerNorm)
+        ):
+            raise SamoraError(
+                f"cpt.mae.variant {variant!r} is not a plain ViT with a class token "
+                "(use vit_base_patch16_224, vit_large_patch16_224, vit_huge_patch14_224 or similar)."
+            )
         self.input = GreyInput(normalize)
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.img_size = int(img_size)
@@ -259,19 +311,31 @@ class MaeTeacher(nn.Module):
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_dim, self.grid), requires_grad=False)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer)
-             for _ in range(decoder_depth)])
+            [
+                Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)
+            ]
+        )
         self.decoder_norm = norm_layer(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * 3)
         self._init_decoder()
 
         self.norm_pix_loss = bool(norm_pix_loss)
         self.mask_ratio = float(mask_ratio)
-        self.arch = dict(variant=variant, img_size=self.img_size, patch_size=self.patch_size,
-                         embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=int(vit.blocks[0].attn.num_heads),
-                         decoder_dim=int(decoder_dim), decoder_depth=int(decoder_depth),
-                         decoder_heads=int(decoder_heads), norm_pix_loss=self.norm_pix_loss, normalize=normalize,
-                         mask_ratio=self.mask_ratio)
+        self.arch = dict(
+            variant=variant,
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=len(self.blocks),
+            num_heads=int(vit.blocks[0].attn.num_heads),
+            decoder_dim=int(decoder_dim),
+            decoder_depth=int(decoder_depth),
+            decoder_heads=int(decoder_heads),
+            norm_pix_loss=self.norm_pix_loss,
+            normalize=normalize,
+            mask_ratio=self.mask_ratio,
+        )
 
     def _init_decoder(self) -> None:
         nn.init.normal_(self.mask_token, std=0.02)
@@ -302,8 +366,9 @@ class MaeTeacher(nn.Module):
             latent = block(latent)
         return self.norm(latent), ids_keep, mask, grid, x
 
-    def encode_visible(self, images: torch.Tensor, mask_ratio: Optional[float] = None,
-                       noise: Optional[torch.Tensor] = None):
+    def encode_visible(
+        self, images: torch.Tensor, mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None
+    ):
         """Encoder tokens of the visible patches, for patch-level distillation.
 
         Returns (tokens [B, N_vis, D] after the final LayerNorm, class token dropped; ids_keep [B, N_vis]:
@@ -333,8 +398,7 @@ class MaeTeacher(nn.Module):
         per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
-    def forward(self, images: torch.Tensor, mask_ratio: Optional[float] = None,
-                noise: Optional[torch.Tensor] = None):
+    def forward(self, images: torch.Tensor, mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None):
         """(loss, pred [B, N, p*p*3], mask [B, N]) for a batch of [0, 1] slices."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         latent, ids_keep, mask, grid, x = self._encode(images, ratio, noise)

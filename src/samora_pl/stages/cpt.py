@@ -68,32 +68,61 @@ def validate_cpt(cfg: DictConfig) -> None:
     need(0.0 <= m.mask_ratio < 1.0, "cpt.mae.mask_ratio", m.mask_ratio, "it must be in [0, 1)")
     for name, sub in (("simclr", s), ("mae", m)):
         need(sub.img_size >= 16, f"cpt.{name}.img_size", sub.img_size, "it must be at least 16")
-        need(sub.max_epochs >= 0, f"cpt.{name}.max_epochs", sub.max_epochs,
-             "it must be at least 0 (0 keeps the starting weights: no continual pre-training)")
+        need(
+            sub.max_epochs >= 0,
+            f"cpt.{name}.max_epochs",
+            sub.max_epochs,
+            "it must be at least 0 (0 keeps the starting weights: no continual pre-training)",
+        )
         need(sub.normalize in NORMALIZE, f"cpt.{name}.normalize", sub.normalize, f"allowed: {', '.join(NORMALIZE)}")
         scale = list(sub.crop_scale)
-        need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, f"cpt.{name}.crop_scale", scale,
-             "give [min, max] with 0 < min <= max <= 1")
+        need(
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+            f"cpt.{name}.crop_scale",
+            scale,
+            "give [min, max] with 0 < min <= max <= 1",
+        )
     need(0 <= s.blur_prob <= 1, "cpt.simclr.blur_prob", s.blur_prob, "it must be in [0, 1]")
     if m.patch_size is not None:
-        need(m.img_size % m.patch_size == 0, "cpt.mae.img_size", m.img_size,
-             f"it must be a multiple of cpt.mae.patch_size ({m.patch_size})")
+        need(
+            m.img_size % m.patch_size == 0,
+            "cpt.mae.img_size",
+            m.img_size,
+            f"it must be a multiple of cpt.mae.patch_size ({m.patch_size})",
+        )
     for position, source in enumerate(cfg.cpt.sources):
         source_dict(source, position)
 
 
 def build_simclr(cfg: DictConfig) -> SimclrTeacher:
     s = cfg.cpt.simclr
-    return SimclrTeacher(depth=s.depth, width=s.width, selective_kernel=s.selective_kernel, proj_dim=s.proj_dim,
-                         proj_hidden_dim=s.proj_hidden_dim, normalize=s.normalize, img_size=s.img_size)
+    return SimclrTeacher(
+        depth=s.depth,
+        width=s.width,
+        selective_kernel=s.selective_kernel,
+        proj_dim=s.proj_dim,
+        proj_hidden_dim=s.proj_hidden_dim,
+        normalize=s.normalize,
+        img_size=s.img_size,
+    )
 
 
 def build_mae(cfg: DictConfig) -> MaeTeacher:
     m = cfg.cpt.mae
-    return MaeTeacher(variant=m.variant, img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
-                      depth=m.depth, num_heads=m.num_heads, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
-                      decoder_heads=m.decoder_heads, norm_pix_loss=m.norm_pix_loss, normalize=m.normalize,
-                      mask_ratio=m.mask_ratio)
+    return MaeTeacher(
+        variant=m.variant,
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        decoder_dim=m.decoder_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_heads=m.decoder_heads,
+        norm_pix_loss=m.norm_pix_loss,
+        normalize=m.normalize,
+        mask_ratio=m.mask_ratio,
+    )
 
 
 def changed_settings(cfg: DictConfig, folder: Path, kind: str) -> List[str]:
@@ -115,13 +144,20 @@ def _prepare(cfg: DictConfig, kind: str):
     manifest = read_manifest(folder)
     finished = manifest and manifest.get("status") == "complete" and (folder / TEACHER_FILE).exists()
     if changed and (finished or (folder / "checkpoints" / "last.ckpt").exists()):
-        raise SamoraError(f"{folder} holds a {kind} teacher trained with other settings ({', '.join(changed)}); "
-                          "add overwrite=true to train it again, or choose another RUN.")
+        raise SamoraError(
+            f"{folder} holds a {kind} teacher trained with other settings ({', '.join(changed)}); "
+            "add overwrite=true to train it again, or choose another RUN."
+        )
     if finished:
         done = int(manifest.get("metrics", {}).get("epochs") or 0)
         if cfg.cpt[kind].max_epochs > done and (done == 0 or (folder / "checkpoints" / "last.ckpt").exists()):
-            log.info("cpt: continuing the %s teacher in %s from epoch %d to %d.", kind, folder, done,
-                     cfg.cpt[kind].max_epochs)
+            log.info(
+                "cpt: continuing the %s teacher in %s from epoch %d to %d.",
+                kind,
+                folder,
+                done,
+                cfg.cpt[kind].max_epochs,
+            )
             return "train", None
         log.info("cpt: the %s teacher in %s is already trained; reusing it (overwrite=true retrains).", kind, folder)
         return "done", dict(manifest.get("metrics", {}))
@@ -161,8 +197,10 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
     resume = folder / "checkpoints" / "last.ckpt"
     resume = resume if resume.exists() else None
     if sub.checkpoint:
-        record.add_input("public_checkpoint", file_record(Path(sub.checkpoint)) if Path(sub.checkpoint).is_file()
-                         else {"path": sub.checkpoint})
+        record.add_input(
+            "public_checkpoint",
+            file_record(Path(sub.checkpoint)) if Path(sub.checkpoint).is_file() else {"path": sub.checkpoint},
+        )
         if resume is None:
             report = load_public_checkpoint(teacher, sub.checkpoint)
             log.info("cpt: %s starts from %s (%s)", kind, sub.checkpoint, report)
@@ -172,25 +210,47 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
     if resume is not None:
         log.info("cpt: resuming the %s teacher from %s", kind, resume)
 
-    if kind == "simclr" and world_size(cfg) > 1 and cfg.trainer.accelerator in ("auto", "gpu", "cuda") \
-            and torch.cuda.is_available():
+    if (
+        kind == "simclr"
+        and world_size(cfg) > 1
+        and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+        and torch.cuda.is_available()
+    ):
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # global BatchNorm across GPUs, as SimCLR
     interval = cfg.trainer.image_log_every_n_epochs
     if kind == "simclr":
-        transform = TwoViews(simclr_augment(sub.img_size, sub.crop_scale, sub.rotation_deg, sub.jitter,
-                                            sub.blur_prob, sub.noise_std))
-        module = SimclrCpt(teacher, temperature=sub.temperature, lr=sub.lr, weight_decay=sub.weight_decay,
-                           warmup_epochs=sub.warmup_epochs, gather_negatives=sub.gather_negatives,
-                           image_log_every_n_epochs=interval)
+        transform = TwoViews(
+            simclr_augment(sub.img_size, sub.crop_scale, sub.rotation_deg, sub.jitter, sub.blur_prob, sub.noise_std)
+        )
+        module = SimclrCpt(
+            teacher,
+            temperature=sub.temperature,
+            lr=sub.lr,
+            weight_decay=sub.weight_decay,
+            warmup_epochs=sub.warmup_epochs,
+            gather_negatives=sub.gather_negatives,
+            image_log_every_n_epochs=interval,
+        )
         lr = sub.lr
     else:
         lr = sub.base_lr * sub.batch_size * world_size(cfg) / 256
         transform = mae_augment(sub.img_size, sub.crop_scale)
-        module = MaeCpt(teacher, lr=lr, weight_decay=sub.weight_decay, betas=sub.betas,
-                        warmup_epochs=sub.warmup_epochs, image_log_every_n_epochs=interval)
-    data = UnlabeledDataModule(pool=pool, transform=transform, batch_size=sub.batch_size,
-                               num_workers=cfg.data.num_workers, skip_bad_files=cfg.cpt.skip_bad_files,
-                               cache_volumes=cfg.cpt.cache_volumes)
+        module = MaeCpt(
+            teacher,
+            lr=lr,
+            weight_decay=sub.weight_decay,
+            betas=sub.betas,
+            warmup_epochs=sub.warmup_epochs,
+            image_log_every_n_epochs=interval,
+        )
+    data = UnlabeledDataModule(
+        pool=pool,
+        transform=transform,
+        batch_size=sub.batch_size,
+        num_workers=cfg.data.num_workers,
+        skip_bad_files=cfg.cpt.skip_bad_files,
+        cache_volumes=cfg.cpt.cache_volumes,
+    )
     save_config(cfg, folder)
     trainer = build_trainer(cfg, folder, "cpt", kind, max_epochs=sub.max_epochs, callbacks=[Throughput()])
     started = time.time()
@@ -216,16 +276,28 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
         **skipped_batches(trainer),
     }
     if is_rank_zero():
-        meta = {"run": cfg.run, "epochs": metrics["epochs"], "steps": metrics["steps"],
-                "loss_last_epoch": metrics["loss_last_epoch"], "pool_slices": len(pool),
-                "start_checkpoint": sub.checkpoint, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        meta = {
+            "run": cfg.run,
+            "epochs": metrics["epochs"],
+            "steps": metrics["steps"],
+            "loss_last_epoch": metrics["loss_last_epoch"],
+            "pool_slices": len(pool),
+            "start_checkpoint": sub.checkpoint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         check_finite_state(teacher.state_dict().items(), f"cpt {kind}", folder / TEACHER_FILE)
         save_teacher(teacher, folder / TEACHER_FILE, meta)
         record.add_output(folder / TEACHER_FILE)
         record.metrics.update(metrics)
         record.write()
-        log.info("cpt: %s teacher written to %s (loss %s -> %s over %d epochs)", kind, folder / TEACHER_FILE,
-                 _fmt(metrics["loss_first_epoch"]), _fmt(metrics["loss_last_epoch"]), metrics["epochs"])
+        log.info(
+            "cpt: %s teacher written to %s (loss %s -> %s over %d epochs)",
+            kind,
+            folder / TEACHER_FILE,
+            _fmt(metrics["loss_first_epoch"]),
+            _fmt(metrics["loss_last_epoch"]),
+            metrics["epochs"],
+        )
     return metrics
 
 

@@ -22,8 +22,15 @@ NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
 class MaeCpt(L.LightningModule):
-    def __init__(self, teacher: MaeTeacher, lr: float = 1.5e-4, weight_decay: float = 0.05,
-                 betas: Sequence[float] = (0.9, 0.95), warmup_epochs: float = 1.0, image_log_every_n_epochs: int = 1):
+    def __init__(
+        self,
+        teacher: MaeTeacher,
+        lr: float = 1.5e-4,
+        weight_decay: float = 0.05,
+        betas: Sequence[float] = (0.9, 0.95),
+        warmup_epochs: float = 1.0,
+        image_log_every_n_epochs: int = 1,
+    ):
         super().__init__()
         self.teacher = teacher
         self.lr = lr
@@ -41,8 +48,9 @@ class MaeCpt(L.LightningModule):
         loss, pred, mask = self.teacher(images)
         if guard_loss(self, loss) is None:
             return None  # skip_nonfinite: counted by the guard
-        self.log("cpt_mae/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0],
-                 sync_dist=True)
+        self.log(
+            "cpt_mae/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0], sync_dist=True
+        )
         self._sum += float(loss.detach())
         self._count += 1
         self._images += images.shape[0]

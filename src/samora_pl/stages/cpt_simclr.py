@@ -34,9 +34,16 @@ def decay_groups(module: torch.nn.Module, weight_decay: float, no_decay_names=()
 
 
 class SimclrCpt(L.LightningModule):
-    def __init__(self, teacher: SimclrTeacher, temperature: float = 0.1, lr: float = 3e-4,
-                 weight_decay: float = 1e-6, warmup_epochs: float = 1.0, gather_negatives: bool = True,
-                 image_log_every_n_epochs: int = 1):
+    def __init__(
+        self,
+        teacher: SimclrTeacher,
+        temperature: float = 0.1,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-6,
+        warmup_epochs: float = 1.0,
+        gather_negatives: bool = True,
+        image_log_every_n_epochs: int = 1,
+    ):
         super().__init__()
         self.teacher = teacher
         self.temperature = temperature

@@ -57,14 +57,30 @@ log = logging.getLogger(__name__)
 EXPERT = "expert.safetensors"
 # settings that change what an expert is; a finished level is reused only if they are unchanged
 SHAPING_KEYS = (
-    "model.variant", "model.img_size", "model.checkpoint", "model.init_seed", "model.lora_rank",
-    "distill.", "cpt.sources", "data.name", "data.dir", "seed",
+    "model.variant",
+    "model.img_size",
+    "model.checkpoint",
+    "model.init_seed",
+    "model.lora_rank",
+    "distill.",
+    "cpt.sources",
+    "data.name",
+    "data.dir",
+    "seed",
 )
 # the image level's views are CPT's SimCLR views (simclr_view_settings), so they shape that expert too
 SIMCLR_VIEW_KEYS = ("crop_scale", "rotation_deg", "jitter", "blur_prob", "noise_std")
 
-__all__ = ["run", "run_level", "prepare_level", "teacher_path", "load_level_teacher", "build_student", "build_data",
-           "EXPERT"]
+__all__ = [
+    "run",
+    "run_level",
+    "prepare_level",
+    "teacher_path",
+    "load_level_teacher",
+    "build_student",
+    "build_data",
+    "EXPERT",
+]
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -116,11 +132,13 @@ class LevelViews:
         else:
             from data_modules.ssl_views import Clamp01
 
-            self.augment = T.Compose([
-                T.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True),
-                T.RandomHorizontalFlip(),
-                Clamp01(),
-            ])
+            self.augment = T.Compose(
+                [
+                    T.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True),
+                    T.RandomHorizontalFlip(),
+                    Clamp01(),
+                ]
+            )
 
     def __call__(self, image: torch.Tensor) -> dict:
         image = image.float()
@@ -155,7 +173,9 @@ def build_data(cfg: DictConfig, level: str):
 def _check(cfg: DictConfig) -> None:
     d = cfg.distill
     if d.image_pairing not in PAIRINGS:
-        raise SamoraError(f"Config key 'distill.image_pairing' is {d.image_pairing!r}; allowed values: {', '.join(PAIRINGS)}.")
+        raise SamoraError(
+            f"Config key 'distill.image_pairing' is {d.image_pairing!r}; allowed values: {', '.join(PAIRINGS)}."
+        )
     if not 0.0 <= d.mask_ratio < 1.0:
         raise SamoraError(f"Config key 'distill.mask_ratio' is {d.mask_ratio}; it must be in [0, 1).")
     if not 0.0 <= d.blur_prob <= 1.0:
@@ -307,8 +327,11 @@ def run_level(cfg: DictConfig, level: str) -> dict:
     if is_rank_zero():
         log.info(
             "distill %s: loss %.4f -> %.4f over %d epochs; expert in %s",
-            level, metrics.get("first_loss", float("nan")), metrics.get("final_loss", float("nan")),
-            metrics.get("epochs", 0), expert,
+            level,
+            metrics.get("first_loss", float("nan")),
+            metrics.get("final_loss", float("nan")),
+            metrics.get("epochs", 0),
+            expert,
         )
     return dict(metrics, expert=str(expert))
 

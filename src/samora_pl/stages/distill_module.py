@@ -254,7 +254,9 @@ class DistillModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         for name, value in out.items():
             if name != "loss":
-                self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=size, prog_bar=name == "cosine")
+                self.log(
+                    f"train/{name}", value, on_step=True, on_epoch=True, batch_size=size, prog_bar=name == "cosine"
+                )
         for name, value in out.items():
             self._sums[name] = self._sums.get(name, 0.0) + value.detach().float() * size
         self._count += size
@@ -282,8 +284,11 @@ class DistillModule(L.LightningModule):
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         keep |= {f"head.{n}" for n, _ in self.head.named_buffers()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["samora_distill"] = {"level": self.level, "contents": "trainable parameters only",
-                                        "history": list(self.history)}
+        checkpoint["samora_distill"] = {
+            "level": self.level,
+            "contents": "trainable parameters only",
+            "history": list(self.history),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("samora_distill", {})

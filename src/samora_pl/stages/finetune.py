@@ -86,7 +86,9 @@ def expert_paths(cfg: DictConfig) -> dict:
     missing = [f"{level}: {path}" for level, path in paths.items() if not path.exists()]
     if missing:
         levels = [line.split(":")[0] for line in missing]
-        make = "make distill LEVEL=all" if len(levels) == 3 else " and ".join(f"make distill LEVEL={lv}" for lv in levels)
+        make = (
+            "make distill LEVEL=all" if len(levels) == 3 else " and ".join(f"make distill LEVEL={lv}" for lv in levels)
+        )
         raise SamoraError(
             "Fine-tuning in mode=samora needs the distilled LoRA experts, which are missing:\n  "
             + "\n  ".join(missing)

@@ -4,8 +4,8 @@ The module receives a built `SAMoraSegmenter` whose trainable parameters are alr
 (`set_trainable(mode)`); it adds the loss, the optimiser schedule, validation Dice and image panels.
 """
 
-import torch
 import lightning as L
+import torch
 from torchmetrics.segmentation import DiceScore
 
 from samora_pl.callbacks import segmentation_panel, tensorboard
@@ -86,4 +86,7 @@ class FinetuneModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
         warmup = int(self.warmup_epochs * per_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": lightning_scheduler(optimizer, warmup_poly(total, warmup, self.poly_power))}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": lightning_scheduler(optimizer, warmup_poly(total, warmup, self.poly_power)),
+        }

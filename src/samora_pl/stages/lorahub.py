@@ -150,14 +150,25 @@ def compose_into(cfg: DictConfig, model, data, folder: Path, expert_paths: dict,
     model.train(was_training)
     model.set_trainable("samora")  # fusion (none for a single LoRA) + mask decoder; the composed LoRA frozen
     best = min(history, key=lambda h: h["score"])
-    log.info("lorahub: weights %s (loss %.4f, %d candidates, %d held-out slices)", weights, best["loss"],
-             len(history), len(held))
+    log.info(
+        "lorahub: weights %s (loss %.4f, %d candidates, %d held-out slices)",
+        weights,
+        best["loss"],
+        len(history),
+        len(held),
+    )
 
     train_names = [nm for nm in data.train_set.names if nm not in set(held)]
     if train_names:
         data.train_set.names = train_names
-    summary = {"weights": weights, "loss": best["loss"], "score": best["score"], "holdout": held,
-               "decoder_train_slices": len(data.train_set.names), "history": history}
+    summary = {
+        "weights": weights,
+        "loss": best["loss"],
+        "score": best["score"],
+        "holdout": held,
+        "decoder_train_slices": len(data.train_set.names),
+        "history": history,
+    }
     if is_rank_zero():
         atomic_write_text(folder / "lorahub.json", json.dumps(summary, indent=2) + "\n")
     return summary

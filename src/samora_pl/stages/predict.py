@@ -67,18 +67,24 @@ def finetune_folder(cfg: DictConfig) -> Path:
     root = run_dir(cfg) / "finetune"
     if cfg.finetune.tag:
         if not (root / cfg.finetune.tag / FINAL).is_file():
-            raise SamoraError(f"No fine-tuned model at {root / cfg.finetune.tag / FINAL}; check run= and "
-                              "finetune.tag=, or run `make finetune` first.")
+            raise SamoraError(
+                f"No fine-tuned model at {root / cfg.finetune.tag / FINAL}; check run= and "
+                "finetune.tag=, or run `make finetune` first."
+            )
         return root / cfg.finetune.tag
     finished = sorted(p.name for p in root.iterdir() if (p / FINAL).is_file()) if root.is_dir() else []
     if not finished:
-        raise SamoraError(f"No finished fine-tuning in {root} (no {FINAL}); run `make finetune RUN={cfg.run}` first, "
-                          "or name another run with run=... (RUN=...).")
+        raise SamoraError(
+            f"No finished fine-tuning in {root} (no {FINAL}); run `make finetune RUN={cfg.run}` first, "
+            "or name another run with run=... (RUN=...)."
+        )
     if tag_of(cfg) in finished:
         return root / tag_of(cfg)
     if len(finished) > 1:
-        raise SamoraError(f"{root} holds several fine-tunes ({', '.join(finished)}); choose one with "
-                          "finetune.tag=<name> (make: ARGS=finetune.tag=<name>).")
+        raise SamoraError(
+            f"{root} holds several fine-tunes ({', '.join(finished)}); choose one with "
+            "finetune.tag=<name> (make: ARGS=finetune.tag=<name>)."
+        )
     return root / finished[0]
 
 
@@ -99,8 +105,9 @@ def find_volumes(source: Path, out: Path) -> list:
             if wanted and not name.startswith("."):
                 found.append((path, out / path.parent.relative_to(source)))
     if not found:
-        raise SamoraError(f"{source}: no volumes to predict in this folder or below (looked for "
-                          f"{', '.join(VOLUME_SUFFIXES)})")
+        raise SamoraError(
+            f"{source}: no volumes to predict in this folder or below (looked for {', '.join(VOLUME_SUFFIXES)})"
+        )
     targets = {}
     for path, folder in found:
         target = folder / f"{case_name(path)}_pred.nii.gz"
@@ -134,19 +141,24 @@ def dataset_intensity(saved: DictConfig):
     if not issubclass(datamodule_class(saved.data.name), VolumeDataModule):
         return None
     try:
-        data = build_datamodule(saved.data.name, root=saved.data.dir, img_size=saved.model.img_size,
-                                **data_options(saved))
+        data = build_datamodule(
+            saved.data.name, root=saved.data.dir, img_size=saved.model.img_size, **data_options(saved)
+        )
     except SamoraError as err:
-        raise SamoraError(f"predict.intensity=auto takes the rule of the run's dataset, which could not be opened "
-                          f"({err}); set predict.intensity=none|ct_window|mr_percentile instead.") from None
+        raise SamoraError(
+            f"predict.intensity=auto takes the rule of the run's dataset, which could not be opened "
+            f"({err}); set predict.intensity=none|ct_window|mr_percentile instead."
+        ) from None
     return data.intensity
 
 
 def run(cfg: DictConfig) -> dict:
     """Predict every input volume with the run's fine-tuned model; returns what was written."""
     if not cfg.predict.input or not cfg.predict.output:
-        raise SamoraError("predict.input (IN) and predict.output (OUT) are both needed: a volume or folder of "
-                          "volumes, and the folder the predictions go to.")
+        raise SamoraError(
+            "predict.input (IN) and predict.output (OUT) are both needed: a volume or folder of "
+            "volumes, and the folder the predictions go to."
+        )
     out = Path(cfg.predict.output).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise SamoraError(f"{out}: predict.output (OUT) is a file; give a folder")
@@ -172,13 +184,25 @@ def run(cfg: DictConfig) -> dict:
         image, geometry = read_volume(path, saved.data.name)
         mode = rule or ("none" if is_h5(path) else "ct_window")
         scaled = scale_intensity(image, mode, volume_stats(image, mode))
-        label = predict_volume(logits, scaled, saved.model.img_size, batch_size=cfg.eval.batch_size,
-                               resize=saved.eval.resize, two_step_size=saved.eval.two_step_size)
+        label = predict_volume(
+            logits,
+            scaled,
+            saved.model.img_size,
+            batch_size=cfg.eval.batch_size,
+            resize=saved.eval.resize,
+            two_step_size=saved.eval.two_step_size,
+        )
         written.append(write_image(target / f"{case_name(path)}_pred.nii.gz", label, geometry))
         if cfg.predict.overlay:
-            write_overlay(target / f"{case_name(path)}_overlay.png", scaled, label, model.num_classes,
-                          cfg.predict.overlay_slices)
-    log.info("predict: wrote %d label map(s)%s to %s (intensity %s, resize %s)", len(written),
-             " and overlays" if cfg.predict.overlay else "", out, rule or "ct_window for NIfTI/MHD, none for h5",
-             saved.eval.resize)
+            write_overlay(
+                target / f"{case_name(path)}_overlay.png", scaled, label, model.num_classes, cfg.predict.overlay_slices
+            )
+    log.info(
+        "predict: wrote %d label map(s)%s to %s (intensity %s, resize %s)",
+        len(written),
+        " and overlays" if cfg.predict.overlay else "",
+        out,
+        rule or "ct_window for NIfTI/MHD, none for h5",
+        saved.eval.resize,
+    )
     return {"model": str(folder), "output": str(out), "predictions": [str(p) for p in written]}

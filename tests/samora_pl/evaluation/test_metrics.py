@@ -150,7 +150,9 @@ def test_known_distances_single_voxels_and_plates():
     assert rows[1] == {"class_id": 2, "dice": 0.0, "hd95": 3.0}
 
 
-@pytest.mark.parametrize("offset", [(1, 0, 0), (1, 1, 0), (1, 1, 1), (0, 2, 0), (1, 2, 0), (1, 1, 2), (2, 2, 0), (0, 0, 3), (4, 5, 6)])
+@pytest.mark.parametrize(
+    "offset", [(1, 0, 0), (1, 1, 0), (1, 1, 1), (0, 2, 0), (1, 2, 0), (1, 1, 2), (2, 2, 0), (0, 0, 3), (4, 5, 6)]
+)
 def test_distances_across_the_local_search_and_the_kd_tree(offset):
     # Squared distances up to 6 come from the local offset search, beyond from the k-d tree (7 is not a sum
     # of three squares, 8 is the first beyond); both must give the exact EDT value.

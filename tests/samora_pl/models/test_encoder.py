@@ -12,14 +12,12 @@ from samora_pl.models.lora import MultiExpertLoRA
 from samora_pl.models.sam import SamVariant, build_image_encoder, get_variant
 
 # a second small windowed configuration: 3 heads, window 3 on a 7x7 grid (padding), one global block
-SMALL = SamVariant("small", embed_dim=48, depth=3, num_heads=3, global_attn_indexes=(1,), window_size=3,
-                   out_chans=32)
+SMALL = SamVariant("small", embed_dim=48, depth=3, num_heads=3, global_attn_indexes=(1,), window_size=3, out_chans=32)
 
 CONFIGS = [("tiny", 128), ("tiny", 96), (SMALL, 112)]
 
 
-def build(randomize_encoder, variant, img_size, experts=("image", "patch", "pixel"), fusion="hl_attn", seed=0,
-          **kw):
+def build(randomize_encoder, variant, img_size, experts=("image", "patch", "pixel"), fusion="hl_attn", seed=0, **kw):
     torch.manual_seed(seed)
     v = get_variant(variant)
     ie = randomize_encoder(build_image_encoder(v, img_size), seed)
@@ -53,8 +51,15 @@ def test_zero_B_equals_plain_sam(randomize_encoder, randomize_lora, variant, img
 @pytest.mark.parametrize("variant,img_size", CONFIGS)
 @pytest.mark.parametrize(
     "fusion,kw",
-    [("hl_attn", {"hl_init": "paper"}), ("hl_attn", {}), ("hl_attn", {"hl_order": "image-pixel-patch"}),
-     ("mole", {}), ("lac", {}), ("sum", {}), ("single:pixel", {})],
+    [
+        ("hl_attn", {"hl_init": "paper"}),
+        ("hl_attn", {}),
+        ("hl_attn", {"hl_order": "image-pixel-patch"}),
+        ("mole", {}),
+        ("lac", {}),
+        ("sum", {}),
+        ("single:pixel", {}),
+    ],
 )
 def test_fused_block_equals_naive_four_calls(randomize_encoder, randomize_lora, variant, img_size, fusion, kw):
     enc = build(randomize_encoder, variant, img_size, fusion=fusion, **kw)

@@ -114,7 +114,9 @@ def test_hl_attn_over_two_experts_is_its_first_unit():
     f = build_fusion("hl_attn", pair, 32, num_heads=4)  # residual_mean: the mean of the two at init
     assert torch.allclose(f(rs), (rs["image"] + rs["patch"]) / 2, atol=1e-6)
     assert build_fusion("hl_attn", ("pixel", "image"), 32, num_heads=4, hl_order="image-patch-pixel").order == (
-        "image", "pixel")
+        "image",
+        "pixel",
+    )
     with pytest.raises(SamoraError, match="patch-image"):
         build_fusion("hl_attn", pair, 32, num_heads=4, hl_order="image-pixel")
 
@@ -125,9 +127,20 @@ def test_cross_attention_unit_formula():
     ca = f.ca1
     mha = torch.nn.functional.multi_head_attention_forward
     o, _ = mha(
-        ca.norm_q(q).transpose(0, 1), ca.norm_k(kv).transpose(0, 1), ca.norm_v(kv).transpose(0, 1),
-        32, 4, ca.attn.in_proj_weight, ca.attn.in_proj_bias, None, None, False, 0.0,
-        ca.attn.out_proj.weight, ca.attn.out_proj.bias, need_weights=False,
+        ca.norm_q(q).transpose(0, 1),
+        ca.norm_k(kv).transpose(0, 1),
+        ca.norm_v(kv).transpose(0, 1),
+        32,
+        4,
+        ca.attn.in_proj_weight,
+        ca.attn.in_proj_bias,
+        None,
+        None,
+        False,
+        0.0,
+        ca.attn.out_proj.weight,
+        ca.attn.out_proj.bias,
+        need_weights=False,
     )
     assert torch.allclose(ca(q, kv), ca.proj(o.transpose(0, 1)) + q, atol=1e-5)
 

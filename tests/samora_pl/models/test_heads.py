@@ -16,7 +16,6 @@ from samora_pl.distillation import (
 )
 from samora_pl.models.heads import ImageProjection, PixelDecoder, TokenProjection
 
-
 # ------------------------------------------------------------------------------------------------ heads
 
 

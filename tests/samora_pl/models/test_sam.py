@@ -83,7 +83,8 @@ def test_tiny_checkpoint_loads_at_other_sizes(tiny_ckpt, img_size):
         assert torch.equal(enc.blocks[i].attn.rel_pos_h, sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"])
     assert torch.equal(enc.blocks[0].attn.qkv.weight, sd["image_encoder.blocks.0.attn.qkv.weight"])
     assert torch.equal(
-        pe.pe_layer.positional_encoding_gaussian_matrix, sd["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+        pe.pe_layer.positional_encoding_gaussian_matrix,
+        sd["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"],
     )
     assert torch.equal(dec.iou_token.weight, sd["mask_decoder.iou_token.weight"])
     # heads sized for K+1 = 9 stay fresh
@@ -92,7 +93,8 @@ def test_tiny_checkpoint_loads_at_other_sizes(tiny_ckpt, img_size):
     assert "mask_decoder.iou_prediction_head.layers.2.weight" in report.reinitialised
     assert dec.mask_tokens.weight.shape == (9, v.out_chans)
     assert not torch.equal(
-        dec.output_hypernetworks_mlps[0].layers[0].weight, sd["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"]
+        dec.output_hypernetworks_mlps[0].layers[0].weight,
+        sd["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"],
     )
 
 

@@ -65,9 +65,7 @@ def test_two_experts_fuse_with_one_hl_attn_unit(randomize_lora):
 def test_samed_mode(randomize_lora):
     m = tiny(experts=("samed",), fusion="single:samed", trainable="samed")
     names = set(m.trainable_parameter_names())
-    assert {n for n in names if "lora_" in n} == {
-        n for n, _ in m.named_parameters() if "lora_A" in n or "lora_B" in n
-    }
+    assert {n for n in names if "lora_" in n} == {n for n, _ in m.named_parameters() if "lora_A" in n or "lora_B" in n}
     assert not any("lora_scale" in n or "image_encoder" in n for n in names)
     assert any(n.startswith("prompt_encoder.") for n in names) and any(n.startswith("mask_decoder.") for n in names)
     got = _grads(m, torch.rand(2, 1, 128, 128))

@@ -18,8 +18,17 @@ from samora_pl.models.teachers import (
     unpatchify,
 )
 
-TINY_VIT = dict(variant="vit_base_patch16_224", img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=4,
-                decoder_dim=32, decoder_depth=1, decoder_heads=4)
+TINY_VIT = dict(
+    variant="vit_base_patch16_224",
+    img_size=64,
+    patch_size=16,
+    embed_dim=32,
+    depth=2,
+    num_heads=4,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=4,
+)
 
 
 def tiny_mae(**kw) -> MaeTeacher:
@@ -128,7 +137,7 @@ def test_forward_masks_ratio_and_visible_tokens_ignore_masked_pixels():
         for index in range(16):
             if index not in ids_keep[b]:
                 r, c = divmod(index, 4)
-                altered[b, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = torch.rand(1, 16, 16)
+                altered[b, :, r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16] = torch.rand(1, 16, 16)
     tokens2, _, _ = model.encode_visible(altered, 0.75, noise=noise)
     assert torch.allclose(tokens, tokens2, atol=1e-6)
     # another image size works (positions resampled)
@@ -138,13 +147,28 @@ def test_forward_masks_ratio_and_visible_tokens_ignore_masked_pixels():
 
 def test_mae_parameter_names_are_the_official_layout():
     model = MaeTeacher(**{**TINY_VIT, "depth": 1})
-    blocks = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-              "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
-    official = (["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
-                + [f"blocks.0.{k}" for k in blocks] + ["norm.weight", "norm.bias"]
-                + ["mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias"]
-                + [f"decoder_blocks.0.{k}" for k in blocks]
-                + ["decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"])
+    blocks = [
+        "norm1.weight",
+        "norm1.bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+    ]
+    official = (
+        ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+        + [f"blocks.0.{k}" for k in blocks]
+        + ["norm.weight", "norm.bias"]
+        + ["mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias"]
+        + [f"decoder_blocks.0.{k}" for k in blocks]
+        + ["decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
+    )
     assert set(model.state_dict()) == set(official)
 
 
@@ -187,8 +211,17 @@ def test_simclr_checkpoint_of_other_width_or_architecture(tmp_path):
 
 
 def _official_encoder(img_size=64, **kw) -> dict:
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=img_size, patch_size=16,
-                            embed_dim=32, depth=2, num_heads=4, num_classes=0, **kw)
+    vit = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        num_classes=0,
+        **kw,
+    )
     return dict(vit.state_dict())
 
 

@@ -13,12 +13,25 @@ from samora_pl.stages.cpt import load_teacher, run, teacher_file
 
 # Minimal sizes: one epoch of 2 steps per teacher.
 FAST = [
-    "cpt.simclr.depth=18", "cpt.simclr.width=0.125", "cpt.simclr.img_size=32", "cpt.simclr.batch_size=8",
-    "cpt.simclr.max_epochs=1", "cpt.simclr.proj_dim=16",
-    "cpt.mae.embed_dim=32", "cpt.mae.depth=1", "cpt.mae.num_heads=2", "cpt.mae.patch_size=16",
-    "cpt.mae.img_size=32", "cpt.mae.decoder_dim=32", "cpt.mae.decoder_depth=1", "cpt.mae.decoder_heads=2",
-    "cpt.mae.batch_size=8", "cpt.mae.max_epochs=1",
-    "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "data.num_workers=0",
+    "cpt.simclr.depth=18",
+    "cpt.simclr.width=0.125",
+    "cpt.simclr.img_size=32",
+    "cpt.simclr.batch_size=8",
+    "cpt.simclr.max_epochs=1",
+    "cpt.simclr.proj_dim=16",
+    "cpt.mae.embed_dim=32",
+    "cpt.mae.depth=1",
+    "cpt.mae.num_heads=2",
+    "cpt.mae.patch_size=16",
+    "cpt.mae.img_size=32",
+    "cpt.mae.decoder_dim=32",
+    "cpt.mae.decoder_depth=1",
+    "cpt.mae.decoder_heads=2",
+    "cpt.mae.batch_size=8",
+    "cpt.mae.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+    "data.num_workers=0",
 ]
 
 
@@ -34,8 +47,17 @@ def config(tmp_path: Path, *extra):
     pool = tmp_path / "pool"
     if not pool.exists():
         write_pool(pool)
-    return compose("cpt", [f"runs_dir={tmp_path / 'runs'}", "run=t", f"data.dir={tmp_path / 'demo'}",
-                           f"cpt.sources=[{{path: '{pool}', format: npz}}]", *FAST, *extra])
+    return compose(
+        "cpt",
+        [
+            f"runs_dir={tmp_path / 'runs'}",
+            "run=t",
+            f"data.dir={tmp_path / 'demo'}",
+            f"cpt.sources=[{{path: '{pool}', format: npz}}]",
+            *FAST,
+            *extra,
+        ],
+    )
 
 
 def test_tiny_profile_composes():
@@ -111,8 +133,21 @@ def test_checkpoint_of_another_architecture(tmp_path):
     from samora_pl.models.teachers import MaeTeacher
 
     wrong = tmp_path / "mae_pretrain.pth"
-    torch.save({"model": MaeTeacher(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
-                                    decoder_dim=32, decoder_depth=1, decoder_heads=2).state_dict()}, wrong)
+    torch.save(
+        {
+            "model": MaeTeacher(
+                img_size=32,
+                patch_size=16,
+                embed_dim=32,
+                depth=1,
+                num_heads=2,
+                decoder_dim=32,
+                decoder_depth=1,
+                decoder_heads=2,
+            ).state_dict()
+        },
+        wrong,
+    )
     with pytest.raises(SamoraError, match="does not fit the SimCLR teacher"):
         run(config(tmp_path, f"cpt.simclr.checkpoint={wrong}", "cpt.teacher=simclr"))
     folder = tmp_path / "runs" / "t" / "cpt" / "simclr"
@@ -123,8 +158,9 @@ def test_public_mae_checkpoint_is_the_starting_point(tmp_path):
     from samora_pl.models.teachers import MaeTeacher
 
     torch.manual_seed(3)
-    donor = MaeTeacher(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
-                       decoder_depth=1, decoder_heads=2)
+    donor = MaeTeacher(
+        img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
+    )
     path = tmp_path / "mae_pretrain_vit_tiny_full.pth"
     torch.save({"model": donor.state_dict()}, path)
     run(config(tmp_path, f"cpt.mae.checkpoint={path}", "cpt.teacher=mae", "cpt.mae.base_lr=0"))
@@ -140,8 +176,9 @@ def test_zero_epochs_keep_the_starting_weights_and_more_epochs_train_them(tmp_pa
     from samora_pl.models.teachers import MaeTeacher
 
     torch.manual_seed(3)
-    donor = MaeTeacher(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
-                       decoder_depth=1, decoder_heads=2)
+    donor = MaeTeacher(
+        img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
+    )
     path = tmp_path / "mae_pretrain_vit_tiny_full.pth"
     torch.save({"model": donor.state_dict()}, path)
     start = [f"cpt.mae.checkpoint={path}", "cpt.teacher=mae"]
@@ -176,8 +213,15 @@ def test_demo_pool_is_the_default(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "ensure_demo", fake_demo)
     cfg = compose("cpt", ["data.name=demo", f"data.dir={tmp_path / 'demo'}"])
     sources = sources_from_config(cfg)
-    assert sources == [{"path": str(tmp_path / "demo" / "unlabeled"), "format": "npz", "intensity": "none",
-                        "axis": None, "key": "image"}]
+    assert sources == [
+        {
+            "path": str(tmp_path / "demo" / "unlabeled"),
+            "format": "npz",
+            "intensity": "none",
+            "axis": None,
+            "key": "image",
+        }
+    ]
 
 
 def test_both_teachers_train_in_bf16_mixed(tmp_path):

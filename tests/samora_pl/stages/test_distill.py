@@ -19,7 +19,7 @@ from samora_pl.errors import SamoraError
 from samora_pl.models.teacher_io import load_teacher, save_teacher
 from samora_pl.models.teachers import MaeTeacher, SimclrTeacher
 from samora_pl.runs import sha256
-from samora_pl.stages import distill, distill_module
+from samora_pl.stages import distill_module
 from samora_pl.stages.distill import EXPERT, LevelViews, build_student, run
 from samora_pl.stages.distill_module import DistillModule, build_head
 
@@ -35,8 +35,17 @@ def tiny_simclr():
 
 def tiny_mae(img_size=IMG):
     torch.manual_seed(2)
-    return MaeTeacher(variant="vit_base_patch16_224", img_size=img_size, embed_dim=32, depth=1, num_heads=2,
-                      decoder_dim=32, decoder_depth=1, decoder_heads=2, normalize="none")
+    return MaeTeacher(
+        variant="vit_base_patch16_224",
+        img_size=img_size,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        decoder_dim=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        normalize="none",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +56,10 @@ def workspace(tmp_path_factory):
     pool.mkdir()
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:IMG, :IMG] / IMG
-    slices = [np.clip(0.5 + 0.3 * np.sin(6 * xx + k) * np.cos(4 * yy) + 0.05 * rng.standard_normal((IMG, IMG)), 0, 1)
-              for k in range(12)]
+    slices = [
+        np.clip(0.5 + 0.3 * np.sin(6 * xx + k) * np.cos(4 * yy) + 0.05 * rng.standard_normal((IMG, IMG)), 0, 1)
+        for k in range(12)
+    ]
     np.savez(pool / "vol.npz", image=np.stack(slices).astype(np.float32))
     teachers = root / "teachers"
     simclr = save_teacher(tiny_simclr(), teachers / "simclr" / "teacher.pt")
@@ -58,13 +69,25 @@ def workspace(tmp_path_factory):
 
 def make_cfg(workspace, *extra, run_name="t"):
     root = workspace["root"]
-    return compose("distill", [
-        f"runs_dir={root / 'runs'}", f"run={run_name}", "data.name=demo", f"data.dir={root / 'demo'}",
-        "model.img_size=64", "distill.batch_size=4", "distill.max_epochs=1", "trainer.limit_train_batches=2",
-        "distill.image_hidden=32", "distill.pixel_width=16", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
-        f"cpt.sources=[{{path: {workspace['pool']}, format: npz, intensity: none}}]",
-        *extra,
-    ])
+    return compose(
+        "distill",
+        [
+            f"runs_dir={root / 'runs'}",
+            f"run={run_name}",
+            "data.name=demo",
+            f"data.dir={root / 'demo'}",
+            "model.img_size=64",
+            "distill.batch_size=4",
+            "distill.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "distill.image_hidden=32",
+            "distill.pixel_width=16",
+            "trainer.accelerator=cpu",
+            "trainer.log_every_n_steps=1",
+            f"cpt.sources=[{{path: {workspace['pool']}, format: npz, intensity: none}}]",
+            *extra,
+        ],
+    )
 
 
 def build(workspace, level, cfg=None):
@@ -95,8 +118,15 @@ def snapshot(module):
 def test_only_the_expert_and_head_change(workspace, level):
     module = build(workspace, level)
     before = snapshot(module)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader(level, n=12))
     after = snapshot(module)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -191,8 +221,15 @@ def test_patch_level_maps_a_coarser_teacher_grid(workspace):
 
 def test_expert_file_round_trip_gives_identical_encoder_outputs(workspace, tmp_path):
     module = build(workspace, "patch")
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader("patch", n=12))
     student = module.student.eval()
     path = tmp_path / "expert.safetensors"
@@ -311,10 +348,23 @@ def test_ddp_two_cpu_processes_through_the_cli(workspace):
     repo = Path(__file__).resolve().parents[3]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo / "src"), str(repo)]))
     args = [
-        sys.executable, "-m", "samora_pl", "distill", "distill.level=pixel", f"runs_dir={root / 'runs'}", "run=ddp",
-        "data.name=demo", f"data.dir={root / 'demo'}", "model.img_size=64", "distill.batch_size=2",
-        "distill.max_epochs=2", "trainer.limit_train_batches=2", "distill.pixel_width=16", "trainer.accelerator=cpu",
-        "trainer.devices=2", f"cpt.sources=[{{path: {workspace['pool']}, format: npz, intensity: none}}]",
+        sys.executable,
+        "-m",
+        "samora_pl",
+        "distill",
+        "distill.level=pixel",
+        f"runs_dir={root / 'runs'}",
+        "run=ddp",
+        "data.name=demo",
+        f"data.dir={root / 'demo'}",
+        "model.img_size=64",
+        "distill.batch_size=2",
+        "distill.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "distill.pixel_width=16",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"cpt.sources=[{{path: {workspace['pool']}, format: npz, intensity: none}}]",
     ]
     done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -15,8 +15,8 @@ from samora_pl.config import compose
 from samora_pl.errors import SamoraError
 from samora_pl.models.factory import LEVELS, build_segmenter
 from samora_pl.stages import finetune
-from tests.samora_pl.models.conftest import tiny_sam_state_dict
 from tests.data_modules.volume_writers import LA_IDS, finetune_folder, finetune_overrides, write_la
+from tests.samora_pl.models.conftest import tiny_sam_state_dict
 
 
 def quick(tmp_path, *extra):
@@ -134,8 +134,10 @@ def test_given_experts_are_loaded_and_recorded(tmp_path):
 def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion):
     """Validation switches to eval and back: training must go on changing the trainable weights."""
     experts = _write_experts(tmp_path, rank=4, random_b=True)
-    cfg = compose("finetune", quick(tmp_path, *experts, f"model.fusion={fusion}",
-                                    "trainer.max_epochs=2", "finetune.evaluate=false"))
+    cfg = compose(
+        "finetune",
+        quick(tmp_path, *experts, f"model.fusion={fusion}", "trainer.max_epochs=2", "finetune.evaluate=false"),
+    )
     snapshots = []
 
     class Keep(L.Callback):
@@ -176,7 +178,9 @@ def test_samed_lora_keeps_training_after_validation(tmp_path):
 
     finetune.build_trainer = with_snapshot
     try:
-        finetune.run(compose("finetune", quick(tmp_path, "mode=samed", "trainer.max_epochs=2", "finetune.evaluate=false")))
+        finetune.run(
+            compose("finetune", quick(tmp_path, "mode=samed", "trainer.max_epochs=2", "finetune.evaluate=false"))
+        )
     finally:
         finetune.build_trainer = original
     first, second = snapshots

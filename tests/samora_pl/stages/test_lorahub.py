@@ -26,8 +26,9 @@ def test_search_is_seeded_and_deterministic():
     assert a == b and a[1] != c[1]
     weights, history = a
     assert len(history) == 20 and history[0]["weights"] == {n: pytest.approx(1 / 3) for n in LEVELS}
-    assert min(h["score"] for h in history) == pytest.approx(_quadratic([0.8, -0.2, 0.4])(weights) + 0.05 * sum(
-        abs(v) for v in weights.values()))
+    assert min(h["score"] for h in history) == pytest.approx(
+        _quadratic([0.8, -0.2, 0.4])(weights) + 0.05 * sum(abs(v) for v in weights.values())
+    )
     assert score(weights) < score({n: 1 / 3 for n in LEVELS})  # the search improves on the uniform mixture
 
 

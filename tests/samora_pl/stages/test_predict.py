@@ -17,8 +17,9 @@ from samora_pl.stages.finetune import FINAL, load_finetuned
 from samora_pl.stages.predict import dataset_intensity, read_volume
 from tests.data_modules.volume_writers import GEOMETRY, finetune_folder, finetune_overrides, write_promise12
 
-OTHER = Geometry(spacing=(2.0, 1.25, 0.9), origin=(5.0, -3.0, 100.0),
-                 direction=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0))
+OTHER = Geometry(
+    spacing=(2.0, 1.25, 0.9), origin=(5.0, -3.0, 100.0), direction=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0)
+)
 
 
 @pytest.fixture(scope="module")
