@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from samora_pl.cli import main
 from samora_pl.errors import SamoraError
 from samora_pl.guards import check_finite_state
-from samora_pl.models.teachers import MaeTeacher
-from samora_pl.segmentation_loss import SegmentationLoss
+from samora_pl.losses.segmentation import SegmentationLoss
+from samora_pl.models.mae import MaeTeacher
 from samora_pl.stages import distill_module
 
 TAG = "samed-lora-f0.1"

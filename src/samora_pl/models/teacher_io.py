@@ -29,7 +29,9 @@ import torch
 import torch.nn as nn
 
 from samora_pl.errors import SamoraError
-from samora_pl.models.teachers import MaeTeacher, SimclrTeacher, build_teacher
+from samora_pl.models.mae import MaeTeacher
+from samora_pl.models.simclr import SimclrTeacher
+from samora_pl.models.teachers import build_teacher
 from samora_pl.runs import atomic_save
 
 FORMAT_VERSION = 1

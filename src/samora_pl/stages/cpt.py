@@ -29,8 +29,10 @@ from samora_pl.callbacks import Throughput
 from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
 from samora_pl.guards import check_finite_state, skipped_batches
+from samora_pl.models.grey_input import NORMALIZE
+from samora_pl.models.mae import MaeTeacher
+from samora_pl.models.simclr import RESNET_DEPTHS, SimclrTeacher
 from samora_pl.models.teacher_io import load_public_checkpoint, load_teacher, save_teacher  # noqa: F401 (API)
-from samora_pl.models.teachers import NORMALIZE, RESNET_DEPTHS, MaeTeacher, SimclrTeacher
 from samora_pl.runs import MANIFEST, StageRecord, file_record, is_rank_zero, read_manifest, save_config, stage_dir
 from samora_pl.stages.cpt_mae import MaeCpt
 from samora_pl.stages.cpt_simclr import SimclrCpt

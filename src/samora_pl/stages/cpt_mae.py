@@ -14,7 +14,7 @@ from torchvision.utils import make_grid
 
 from samora_pl.callbacks import tensorboard
 from samora_pl.guards import guard_loss
-from samora_pl.models.teachers import MaeTeacher
+from samora_pl.models.mae import MaeTeacher
 from samora_pl.schedules import lightning_scheduler, warmup_cosine
 from samora_pl.stages.cpt_simclr import decay_groups
 

@@ -15,8 +15,8 @@ from torchvision.utils import make_grid
 
 from samora_pl.callbacks import tensorboard
 from samora_pl.guards import guard_loss
-from samora_pl.models.nt_xent import nt_xent
-from samora_pl.models.teachers import SimclrTeacher
+from samora_pl.losses.nt_xent import nt_xent
+from samora_pl.models.simclr import SimclrTeacher
 from samora_pl.schedules import lightning_scheduler, warmup_cosine
 
 

@@ -42,9 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from samora_pl.callbacks import tensorboard
-from samora_pl.distillation import degrade, denoise_loss, normalized_mse, visible_student_tokens
+from samora_pl.distillation import degrade, visible_student_tokens
 from samora_pl.errors import SamoraError
 from samora_pl.guards import guard_loss
+from samora_pl.losses.distillation import denoise_loss, normalized_mse
 from samora_pl.models.heads import ImageProjection, PixelDecoder, TokenProjection
 from samora_pl.schedules import lightning_scheduler, warmup_poly
 

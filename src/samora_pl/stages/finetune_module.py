@@ -10,8 +10,8 @@ from torchmetrics.segmentation import DiceScore
 
 from samora_pl.callbacks import segmentation_panel, tensorboard
 from samora_pl.guards import guard_loss
+from samora_pl.losses.segmentation import SegmentationLoss
 from samora_pl.schedules import lightning_scheduler, warmup_poly
-from samora_pl.segmentation_loss import SegmentationLoss
 
 
 class FinetuneModule(L.LightningModule):

@@ -4,16 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samora_pl.distillation import (
-    degrade,
-    denoise_loss,
-    gather_positions,
-    gaussian_blur,
-    normalized_mse,
-    overlap_loss,
-    to_teacher_grid,
-    visible_student_tokens,
-)
+from samora_pl.distillation import degrade, gather_positions, gaussian_blur, to_teacher_grid, visible_student_tokens
+from samora_pl.losses.distillation import denoise_loss, normalized_mse, overlap_loss
 from samora_pl.models.heads import ImageProjection, PixelDecoder, TokenProjection
 
 # ------------------------------------------------------------------------------------------------ heads

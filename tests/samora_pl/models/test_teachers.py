@@ -7,16 +7,9 @@ import timm
 import torch
 
 from samora_pl.errors import SamoraError
+from samora_pl.models.mae import MaeTeacher, norm_pix_targets, patchify, random_masking, unpatchify
+from samora_pl.models.simclr import SimclrTeacher, build_resnet
 from samora_pl.models.teacher_io import load_mae_checkpoint, load_simclr_checkpoint, load_teacher, save_teacher
-from samora_pl.models.teachers import (
-    MaeTeacher,
-    SimclrTeacher,
-    build_resnet,
-    norm_pix_targets,
-    patchify,
-    random_masking,
-    unpatchify,
-)
 
 TINY_VIT = dict(
     variant="vit_base_patch16_224",

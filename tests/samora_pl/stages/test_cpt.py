@@ -130,7 +130,7 @@ def test_empty_pool(tmp_path):
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
-    from samora_pl.models.teachers import MaeTeacher
+    from samora_pl.models.mae import MaeTeacher
 
     wrong = tmp_path / "mae_pretrain.pth"
     torch.save(
@@ -155,7 +155,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 
 def test_public_mae_checkpoint_is_the_starting_point(tmp_path):
-    from samora_pl.models.teachers import MaeTeacher
+    from samora_pl.models.mae import MaeTeacher
 
     torch.manual_seed(3)
     donor = MaeTeacher(
@@ -173,7 +173,7 @@ def test_public_mae_checkpoint_is_the_starting_point(tmp_path):
 
 
 def test_zero_epochs_keep_the_starting_weights_and_more_epochs_train_them(tmp_path):
-    from samora_pl.models.teachers import MaeTeacher
+    from samora_pl.models.mae import MaeTeacher
 
     torch.manual_seed(3)
     donor = MaeTeacher(

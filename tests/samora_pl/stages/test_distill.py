@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 
 from samora_pl.config import compose
 from samora_pl.errors import SamoraError
+from samora_pl.models.mae import MaeTeacher
+from samora_pl.models.simclr import SimclrTeacher
 from samora_pl.models.teacher_io import load_teacher, save_teacher
-from samora_pl.models.teachers import MaeTeacher, SimclrTeacher
 from samora_pl.runs import sha256
 from samora_pl.stages import distill_module
 from samora_pl.stages.distill import EXPERT, LevelViews, build_student, run
@@ -155,7 +156,7 @@ def test_teacher_stays_in_eval_mode(workspace):
 
 def test_image_level_view_pairing(workspace):
     """same: student(v) vs teacher(v); cross: student(v1) vs teacher(v2) and student(v2) vs teacher(v1)."""
-    from samora_pl.distillation import normalized_mse
+    from samora_pl.losses.distillation import normalized_mse
     from samora_pl.stages.distill_module import resize_to
 
     module = build(workspace, "image").eval()

@@ -1,6 +1,6 @@
 import torch
 
-from samora_pl.segmentation_loss import SegmentationLoss
+from samora_pl.losses.segmentation import SegmentationLoss
 
 
 def reference_loss(logits, target, ce_weight=0.2, dice_weight=0.8):
