@@ -1,4 +1,6 @@
-"""`samora prepare`: turn a public raw download into the layout a data module reads (SPEC section 4).
+"""`samora prepare`: turn a public raw download into the layout a data module reads.
+
+The layouts are those of docs/method.md, section Data formats.
 
 - synapse: RAW holds `img/img00XX.nii.gz` + `label/label00XX.nii.gz` (the release's `RawData/Training`);
   OUT gets TransUNet's layout, `train_npz/`, `test_vol_h5/`, `lists/lists_Synapse/`.

@@ -4,11 +4,11 @@
     <root>/CaseNN_segmentation.mhd + .raw                prostate mask, 0/1
     <root>/lists/train.txt, <root>/lists/test.txt        optional: case names (`Case00`), one per line
 
-The default split is the common few-shot one (SPEC): test cases 12 13 16 20 23 28 34 35 43 49, training
-every other case in the root. The two list files override it (`make prepare DATA=promise12` writes them;
-`list_dir` points elsewhere). Volumes keep the files' geometry: spacing (mm, along D, H, W), origin and
-direction. Intensity: per volume, clipped to the 0.5 / 99.5 percentiles then min-max to [0, 1]
-(`intensity=`, see `data_modules.volumes`).
+The default split is the common few-shot one (docs/method.md, section Data formats): test cases
+12 13 16 20 23 28 34 35 43 49, training every other case in the root. The two list files override it
+(`make prepare DATA=promise12` writes them; `list_dir` points elsewhere). Volumes keep the files' geometry:
+spacing (mm, along D, H, W), origin and direction. Intensity: per volume, clipped to the 0.5 / 99.5
+percentiles then min-max to [0, 1] (`intensity=`, see `data_modules.volumes`).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ SYNAPSE_CLASS_NAMES = [
     "aorta",
     "pancreas",
 ]
-# TransUNet's 12 test volumes (SPEC section 4); the other 18 labelled cases of the release are for training.
+# TransUNet's 12 test volumes (docs/method.md, section Data formats); the other 18 labelled cases of the release
+# are for training.
 SYNAPSE_TEST_CASES = tuple(f"case{n:04d}" for n in (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38))
 
 

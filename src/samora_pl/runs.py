@@ -1,6 +1,6 @@
 """Run folders, atomic writes, checksums and stage manifests: how stages hand work to each other.
 
-Layout (ARCHITECTURE.md): `runs/<run>/<stage>/<sub>/` holds a stage's outputs, `config.yaml` and
+Layout (docs/design.md, section Run folders): `runs/<run>/<stage>/<sub>/` holds a stage's outputs, `config.yaml` and
 `manifest.json`; `runs/<run>/tb/<stage>/<sub>` its TensorBoard events. Only rank zero writes.
 """
 

@@ -1,4 +1,4 @@
-"""Evaluation under the SAMed / TransUNet / H-SAM protocol (SPEC section 5).
+"""Evaluation under the SAMed / TransUNet / H-SAM protocol (docs/method.md, section Evaluation protocol).
 
 * :mod:`.metrics`     per-case Dice / HD95 (bitwise equal to medpy, much faster) and aggregation
                       over cases and classes;

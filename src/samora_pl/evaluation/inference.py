@@ -1,4 +1,6 @@
-"""Slice-by-slice volume prediction under the SAMed / TransUNet / H-SAM test protocol (SPEC section 5).
+"""Slice-by-slice volume prediction under the SAMed / TransUNet / H-SAM test protocol.
+
+The protocol is written out in docs/method.md, section Evaluation protocol.
 
 For every slice ``image[d]`` of a (D, H, W) volume:
 

@@ -1,6 +1,7 @@
-"""Per-case Dice and HD95 under the SAMed / TransUNet / H-SAM protocol (SPEC section 5), exactly and fast.
+"""Per-case Dice and HD95 under the SAMed / TransUNet / H-SAM protocol, exactly and fast.
 
-The protocol, per test volume and class c in 1..K, on the whole 3-D label maps:
+The protocol (docs/method.md, section Evaluation protocol), per test volume and class c in 1..K, on the
+whole 3-D label maps:
 
 * prediction and label both contain c -> Dice and HD95 exactly as ``medpy.metric.binary.dc`` and
   ``medpy.metric.binary.hd95`` compute them with unit spacing (HD95 is in voxels);

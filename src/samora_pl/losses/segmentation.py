@@ -1,4 +1,4 @@
-"""Stage-2 loss: 0.2 x cross-entropy + 0.8 x soft Dice over the K+1 classes (SPEC section 3).
+"""Stage-2 loss: 0.2 x cross-entropy + 0.8 x soft Dice over the K+1 classes (docs/method.md, section Stage 2).
 
 MONAI's DiceCELoss with `batch=True, squared_pred=True, include_background=True` and smoothing 1e-5
 computes exactly the reference Dice: per class 1 - (2 sum(p t) + 1e-5) / (sum p^2 + sum t^2 + 1e-5) over

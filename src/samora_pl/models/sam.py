@@ -320,9 +320,9 @@ def load_sam_checkpoint(
     """Load an official SAM checkpoint (any variant-matching one, trained at any size) into the modules.
 
     ``reuse_hypernetworks`` only matters when the decoder has another number of mask tokens than the
-    checkpoint: False (default, SPEC) leaves mask tokens, all hypernetwork MLPs and the IoU head's last
-    layer freshly initialised; True keeps the checkpoint's hypernetwork MLPs for the indices that exist
-    in both (as SAMed's loader does).
+    checkpoint: False (default; docs/method.md, section Decoder and what trains) leaves mask tokens, all
+    hypernetwork MLPs and the IoU head's last layer freshly initialised; True keeps the checkpoint's hypernetwork MLPs
+    for the indices that exist in both (as SAMed's loader does).
     Keys for modules that are not passed (e.g. ``prompt_encoder=None``) are skipped silently.
     """
     sd = _read_checkpoint(path)

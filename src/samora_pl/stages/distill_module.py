@@ -6,7 +6,7 @@ per-block scales (``SAMoraSegmenter.set_trainable("distill:<level>")``), the lev
 weights, another expert or the teacher: the optimiser only sees parameters that require grad, and the
 teacher is kept in eval mode (BatchNorm statistics frozen) even when Lightning calls ``train()``.
 
-Levels (SPEC section 2):
+Levels (docs/method.md, section Stage 1: continual pre-training and distillation):
 
 * ``image``: batch ``{"image": view1, "view2": view2}``; teacher SimCLRv2 ``embed`` of each view, student
   neck output mean-pooled through the MLP; :func:`normalized_mse` between the L2-normalised vectors.

@@ -209,7 +209,7 @@ def _resume_checkpoint(cfg: DictConfig, folder: Path):
 
 
 def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> dict:
-    """SPEC section 5 on every test volume; each rank takes its share, rank zero writes the results."""
+    """The evaluation protocol (docs/method.md) on every test volume; each rank takes its share, rank zero writes."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
 

@@ -13,7 +13,7 @@ from samora_pl.evaluation.metrics import _erode_cross
 
 
 def reference_case(pred, label, num_classes, spacing=None):
-    """SPEC section 5 written with medpy, the way SAMed's calculate_metric_percase does it."""
+    """The evaluation protocol (docs/method.md) written with medpy, the way SAMed's calculate_metric_percase does it."""
     rows = []
     for c in range(1, num_classes + 1):
         p, t = pred == c, label == c

@@ -4,7 +4,7 @@ from samora_pl.losses.segmentation import SegmentationLoss
 
 
 def reference_loss(logits, target, ce_weight=0.2, dice_weight=0.8):
-    """SPEC section 3 written out by hand."""
+    """The stage-2 loss of docs/method.md (section Stage 2: fine-tuning) written out by hand."""
     classes = logits.shape[1]
     ce = torch.nn.functional.cross_entropy(logits, target)
     probs = logits.softmax(dim=1)
