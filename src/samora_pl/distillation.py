@@ -20,6 +20,7 @@ __all__ = [
     "to_teacher_grid",
     "gather_positions",
     "visible_student_tokens",
+    "visible_mask",
     "gaussian_blur",
     "degrade",
 ]
@@ -60,6 +61,15 @@ def gather_positions(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def visible_student_tokens(tokens: torch.Tensor, ids_keep: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """The student's tokens at the teacher's visible patches: [B, hs, ws, C] -> [B, N_vis, C]."""
     return gather_positions(to_teacher_grid(tokens, grid), ids_keep)
+
+
+def visible_mask(ids_keep: torch.Tensor, grid: Sequence[int], images: torch.Tensor) -> torch.Tensor:
+    """1 on the teacher's visible patches, 0 on its masked ones, at the size of `images` -> [B, 1, H, W]
+    (the patch level's picture: what the teacher sees of each slice)."""
+    h, w = int(grid[0]), int(grid[1])
+    mask = torch.zeros(ids_keep.shape[0], h * w, device=images.device, dtype=images.dtype)
+    mask.scatter_(1, ids_keep.long().to(images.device), 1.0)
+    return F.interpolate(mask.reshape(-1, 1, h, w), size=images.shape[-2:], mode="nearest")
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torchvision.utils import make_grid
 
 from samora_pl.callbacks import tensorboard
 from samora_pl.guards import guard_loss
+from samora_pl.image_cadence import ImageCadence
 from samora_pl.models.mae import MaeTeacher
 from samora_pl.schedules import lightning_scheduler, warmup_cosine
 from samora_pl.stages.cpt_simclr import decay_groups
@@ -37,7 +38,7 @@ class MaeCpt(L.LightningModule):
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.warmup_epochs = warmup_epochs
-        self.image_log_every_n_epochs = image_log_every_n_epochs
+        self.image_cadence = ImageCadence(image_log_every_n_epochs)
         self.epoch_losses: List[float] = []
         self._sum, self._count, self._images, self._started = 0.0, 0, 0, None
 
@@ -54,7 +55,7 @@ class MaeCpt(L.LightningModule):
         self._sum += float(loss.detach())
         self._count += 1
         self._images += images.shape[0]
-        if batch_idx == 0 and self.current_epoch % max(self.image_log_every_n_epochs, 1) == 0:
+        if batch_idx == 0 and self.image_cadence.due(self.current_epoch):
             self._log_reconstructions(images, pred, mask)
         return loss
 

@@ -15,6 +15,7 @@ from torchvision.utils import make_grid
 
 from samora_pl.callbacks import tensorboard
 from samora_pl.guards import guard_loss
+from samora_pl.image_cadence import ImageCadence
 from samora_pl.losses.nt_xent import nt_xent
 from samora_pl.models.simclr import SimclrTeacher
 from samora_pl.schedules import lightning_scheduler, warmup_cosine
@@ -51,7 +52,7 @@ class SimclrCpt(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_epochs = warmup_epochs
         self.gather_negatives = gather_negatives
-        self.image_log_every_n_epochs = image_log_every_n_epochs
+        self.image_cadence = ImageCadence(image_log_every_n_epochs)
         self.epoch_losses: List[float] = []
         self._sum, self._count, self._images, self._started = 0.0, 0, 0, None
 
@@ -71,7 +72,7 @@ class SimclrCpt(L.LightningModule):
         self._sum += float(loss.detach())
         self._count += 1
         self._images += 2 * size
-        if batch_idx == 0 and self.current_epoch % max(self.image_log_every_n_epochs, 1) == 0:
+        if batch_idx == 0 and self.image_cadence.due(self.current_epoch):
             self._log_views(view1, view2)
         return loss
 

@@ -23,8 +23,9 @@ Levels (docs/method.md, section Stage 1: continual pre-training and distillation
   loss ``overlap_weight x overlap + mse_weight x MSE`` with both images in [0, 1].
 
 TensorBoard: ``train/loss`` (+ ``train/cosine`` for image and patch, ``train/overlap``, ``train/mse``,
-``train/psnr`` for pixel) per step and epoch; denoising panels (noisy | clean | reconstruction) on the
-first batch of every ``image_log_every_n_epochs``-th epoch.
+``train/psnr`` for pixel) per step and epoch; one picture per level from the first batch, every
+``image_log_every_n_epochs`` epochs (``ImageCadence``): the two views (image), the slice | what the teacher
+sees of it (patch), noisy | clean | reconstruction (pixel).
 
 Checkpoints hold only what trains (the expert and the head, plus the optimiser state): SAM and the teacher
 are fixed inputs of the stage that are rebuilt from the config, so ``last.ckpt`` stays small even at
@@ -42,9 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from samora_pl.callbacks import tensorboard
-from samora_pl.distillation import degrade, visible_student_tokens
+from samora_pl.distillation import degrade, visible_mask, visible_student_tokens
 from samora_pl.errors import SamoraError
 from samora_pl.guards import guard_loss
+from samora_pl.image_cadence import ImageCadence
 from samora_pl.losses.distillation import denoise_loss, normalized_mse
 from samora_pl.models.heads import ImageProjection, PixelDecoder, TokenProjection
 from samora_pl.schedules import lightning_scheduler, warmup_poly
@@ -166,7 +168,7 @@ class DistillModule(L.LightningModule):
         self.blur_sigma = tuple(float(s) for s in blur_sigma)
         self.overlap_weight = float(overlap_weight)
         self.mse_weight = float(mse_weight)
-        self.image_log_every_n_epochs = max(int(image_log_every_n_epochs), 1)
+        self.image_cadence = ImageCadence(image_log_every_n_epochs)
         self.panel_rows = int(panel_rows)
         self.strict_loading = False  # checkpoints hold only the trainable part (see on_save_checkpoint)
         self.history: List[Dict[str, float]] = []  # per-epoch means (all ranks), for the manifest
@@ -190,8 +192,10 @@ class DistillModule(L.LightningModule):
         size = getattr(self.teacher, "img_size", None)
         return int(size) if size else None
 
-    def image_step(self, batch) -> Dict[str, torch.Tensor]:
+    def image_step(self, batch, batch_idx: int = -1) -> Dict[str, torch.Tensor]:
         view1, view2 = batch["image"], batch["view2"]
+        if self._picture_due(batch_idx):
+            self._log_columns("distill/image_views", [view1, view2])
         views = torch.cat([view1, view2], 0)
         with torch.no_grad():
             target = self.teacher.embed(resize_to(views, self._teacher_size)).float()
@@ -208,38 +212,44 @@ class DistillModule(L.LightningModule):
             tokens, ids_keep, grid = self.teacher.encode_visible(resize_to(images, self._teacher_size), self.mask_ratio)
         return tokens.float(), ids_keep, tuple(int(g) for g in grid)
 
-    def patch_step(self, batch) -> Dict[str, torch.Tensor]:
+    def patch_step(self, batch, batch_idx: int = -1) -> Dict[str, torch.Tensor]:
         images = batch["image"]
         target, ids_keep, grid = self.patch_targets(images)
+        if self._picture_due(batch_idx):
+            self._log_columns("distill/slice_teacher_visible", [images, images * visible_mask(ids_keep, grid, images)])
         tokens = self.student.encoder.forward_tokens(images)  # [B, hs, ws, C]
         student = self.head(visible_student_tokens(tokens, ids_keep, grid))
         loss, cosine = normalized_mse(student, target)
         return {"loss": loss, "cosine": cosine}
 
-    def pixel_step(self, batch, batch_idx: int = 0) -> Dict[str, torch.Tensor]:
+    def pixel_step(self, batch, batch_idx: int = -1) -> Dict[str, torch.Tensor]:
         clean = batch["image"]
         noisy = degrade(clean, self.noise_sigma, self.blur_prob, self.blur_sigma)
         recon = self.head(self.student.encoder(noisy))
         loss, overlap, mse = denoise_loss(recon, clean, self.overlap_weight, self.mse_weight)
         psnr = -10.0 * torch.log10(mse.clamp_min(1e-10))
-        if batch_idx == 0 and self._trainer is not None and self.current_epoch % self.image_log_every_n_epochs == 0:
-            self._log_panel(noisy, clean, recon)
+        if self._picture_due(batch_idx):
+            self._log_columns("distill/noisy_clean_reconstruction", [noisy, clean, recon])
         return {"loss": loss, "overlap": overlap, "mse": mse, "psnr": psnr}
 
-    def _log_panel(self, noisy, clean, recon) -> None:
+    def _picture_due(self, batch_idx: int) -> bool:
+        return batch_idx == 0 and self._trainer is not None and self.image_cadence.due(self.current_epoch)
+
+    def _log_columns(self, tag: str, columns: List[torch.Tensor]) -> None:
+        """Images [B, C, H, W] side by side (first channel), one row per sample, up to `panel_rows` rows."""
         writer = tensorboard(self.trainer)
         if writer is None:
             return
-        rows = min(self.panel_rows, noisy.shape[0])
-        panel = torch.cat([noisy[:rows], clean[:rows], recon[:rows].detach()], dim=3)  # [r, 1, H, 3W]
-        panel = torch.cat(list(panel), dim=1).float().clamp(0, 1).cpu()  # [1, r*H, 3W]
-        writer.add_image("distill/noisy_clean_reconstruction", panel, self.global_step)
+        rows = min(self.panel_rows, columns[0].shape[0])
+        panel = torch.cat([column[:rows, :1].detach() for column in columns], dim=3)  # [r, 1, H, kW]
+        panel = torch.cat(list(panel), dim=1).float().clamp(0, 1).cpu()  # [1, r*H, kW]
+        writer.add_image(tag, panel, self.global_step)
 
-    def compute(self, batch, batch_idx: int = 0) -> Dict[str, torch.Tensor]:
+    def compute(self, batch, batch_idx: int = -1) -> Dict[str, torch.Tensor]:
         if self.level == "image":
-            return self.image_step(batch)
+            return self.image_step(batch, batch_idx)
         if self.level == "patch":
-            return self.patch_step(batch)
+            return self.patch_step(batch, batch_idx)
         return self.pixel_step(batch, batch_idx)
 
     # -- Lightning hooks ---------------------------------------------------------------------------------

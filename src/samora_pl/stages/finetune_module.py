@@ -10,6 +10,7 @@ from torchmetrics.segmentation import DiceScore
 
 from samora_pl.callbacks import segmentation_panel, tensorboard
 from samora_pl.guards import guard_loss
+from samora_pl.image_cadence import ImageCadence
 from samora_pl.losses.segmentation import SegmentationLoss
 from samora_pl.schedules import lightning_scheduler, warmup_poly
 
@@ -38,7 +39,7 @@ class FinetuneModule(L.LightningModule):
         self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
         self.warmup_epochs = warmup_epochs
         self.poly_power = poly_power
-        self.image_log_every_n_epochs = image_log_every_n_epochs
+        self.image_cadence = ImageCadence(image_log_every_n_epochs)  # validation runs on some epochs only
         self.val_dice = DiceScore(
             num_classes=self.num_classes + 1, include_background=False, average="none", input_format="index"
         )
@@ -66,7 +67,7 @@ class FinetuneModule(L.LightningModule):
         up = torch.nn.functional.interpolate(logits.float(), size=batch["label"].shape[-2:], mode="bilinear")
         pred = up.argmax(1)
         self.val_dice.update(pred, batch["label"])
-        if batch_idx == 0 and self.current_epoch % self.image_log_every_n_epochs == 0:
+        if batch_idx == 0 and self.image_cadence.due(self.current_epoch):
             writer = tensorboard(self.trainer)
             if writer is not None:
                 count = min(4, len(pred))

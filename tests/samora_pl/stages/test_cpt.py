@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from samora_pl.config import compose
 from samora_pl.errors import SamoraError
@@ -81,7 +82,9 @@ def test_both_teachers_end_to_end_and_rerun(tmp_path):
         assert manifest["status"] == "complete" and "teacher.pt" in manifest["outputs"]
         assert manifest["inputs"]["pool"]["slices"] == 16
         assert metrics[kind]["steps"] == 2 and metrics[kind]["loss_first_epoch"] > 0
-        assert list((tmp_path / "runs" / "t" / "tb" / "cpt" / kind).glob("events.out.tfevents.*"))
+        events = EventAccumulator(str(tmp_path / "runs" / "t" / "tb" / "cpt" / kind))
+        events.Reload()
+        assert {"simclr": "cpt_simclr/views", "mae": "cpt_mae/reconstructions"}[kind] in events.Tags()["images"]
     assert metrics["mae"]["lr"] == pytest.approx(cfg.cpt.mae.base_lr * 8 / 256)  # base_lr x batch / 256
 
     simclr = load_teacher(teacher_file(cfg, "simclr"), kind="simclr")

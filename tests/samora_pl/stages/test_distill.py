@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from samora_pl.config import compose
@@ -263,6 +264,13 @@ def test_wrong_teacher_kind_is_a_clear_error(workspace):
         run(cfg)
 
 
+PICTURES = {
+    "image": "distill/image_views",
+    "patch": "distill/slice_teacher_visible",
+    "pixel": "distill/noisy_clean_reconstruction",
+}
+
+
 def test_run_all_levels_writes_experts_and_manifests(workspace):
     cfg = make_cfg(workspace, "distill.level=all", run_name="full")
     cpt = workspace["root"] / "runs" / "full" / "cpt"
@@ -294,12 +302,10 @@ def test_run_all_levels_writes_experts_and_manifests(workspace):
             assert meta["teacher_kind"] == kind
         else:
             assert "final_overlap" in manifest["metrics"]
-            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-            events = EventAccumulator(str(workspace["root"] / "runs" / "full" / "tb" / "distill" / "pixel"))
-            events.Reload()
-            assert "distill/noisy_clean_reconstruction" in events.Tags()["images"]
-            assert "train/loss_epoch" in events.Tags()["scalars"]
+        events = EventAccumulator(str(workspace["root"] / "runs" / "full" / "tb" / "distill" / level))
+        events.Reload()
+        assert PICTURES[level] in events.Tags()["images"]  # every level shows what it learns from
+        assert "train/loss_epoch" in events.Tags()["scalars"]
     # finished levels are reused with the same settings, refused with other ones
     again = run(make_cfg(workspace, "distill.level=pixel", run_name="full"))
     assert again["pixel"]["reused"] is True

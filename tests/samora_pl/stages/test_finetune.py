@@ -68,6 +68,20 @@ def test_samed_finetune_writes_results_and_dashboards(tmp_path):
     assert "val/slice_truth_prediction" in events.Tags()["images"]
 
 
+@pytest.mark.parametrize("mode", ["samed", "samora"])
+def test_validation_every_few_epochs_still_draws_pictures(tmp_path, mode):
+    """The tiny profile validates and draws every 20 epochs; validation then runs at epochs 19, 39, ..., so a
+    picture rule of `epoch % 20 == 0` never drew one. Here: 2 epochs, validation and pictures every 2."""
+    every = ["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2", "trainer.image_log_every_n_epochs=2"]
+    args = quick(tmp_path, f"mode={mode}", "finetune.zero_experts=true", "finetune.evaluate=false", *every)
+    assert main(["finetune", *args]) == 0
+    (tb,) = (tmp_path / "runs" / "t" / "tb" / "finetune").iterdir()
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert "val/mean_dice" in events.Tags()["scalars"]
+    assert "val/slice_truth_prediction" in events.Tags()["images"]
+
+
 def test_evaluate_reproduces_the_metrics(tmp_path):
     overrides = quick(tmp_path, "mode=samed")
     assert main(["finetune", *overrides]) == 0
