@@ -349,11 +349,11 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         """The training slices read (and checked) once into memory, so that an epoch costs only the
         augmentation. Loaded before the DataLoader forks its workers, which then share the arrays
         copy-on-write instead of each holding its own copy."""
-        from tqdm import tqdm
+        from samora_pl.progress import track
 
         reader = self.slice_reader()
         images, labels = [], []
-        for name in tqdm(names, desc="cache training slices", unit="slice", disable=len(names) < 64):
+        for name in track(names, "cache training slices", "slice") if len(names) >= 64 else names:
             image, label = reader(name)
             images.append(image)
             labels.append(label)

@@ -299,9 +299,9 @@ class SynapseDataModule(SegmentationDataModule):
 
         iterator = train
         if progress:
-            from tqdm import tqdm
+            from samora_pl.progress import track
 
-            iterator = tqdm(train, desc="train slices", unit="slice")
+            iterator = track(train, "train slices", "slice")
         for name in iterator:
             path = self.slice_path(name)
             try:
@@ -319,9 +319,9 @@ class SynapseDataModule(SegmentationDataModule):
 
         iterator = test
         if progress:
-            from tqdm import tqdm
+            from samora_pl.progress import track
 
-            iterator = tqdm(test, desc="test volumes", unit="vol")
+            iterator = track(test, "test volumes", "volume")
         for case in iterator:
             path = self.volume_path(case)
             try:

@@ -11,12 +11,13 @@ from typing import List, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from samora_pl.callbacks import RandomState
 from samora_pl.guards import NonFiniteGuard
+from samora_pl.progress import progress_bar
 from samora_pl.runs import tb_root
 
 
@@ -66,7 +67,7 @@ def build_trainer(
     all_callbacks = [
         checkpoint,
         LearningRateMonitor(logging_interval="step"),
-        TQDMProgressBar(refresh_rate=1),
+        progress_bar(f"{stage} {sub}"),  # tqdm on a terminal, a line per epoch in a log file
         guard,
         RandomState(),
     ]

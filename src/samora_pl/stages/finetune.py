@@ -13,7 +13,6 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from data_modules import build_datamodule
 from samora_pl.callbacks import Throughput
@@ -24,6 +23,7 @@ from samora_pl.evaluation.report import format_table
 from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.factory import SAMED_EXPERT, base_fingerprint, build_segmenter, log_trainable
 from samora_pl.models.lora import read_expert_metadata
+from samora_pl.progress import track
 from samora_pl.runs import StageRecord, atomic_save, is_rank_zero, read_manifest, save_config, stage_dir, verify_input
 from samora_pl.stages import lorahub
 from samora_pl.stages.finetune_module import FinetuneModule
@@ -220,7 +220,7 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
     cases = shard_cases(list(data.test_cases()), *_rank_and_world())
     # eval.workers > 1: each case's Dice/HD95 runs in a worker process while the model predicts the next
     with CaseMetricsPool(data.num_classes, workers=cfg.eval.workers) as pool:
-        for case in tqdm(cases, desc="evaluate", unit="volume", disable=not cases):
+        for case in track(cases, "evaluate", "volume"):
             volume = data.load_volume(case)
             pred = predict_volume(
                 predict,

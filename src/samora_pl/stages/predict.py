@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from data_modules import build_datamodule, datamodule_class
 from data_modules.unlabeled_io import intensity as scale_intensity
@@ -37,6 +36,7 @@ from samora_pl.config import data_options, load_saved
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import predict_volume
 from samora_pl.evaluation.overlay import write_overlay
+from samora_pl.progress import track
 from samora_pl.runs import run_dir, verify_input
 from samora_pl.stages.finetune import FINAL, load_finetuned, tag_of
 
@@ -180,7 +180,7 @@ def run(cfg: DictConfig) -> dict:
         return model(batch.to(device)).float().cpu()
 
     written = []
-    for path, target in tqdm(volumes, desc="predict", unit="volume"):
+    for path, target in track(volumes, "predict", "volume"):
         image, geometry = read_volume(path, saved.data.name)
         mode = rule or ("none" if is_h5(path) else "ct_window")
         scaled = scale_intensity(image, mode, volume_stats(image, mode))
