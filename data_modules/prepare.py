@@ -469,13 +469,13 @@ def prepare(name: str, raw, out, overwrite: bool = False, progress: bool = True)
         log.info("prepare %s: %s is up to date with %s (%d cases); nothing written.", name, out, raw, len(plan.units))
         return summary
 
-    from tqdm import tqdm
+    from samora_pl.progress import track
 
     out.mkdir(parents=True, exist_ok=True)
     for rel in stale:  # written by an earlier preparation and no longer part of this one
         (out / rel).unlink(missing_ok=True)
     _write_manifest(out, name, raw, records, plan, "incomplete")
-    for unit, record in tqdm(todo, desc=f"prepare {name}", unit="case", disable=not progress or not todo):
+    for unit, record in track(todo, f"prepare {name}", "case") if progress else todo:
         unit.write(out)
         records[unit.key] = record
     for rel, text in texts.items():
