@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from samora_pl.errors import SamoraError
@@ -28,6 +28,7 @@ CHOICES = {
     "model.hl_init": ("residual_mean", "zero", "paper"),
     "mode": ("samora", "samed"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "eval.resize": ("direct", "two_step"),
     "cpt.teacher": ("all", "simclr", "mae"),
     "distill.level": ("all",) + LEVELS,
@@ -96,6 +97,7 @@ def validate(cfg: DictConfig) -> None:
         "model.lora_rank": cfg.model.lora_rank,
         "data.batch_size": cfg.data.batch_size,
         "trainer.max_epochs": cfg.trainer.max_epochs,
+        "trainer.num_nodes": cfg.trainer.num_nodes,
         "distill.max_epochs": cfg.distill.max_epochs,
         "predict.overlay_slices": cfg.predict.overlay_slices,
     }
@@ -106,7 +108,26 @@ def validate(cfg: DictConfig) -> None:
         raise SamoraError(f"Config key 'model.img_size' is {cfg.model.img_size}; it must be a multiple of 16.")
     if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
+    _check_devices(cfg.trainer.devices)
     _check_levels(cfg)
+
+
+def _check_devices(devices) -> None:
+    """trainer.devices as Lightning takes it: a count, every device, or a list of device indices."""
+    if isinstance(devices, ListConfig):
+        indices = list(devices)
+        good = bool(indices) and all(_whole(i) and i >= 0 for i in indices) and len(set(indices)) == len(indices)
+    else:
+        good = devices in ("auto", -1) or (_whole(devices) and devices >= 1)
+    if not good:
+        raise SamoraError(
+            f"Config key 'trainer.devices' (DEVICES) is {devices!r}; allowed values: a number of devices >= 1 "
+            "(e.g. 2), -1 or auto for every device, or a list of distinct device indices such as [0,1]."
+        )
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def finetune_levels(cfg: DictConfig) -> tuple:

@@ -2,6 +2,7 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
+from samora_pl.cli import main
 from samora_pl.config import ORDERS, compose, diff_keys, finetune_levels
 from samora_pl.errors import SamoraError
 
@@ -45,6 +46,13 @@ def test_config_is_read_only():
         (["run=../elsewhere"], ["run"]),
         (["data.fraction_by=list"], ["data.fraction_list"]),
         (["data.intensity=zscore"], ["data.intensity", "auto", "mr_percentile"]),
+        (["trainer.devices=0"], ["trainer.devices", "-1 or auto", "[0,1]"]),
+        (["trainer.devices=-2"], ["trainer.devices"]),
+        (["trainer.devices=two"], ["trainer.devices"]),
+        (["trainer.devices=[0,0]"], ["trainer.devices", "distinct"]),
+        (["trainer.devices=[]"], ["trainer.devices"]),
+        (["trainer.num_nodes=0"], ["trainer.num_nodes", "positive"]),
+        (["trainer.accelerator=tpu2"], ["trainer.accelerator", "cpu", "gpu"]),
     ],
 )
 def test_bad_config_names_the_key(override, words):
@@ -52,6 +60,17 @@ def test_bad_config_names_the_key(override, words):
         compose("finetune", override)
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize("devices", ["1", "2", "-1", "auto", "[0,1]"])
+def test_device_counts_lightning_takes_are_accepted(devices):
+    assert compose("finetune", [f"trainer.devices={devices}"]).trainer.devices is not None
+
+
+def test_zero_devices_is_one_message_before_lightning_starts(capsys):
+    assert main(["finetune", "trainer.devices=0"]) == 1
+    err = capsys.readouterr().err
+    assert "trainer.devices" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_unknown_stage():
