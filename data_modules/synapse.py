@@ -175,7 +175,7 @@ class SynapseDataModule(SegmentationDataModule):
             raise SamoraError(
                 f"Synapse data folder {self.root} does not exist: download and preprocess Synapse (TransUNet "
                 "layout: train_npz/, test_vol_h5/, lists/lists_Synapse/) there, or set the data directory "
-                "(DATA_DIR=... / data.root=...)"
+                "(DATA_DIR=... / data.dir=...)"
             )
         self.list_dir = Path(list_dir) if list_dir is not None else self.root / self.list_subdir
         self.train_dir = self.root / "train_npz"

@@ -107,7 +107,7 @@ class EvalConfig:
     two_step_size: int = 224
     batch_size: int = 8
     workers: int = 1  # processes for the Dice/HD95 computation
-    checkpoint: Optional[str] = None  # `samora evaluate`: model weights; none -> the run's final.ckpt
+    checkpoint: Optional[str] = None  # `samora evaluate`: model weights; none -> the fine-tune's final.safetensors
 
 
 @dataclass

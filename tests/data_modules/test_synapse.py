@@ -111,8 +111,9 @@ def _load_all(dm):
 
 
 def test_missing_root(tmp_path):
-    with pytest.raises(SamoraError, match="does not exist"):
+    with pytest.raises(SamoraError, match="does not exist") as err:
         dm_for(tmp_path / "nowhere")
+    assert "data.dir=" in str(err.value)  # the key that sets the data folder
 
 
 def test_missing_list(synapse_root):

@@ -65,14 +65,14 @@ def _version() -> str:
 def check_expert_names(names: Iterable[str]) -> Tuple[str, ...]:
     names = tuple(names)
     if not names:
-        raise SamoraError("model.experts must name at least one LoRA expert, e.g. [image, patch, pixel]")
+        raise SamoraError("finetune.levels must name at least one LoRA expert, e.g. [image, patch, pixel]")
     for n in names:
         if not isinstance(n, str) or not n.isidentifier():
             raise SamoraError(
-                f"invalid expert name {n!r} in model.experts: use plain identifiers like image, patch, pixel"
+                f"invalid expert name {n!r} in finetune.levels: use plain identifiers like image, patch, pixel"
             )
     if len(set(names)) != len(names):
-        raise SamoraError(f"model.experts has duplicates: {list(names)}")
+        raise SamoraError(f"finetune.levels has duplicates: {list(names)}")
     return names
 
 

@@ -77,9 +77,9 @@ def test_batched_streams_equal_per_expert(randomize_lora):
 
 
 def test_bad_names():
-    with pytest.raises(SamoraError):
+    with pytest.raises(SamoraError, match="finetune.levels"):  # the key that names the experts
         MultiExpertLoRA(("a", "a"), depth=1, dim=4)
-    with pytest.raises(SamoraError):
+    with pytest.raises(SamoraError, match="finetune.levels"):
         MultiExpertLoRA(("a.b",), depth=1, dim=4)
     with pytest.raises(SamoraError, match="has"):
         MultiExpertLoRA(("a",), depth=1, dim=4)["b"]
