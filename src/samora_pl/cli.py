@@ -70,18 +70,19 @@ def run_command(command: str, overrides) -> dict:
 
         return check(compose("check", overrides))
     cfg = compose(command, overrides)
+    if command in ("evaluate", "predict"):  # they read a finished fine-tune, which the overrides may name
+        from samora_pl.stages.finetune import evaluate
+        from samora_pl.stages.predict import run as predict
+
+        return (evaluate if command == "evaluate" else predict)(cfg, overrides)
     if command == "cpt":
         from samora_pl.stages.cpt import run
     elif command == "distill":
         from samora_pl.stages.distill import run
     elif command == "finetune":
         from samora_pl.stages.finetune import run
-    elif command == "prepare":
-        from data_modules.prepare import run
-    elif command == "predict":
-        from samora_pl.stages.predict import run
     else:
-        from samora_pl.stages.finetune import evaluate as run
+        from data_modules.prepare import run
     return run(cfg)
 
 

@@ -209,12 +209,30 @@ def compose(stage: str, overrides: Iterable[str] = (), root: Optional[Path] = No
 def load_saved(path: Path) -> DictConfig:
     """The read-only config a stage saved (its config.yaml), on today's schema so keys added since it ran
     take their defaults; for commands that reuse a finished stage's model (`samora predict`)."""
+    cfg = _saved(path)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def compose_on_saved(path: Path, stage: str, now: DictConfig, overrides: Iterable[str] = ()) -> DictConfig:
+    """A finished stage's config (its config.yaml) as the base of another command (`samora evaluate`): where
+    the run lives and what it runs on (runs_dir, run, trainer.*, threads, data.num_workers) come from this
+    command's config `now`, then its command-line `overrides` win; validated and read-only."""
+    cfg = _saved(path)
+    here = {key: now[key] for key in ("runs_dir", "run", "trainer", "threads")}
+    here.update(stage=stage, data={"num_workers": now.data.num_workers})
+    cfg = _merge(cfg, OmegaConf.create(here), "this command")
+    cfg = _merge(cfg, _parse_overrides(overrides), "command line")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _saved(path: Path) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise SamoraError(f"{path} is missing: the stage folder is incomplete; re-run the stage that made it.")
-    cfg = _merge(OmegaConf.structured(RootConfig), _load_yaml(path), str(path))
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+    return _merge(OmegaConf.structured(RootConfig), _load_yaml(path), str(path))
 
 
 def to_yaml(cfg: DictConfig) -> str:

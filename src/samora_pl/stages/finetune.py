@@ -3,7 +3,8 @@
 Fine-tuning reads the experts distilled in the same run (all three, or `finetune.levels`; paths
 overridable), trains the fusion and the mask decoder on the labelled fraction, saves `final.safetensors`,
 then evaluates every test volume with the SAMed/TransUNet protocol. `mode=samed` is the SAMed baseline
-(one LoRA, no experts needed).
+(one LoRA, no experts needed). `samora evaluate` picks the run's fine-tune as `samora predict` does
+(`finished_folder`) and rebuilds its model from the `config.yaml` it saved.
 """
 
 import logging
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from data_modules import build_datamodule
 from samora_pl.callbacks import Throughput
-from samora_pl.config import changed_since, data_options, finetune_levels
+from samora_pl.config import changed_since, compose_on_saved, data_options, diff_keys, finetune_levels, load_saved
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import CaseMetricsPool, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
@@ -24,7 +25,16 @@ from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.factory import SAMED_EXPERT, base_fingerprint, build_segmenter, log_trainable
 from samora_pl.models.lora import read_expert_metadata
 from samora_pl.progress import track
-from samora_pl.runs import StageRecord, atomic_save, is_rank_zero, read_manifest, save_config, stage_dir, verify_input
+from samora_pl.runs import (
+    StageRecord,
+    atomic_save,
+    is_rank_zero,
+    read_manifest,
+    run_dir,
+    save_config,
+    stage_dir,
+    verify_input,
+)
 from samora_pl.stages import lorahub
 from samora_pl.stages.finetune_module import FinetuneModule
 from samora_pl.trainer import build_trainer, strategy_for, world_size
@@ -34,6 +44,9 @@ log = logging.getLogger(__name__)
 RESULT_KEYS = ("model.", "data.", "optim.", "loss.", "mode", "seed", "finetune.")
 FINAL = "final.safetensors"
 MASK_TOKENS = "mask_decoder.mask_tokens.weight"  # (K + 1, C): background and one token per class
+TAG_KEYS = ("mode", "model.fusion", "finetune.levels", "finetune.zero_experts", "data.fraction")  # make tag_of
+# what a fine-tuned model is and what it reads: `samora evaluate` takes them from the fine-tune, never changes them
+MODEL_KEYS = ("model.", "mode", "finetune.levels", "data.name", "data.intensity")
 
 
 def tag_of(cfg: DictConfig) -> str:
@@ -247,13 +260,59 @@ def _rank_and_world():
     return 0, 1
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """`samora evaluate`: re-evaluate a finished fine-tuning run's final model and rewrite its results."""
-    tag = tag_of(cfg)
-    folder = stage_dir(cfg, "finetune", tag)
-    weights = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else folder / FINAL
-    if not weights.exists():
-        raise SamoraError(f"No fine-tuned model at {weights}; run `make finetune RUN={cfg.run}` first.")
+def finished_folder(cfg: DictConfig, overrides=()) -> Path:
+    """The fine-tune a command reads (`samora evaluate`, `samora predict`): `finetune.tag`; else the one the
+    command line names through the keys the tag is made of (mode=samed, data.fraction=...); else the run's
+    only finished one. Several and none named: one error listing them."""
+    root = run_dir(cfg) / "finetune"
+    if cfg.finetune.tag:
+        if not (root / cfg.finetune.tag / FINAL).is_file():
+            raise SamoraError(
+                f"No fine-tuned model at {root / cfg.finetune.tag / FINAL}; check run= and "
+                "finetune.tag=, or run `make finetune` first."
+            )
+        return root / cfg.finetune.tag
+    finished = sorted(p.name for p in root.iterdir() if (p / FINAL).is_file()) if root.is_dir() else []
+    if not finished:
+        raise SamoraError(
+            f"No finished fine-tuning in {root} (no {FINAL}); run `make finetune RUN={cfg.run}` first, "
+            "or name another run with run=... (RUN=...)."
+        )
+    choose = f"choose one with finetune.tag=<name> (make: ARGS=finetune.tag=<name>): {', '.join(finished)}"
+    if any(item.split("=", 1)[0].strip() in TAG_KEYS for item in overrides):
+        if tag_of(cfg) in finished:
+            return root / tag_of(cfg)
+        raise SamoraError(f"{root} holds no fine-tune {tag_of(cfg)} (the settings given name it); {choose}.")
+    if len(finished) > 1:
+        raise SamoraError(f"{root} holds several fine-tunes; {choose}.")
+    return root / finished[0]
+
+
+def evaluation_config(cfg: DictConfig, folder: Path, overrides=()) -> DictConfig:
+    """The fine-tune's saved config with this command's settings on top (eval.*, trainer.*, data.list_dir);
+    a command line that changes what the model is (MODEL_KEYS) is refused rather than failing to load."""
+    evaluation = compose_on_saved(folder / "config.yaml", "evaluate", cfg, overrides)
+    changed = [key for key in diff_keys(load_saved(folder / "config.yaml"), evaluation) if key.startswith(MODEL_KEYS)]
+    if changed:
+        raise SamoraError(
+            f"{folder} was fine-tuned with other {', '.join(changed)}; evaluate rebuilds the model from its "
+            "config.yaml, so drop these settings or choose another fine-tune with finetune.tag=<name>."
+        )
+    return evaluation
+
+
+def evaluate(cfg: DictConfig, overrides=()) -> dict:
+    """`samora evaluate`: re-evaluate a finished fine-tune's final model and rewrite its results.
+
+    The model is the one the fine-tune made (`finished_folder`, its saved config.yaml); `eval.checkpoint`
+    instead evaluates a weights file as the model this command's config describes."""
+    if cfg.eval.checkpoint:
+        folder, weights = stage_dir(cfg, "finetune", tag_of(cfg)), Path(cfg.eval.checkpoint)
+        if not weights.is_file():
+            raise SamoraError(f"No fine-tuned model at {weights} (eval.checkpoint); check the path.")
+    else:
+        folder = finished_folder(cfg, overrides)
+        cfg, weights = evaluation_config(cfg, folder, overrides), folder / FINAL
     verify_input(weights, folder)
     device = None
     if world_size(cfg) > 1:  # DEVICES=2: Lightning launches the ranks; each evaluates its share of the cases

@@ -1,8 +1,9 @@
 """`samora predict`: label maps of new volumes from a finished fine-tuning run, as NIfTI in the source frame.
 
 The model is rebuilt from the run's saved `config.yaml` and `final.safetensors` (`finetune.load_finetuned`),
-so the command line only names the run (`run`, and `finetune.tag` when it holds several fine-tunes); the
-weights file holds the whole model, so the SAM .pth the run was trained from is not needed.
+so the command line only names the run (`run`, and `finetune.tag` when it holds several fine-tunes, see
+`finetune.finished_folder`); the weights file holds the whole model, so the SAM .pth the run was trained
+from is not needed.
 `predict.input` is one volume or a folder searched recursively for `.nii.gz`, `.nii`, `.mhd`, `.mha`
 (read with their geometry) and `.h5` / `.hdf5` (dataset `image`; no geometry: unit spacing, identity
 direction; the h5 volumes of LA are (W, H, D) and are transposed as `data_modules.la` reads them). Label
@@ -37,8 +38,8 @@ from samora_pl.errors import SamoraError
 from samora_pl.evaluation import predict_volume
 from samora_pl.evaluation.overlay import write_overlay
 from samora_pl.progress import track
-from samora_pl.runs import run_dir, verify_input
-from samora_pl.stages.finetune import FINAL, load_finetuned, tag_of
+from samora_pl.runs import verify_input
+from samora_pl.stages.finetune import FINAL, finished_folder, load_finetuned
 
 log = logging.getLogger(__name__)
 
@@ -59,33 +60,6 @@ def case_name(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return strip_image_suffix(name)
-
-
-def finetune_folder(cfg: DictConfig) -> Path:
-    """The fine-tune to predict with: `finetune.tag`; else the one the overrides name (as for `samora evaluate`);
-    else the run's only finished one."""
-    root = run_dir(cfg) / "finetune"
-    if cfg.finetune.tag:
-        if not (root / cfg.finetune.tag / FINAL).is_file():
-            raise SamoraError(
-                f"No fine-tuned model at {root / cfg.finetune.tag / FINAL}; check run= and "
-                "finetune.tag=, or run `make finetune` first."
-            )
-        return root / cfg.finetune.tag
-    finished = sorted(p.name for p in root.iterdir() if (p / FINAL).is_file()) if root.is_dir() else []
-    if not finished:
-        raise SamoraError(
-            f"No finished fine-tuning in {root} (no {FINAL}); run `make finetune RUN={cfg.run}` first, "
-            "or name another run with run=... (RUN=...)."
-        )
-    if tag_of(cfg) in finished:
-        return root / tag_of(cfg)
-    if len(finished) > 1:
-        raise SamoraError(
-            f"{root} holds several fine-tunes ({', '.join(finished)}); choose one with "
-            "finetune.tag=<name> (make: ARGS=finetune.tag=<name>)."
-        )
-    return root / finished[0]
 
 
 def find_volumes(source: Path, out: Path) -> list:
@@ -152,7 +126,7 @@ def dataset_intensity(saved: DictConfig):
     return data.intensity
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, overrides=()) -> dict:
     """Predict every input volume with the run's fine-tuned model; returns what was written."""
     if not cfg.predict.input or not cfg.predict.output:
         raise SamoraError(
@@ -163,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
     if out.exists() and not out.is_dir():
         raise SamoraError(f"{out}: predict.output (OUT) is a file; give a folder")
     volumes = find_volumes(Path(cfg.predict.input).expanduser().resolve(), out)
-    folder = finetune_folder(cfg)
+    folder = finished_folder(cfg, overrides)
     saved = load_saved(folder / "config.yaml")
     weights = folder / FINAL
     verify_input(weights, folder)

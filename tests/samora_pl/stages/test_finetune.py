@@ -95,6 +95,28 @@ def test_evaluate_reproduces_the_metrics(tmp_path):
     assert (folder / "results.csv").read_text() == results
 
 
+def test_evaluate_reads_the_runs_only_finetune_as_it_was_made(tmp_path, capsys):
+    """`make finetune ARGS=mode=samed` then `make evaluate RUN=t`: no tag, no mode, same metrics."""
+    assert main(["finetune", *quick(tmp_path, "mode=samed")]) == 0
+    folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
+    first = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").unlink()
+    where = [f"runs_dir={tmp_path / 'runs'}", "run=t"]
+    assert main(["evaluate", *where]) == 0, capsys.readouterr().err
+    assert json.loads((folder / "metrics.json").read_text())["mean_dice"] == first["mean_dice"]
+    # a command line that changes what the model is gets one message instead of a failed load
+    assert main(["evaluate", *where, "model.lora_rank=8"]) == 1
+    assert "model.lora_rank" in capsys.readouterr().err
+    # a second fine-tune: without finetune.tag the choice is the user's, and the message lists both
+    assert main(["finetune", *quick(tmp_path, "mode=samed", "finetune.tag=second", "finetune.evaluate=false")]) == 0
+    assert main(["evaluate", *where]) == 1
+    err = capsys.readouterr().err
+    assert "samed-lora-f0.1" in err and "second" in err and "finetune.tag=" in err
+    assert main(["evaluate", *where, "finetune.tag=second"]) == 0
+    assert (tmp_path / "runs" / "t" / "finetune" / "second" / "metrics.json").exists()
+    assert main(["evaluate", *where, "mode=samed", "data.fraction=0.1"]) == 0  # the settings name the first
+
+
 def test_finished_run_is_not_redone_without_overwrite(tmp_path, capsys):
     overrides = quick(tmp_path, "mode=samed")
     assert main(["finetune", *overrides]) == 0
