@@ -47,6 +47,7 @@ MASK_TOKENS = "mask_decoder.mask_tokens.weight"  # (K + 1, C): background and on
 TAG_KEYS = ("mode", "model.fusion", "finetune.levels", "finetune.zero_experts", "data.fraction")  # make tag_of
 # what a fine-tuned model is and what it reads: `samora evaluate` takes them from the fine-tune, never changes them
 MODEL_KEYS = ("model.", "mode", "finetune.levels", "data.name", "data.intensity")
+FREE_MODEL_KEYS = ("model.checkpoint", "model.grad_checkpoint")  # not read / memory only when evaluating
 
 
 def tag_of(cfg: DictConfig) -> str:
@@ -292,7 +293,8 @@ def evaluation_config(cfg: DictConfig, folder: Path, overrides=()) -> DictConfig
     """The fine-tune's saved config with this command's settings on top (eval.*, trainer.*, data.list_dir);
     a command line that changes what the model is (MODEL_KEYS) is refused rather than failing to load."""
     evaluation = compose_on_saved(folder / "config.yaml", "evaluate", cfg, overrides)
-    changed = [key for key in diff_keys(load_saved(folder / "config.yaml"), evaluation) if key.startswith(MODEL_KEYS)]
+    differ = diff_keys(load_saved(folder / "config.yaml"), evaluation, ignore=FREE_MODEL_KEYS)
+    changed = [key for key in differ if key.startswith(MODEL_KEYS)]
     if changed:
         raise SamoraError(
             f"{folder} was fine-tuned with other {', '.join(changed)}; evaluate rebuilds the model from its "
