@@ -221,7 +221,7 @@ def test_sigkilled_finetune_resumes_to_the_uninterrupted_result(tmp_path, caplog
         text=True,
     )
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a busy CI machine is several times slower
         while not last.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert last.exists(), "the fine-tune never wrote last.ckpt"
