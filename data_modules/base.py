@@ -159,7 +159,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
     Args:
         root: dataset folder.
         img_size: model input size S; slices are resized to S x S.
-        batch_size, num_workers: DataLoader settings (persistent workers when num_workers > 0).
+        batch_size, num_workers: DataLoader settings (see `_loader` for worker seeding).
         fraction: labelled fraction in (0, 1] (ignored for fraction_by="list").
         fraction_by: "slice", "case" or "list" (see the module doc).
         fraction_list: slice-name file for fraction_by="list".
@@ -386,12 +386,17 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         return ArraySliceDataset(names, images, labels, transform)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        """Training (shuffle): fresh workers every epoch, seeded from the main process's generator, which every
+        checkpoint keeps (callbacks.RandomState); persistent workers would carry augmentation generators no
+        checkpoint holds, and a resumed run would augment differently. Validation (no randomness) keeps its
+        workers and seeds them from a generator of its own, so it never moves the training's random stream."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0 and not shuffle,
+            generator=None if shuffle else torch.Generator(),
             pin_memory=self.pin_memory,
             drop_last=False,
         )

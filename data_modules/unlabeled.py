@@ -494,6 +494,9 @@ class UnlabeledDataModule(L.LightningDataModule):
             shuffle=True,
             num_workers=self.num_workers,
             drop_last=self.drop_last,
-            persistent_workers=self.num_workers > 0,
+            # fresh workers every epoch, seeded from the main process's generator, which every checkpoint
+            # keeps (callbacks.RandomState): persistent workers would carry their own generators across epochs,
+            # which no checkpoint holds, so a resumed run would draw other views, masks and noise
+            persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )

@@ -51,17 +51,28 @@ def tb_root(cfg: DictConfig) -> Path:
 
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, else removed."""
+    """Yield a temporary path beside `path`; once the writer is done it is fsynced and renamed onto `path`.
+
+    On any error (a full disk midway, an interrupt) the temporary file is removed and `path` keeps its
+    previous content, so a reader never sees a half-written file. The fsync before the rename makes the
+    new content durable before it replaces the old (a power cut leaves one or the other, not a mix).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be shared
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno and err.filename in (None, tmp):
+            # name the file the user knows (a write error names none, or the vanished temporary one)
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 

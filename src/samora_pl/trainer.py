@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from samora_pl.callbacks import RandomState
+from samora_pl.checkpoint_io import AtomicCheckpointIO
 from samora_pl.guards import NonFiniteGuard
 from samora_pl.progress import progress_bar
 from samora_pl.runs import tb_root
@@ -85,6 +86,7 @@ def build_trainer(
         deterministic=cfg.deterministic,
         logger=logger,
         callbacks=all_callbacks,
+        plugins=[AtomicCheckpointIO()],  # last.ckpt is replaced whole or not at all (full disk, kill)
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )

@@ -91,12 +91,16 @@ def test_validate_ok_returns_summary(synapse_root):
     assert set(summary["labels_seen"]) <= set(range(9))
 
 
-def test_workers_persistent(synapse_root):
-    dm = dm_for(synapse_root, num_workers=2)
+def test_training_workers_start_fresh_every_epoch_and_validation_workers_persist(synapse_root):
+    """Training workers are seeded every epoch from the main generator, which checkpoints keep (a resumed run
+    augments as the uninterrupted one did); validation workers persist, seeded from a generator of their own."""
+    dm = dm_for(synapse_root, num_workers=2, val_slices=2)
     loader = dm.train_dataloader()
-    assert loader.persistent_workers and loader.num_workers == 2
+    assert not loader.persistent_workers and loader.num_workers == 2 and loader.generator is None
     names = [n for batch in loader for n in batch["name"]]
     assert sorted(names) == sorted(dm.train_names())
+    val = dm.val_dataloader()
+    assert val.persistent_workers and val.generator is not None
 
 
 # ---------------------------------------------------------------------------- bad inputs

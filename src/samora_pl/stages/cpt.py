@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from data_modules.ssl_views import TwoViews, mae_augment, simclr_augment
 from data_modules.unlabeled import SlicePool, UnlabeledDataModule, build_pool, source_dict, sources_from_config
 from samora_pl.callbacks import Throughput
+from samora_pl.checkpoint_io import resumable
 from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
 from samora_pl.guards import check_finite_state, skipped_batches
@@ -196,8 +197,7 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
     teacher = build_simclr(cfg) if kind == "simclr" else build_mae(cfg)
     if kind == "simclr" and sub.channels_last:
         teacher.use_channels_last()
-    resume = folder / "checkpoints" / "last.ckpt"
-    resume = resume if resume.exists() else None
+    resume = resumable(folder / "checkpoints" / "last.ckpt", f"cpt {kind}")
     if sub.checkpoint:
         record.add_input(
             "public_checkpoint",

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from torchvision.transforms import v2 as T
 
 from samora_pl.callbacks import Throughput
+from samora_pl.checkpoint_io import resumable
 from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
 from samora_pl.guards import check_finite_state, skipped_batches
@@ -241,7 +242,7 @@ def prepare_level(cfg: DictConfig, level: str):
                 "(the teacher was trained again since); add overwrite=true to distil it from the new teacher."
             )
         return "done", manifest
-    return "train", (last if last.exists() else None)
+    return "train", resumable(last, f"distill {level}")
 
 
 def _module(cfg: DictConfig, level: str, student, head, teacher) -> DistillModule:

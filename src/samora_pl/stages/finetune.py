@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from data_modules import build_datamodule
 from samora_pl.callbacks import Throughput
+from samora_pl.checkpoint_io import resumable
 from samora_pl.config import changed_since, compose_on_saved, data_options, diff_keys, finetune_levels, load_saved
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import CaseMetricsPool, gather_rows, predict_volume, shard_cases, summarise, write_results
@@ -218,8 +219,10 @@ def _resume_checkpoint(cfg: DictConfig, folder: Path):
             f"{folder} holds an interrupted fine-tune made with other settings ({', '.join(changed)}); "
             "add overwrite=true to start again, or choose another RUN or finetune.tag."
         )
-    log.info("finetune: resuming from %s", last)
-    return last
+    resume = resumable(last, f"finetune {folder.name}")
+    if resume is not None:
+        log.info("finetune: resuming from %s", last)
+    return resume
 
 
 def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> dict:

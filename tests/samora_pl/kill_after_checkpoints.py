@@ -1,0 +1,28 @@
+"""`python kill_after_checkpoints.py K SAMORA-ARGS...`: run `samora SAMORA-ARGS` and SIGKILL this process the
+moment its K-th checkpoint is on disk, the way a crash or a pre-empted job stops a stage (no clean-up, no
+final save), but at a chosen point rather than at a racy one. Used by the resume tests in a subprocess."""
+
+import os
+import signal
+import sys
+
+from samora_pl.checkpoint_io import AtomicCheckpointIO
+from samora_pl.cli import main
+
+
+def kill_after(count: int) -> None:
+    save = AtomicCheckpointIO.save_checkpoint
+    saved = []
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        saved.append(1)
+        if len(saved) == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    AtomicCheckpointIO.save_checkpoint = save_then_die
+
+
+if __name__ == "__main__":
+    kill_after(int(sys.argv[1]))
+    sys.exit(main(sys.argv[2:]))
