@@ -33,12 +33,13 @@ class ModelConfig:
     checkpoint: Optional[str] = None  # official SAM .pth; none -> random init from init_seed
     init_seed: int = 0  # seeds SAM's random init, so every stage of a run sees the same frozen encoder
     lora_rank: int = 4
-    fusion: str = "hl_attn"  # hl_attn | sum | lac | mole | lorahub | single:<level>
+    fusion: str = "hl_attn"  # hl_attn | sum | lac | mole | lorahub | single:<level> (docs/baselines.md)
     hl_order: str = "pixel-patch-image"
     hl_width: Optional[int] = None  # HL-Attn inner width; none -> encoder width (authors')
     hl_heads: Optional[int] = None  # none -> encoder heads
     hl_init: str = "residual_mean"  # residual_mean | zero | paper
-    mole_balance_weight: float = 0.01
+    lac_weights: Optional[List[float]] = None  # fusion=lac: one fixed weight per expert, summing to 1; none -> 1/N
+    mole_balance_weight: float = 0.5  # fusion=mole: alpha of MoLE's gate-balance loss (0.5 as published)
     grad_checkpoint: bool = False
 
 
