@@ -32,6 +32,7 @@ CHOICES = {
     "eval.resize": ("direct", "two_step"),
     "cpt.teacher": ("all", "simclr", "mae"),
     "distill.level": ("all",) + LEVELS,
+    "finetune.lorahub.start": ("uniform", "zero"),
     "predict.intensity": ("auto", "none", "ct_window", "mr_percentile"),
 }
 
@@ -88,6 +89,11 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise SamoraError(f"Config key '{key}' is {value!r}; allowed values: {', '.join(map(str, allowed))}.")
+    if not 0.0 <= cfg.finetune.lorahub.warmup < 1.0:
+        raise SamoraError(
+            f"Config key 'finetune.lorahub.warmup' is {cfg.finetune.lorahub.warmup}; give the share of the decoder's "
+            "training steps before the search, in [0, 1)."
+        )
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise SamoraError(f"Config key 'data.fraction' (FRACTION) is {cfg.data.fraction}; it must be in (0, 1].")
     if cfg.data.fraction_by == "list" and not cfg.data.fraction_list:

@@ -81,15 +81,15 @@ class ExpertPaths:
 
 @dataclass
 class LoraHubConfig:
-    """model.fusion=lorahub: gradient-free search of the expert weights (see stages/lorahub.py)."""
+    """model.fusion=lorahub: LoRAHub's gradient-free search of the expert weights (see stages/lorahub.py)."""
 
-    holdout: float = 0.2  # share of the selected labelled slices that scores the candidates
+    holdout: float = 0.2  # share of the selected labelled TRAINING slices that scores the candidates (few-shot set)
     max_slices: int = 16  # at most this many held-out slices (keeps the search seconds-long)
-    candidates: int = 30  # weight vectors evaluated in all (the uniform mixture first)
-    offspring: int = 5  # lambda of the (1 + lambda) evolution strategy
-    sigma: float = 0.3  # std of the Gaussian mutations
-    l1: float = 0.05  # LoRAHub's L1 penalty on the weights
-    bound: float = 1.5  # weights are clipped to [-bound, bound]
+    budget: int = 40  # NGOpt evaluations (LoRAHub's max_inference_step)
+    l1: float = 0.05  # LoRAHub's penalty: objective = loss + l1 * mean_e |w_e|
+    bound: float = 1.5  # each weight is searched in [-bound, bound]
+    start: str = "uniform"  # uniform (the warm-up composition, 1/E each) | zero (LoRAHub's own start: no LoRA)
+    warmup: float = 0.5  # share of the decoder's training steps on the uniform composition before the search
 
 
 @dataclass
