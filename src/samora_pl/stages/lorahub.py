@@ -144,6 +144,7 @@ class LoraHubSearch(L.Callback):
 
     def search(self, trainer, device) -> None:
         model, batch = self.model, int(self.settings["batch_size"])
+        dtype = model.lora[HUB].blocks[0].lora_A_q.dtype  # bf16-true runs hold a bf16 model
         was_training = model.training
         model.eval()
 
@@ -151,7 +152,7 @@ class LoraHubSearch(L.Callback):
             self._compose(weights)
             total = 0.0
             for start in range(0, len(self.images), batch):
-                logits = model(self.images[start : start + batch].to(device)).float()
+                logits = model(self.images[start : start + batch].to(device, dtype)).float()
                 total += float(self.loss_fn(logits, self.targets[start : start + batch].to(device))) * len(logits)
             return total / len(self.images)
 
