@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import textwrap
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -299,10 +300,12 @@ def write_plot(rows: list, path: Path, description: str) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("Mean Dice (%)")
+    ax.set_ylim(0, 100)  # Dice's range: a wide interval (few seeds) runs off the axes instead of squashing the bars
+    clipped = any(m - lo < 0 or m + hi > 100 for m, lo, hi in zip(means, below, above))
     seeds = sorted({row["seeds"] for row in rows})
-    ax.set_title(
-        f"{description}\n(error bars: 95% CI of the mean over {'/'.join(map(str, seeds))} seed(s))", fontsize=8
-    )
+    note = f"error bars: 95% CI of the mean over {'/'.join(map(str, seeds))} seed(s)"
+    note += ", clipped to 0-100" if clipped else ""
+    ax.set_title(f"{textwrap.fill(description, 85)}\n({note})", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
