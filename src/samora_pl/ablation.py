@@ -10,8 +10,15 @@ CPT, distillation settings); those are made once per distinct setting under `run
 shared (see `ablation_upstream.py`).
 
 Outputs in `runs/<run>/ablations/<name>/`: `table.md` and `table.csv` (mean and sample standard deviation
-over seeds of Mean Dice and HD95, and the mean Dice of every class), `table.png` (mean Dice per variant
-with std error bars); the table also goes to TensorBoard's text tab under `runs/<run>/tb/ablations/<name>`.
+over seeds of Mean Dice and HD95, the mean Dice of every class and, with two seeds or more, the comparison
+with the reference variant below), `table.png` (mean Dice per variant with 95 % confidence intervals of the
+mean over seeds); the table also goes to TensorBoard's text tab under `runs/<run>/tb/ablations/<name>`.
+
+How sure a table is: each variant is compared with the ablation's reference variant (`reference:` in the
+ablation file, else the variant named `hl_attn`), paired by seed, since a seed fixes the data fraction,
+order and initialisation that both share. With the per-seed differences d_s = Dice(variant, s) - Dice(ref, s)
+over n seeds: `delta_vs_ref` = mean(d), the 95 % interval is mean(d) -/+ t(0.975, n-1) * sd(d) / sqrt(n)
+(Student t, `scipy.stats.t`), and `p_value` is the two-sided paired t-test (`scipy.stats.ttest_rel`).
 """
 
 import csv
@@ -19,6 +26,7 @@ import io
 import json
 import logging
 import math
+import textwrap
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -28,6 +36,8 @@ from samora_pl.errors import SamoraError
 from samora_pl.runs import atomic_path, atomic_write_text, is_rank_zero, read_manifest, run_dir, stage_dir, tb_root
 
 log = logging.getLogger(__name__)
+DEFAULT_REFERENCE = "hl_attn"  # the variant compared against when an ablation file names no `reference`
+PAIRED_TEST = "two-sided paired t-test over seeds (scipy.stats.ttest_rel)"
 
 
 def load_ablation(name: str) -> dict:
@@ -39,6 +49,13 @@ def load_ablation(name: str) -> dict:
     spec = OmegaConf.to_container(OmegaConf.load(path))
     if not isinstance(spec.get("variants"), dict) or not spec["variants"]:
         raise SamoraError(f"{path} must have a non-empty 'variants' mapping of name -> list of key=value.")
+    reference = spec.get("reference", DEFAULT_REFERENCE if DEFAULT_REFERENCE in spec["variants"] else None)
+    if reference not in spec["variants"]:
+        raise SamoraError(
+            f"{path}: 'reference' is {reference!r}; name the variant the others are compared with, one of "
+            f"{', '.join(spec['variants'])} (e.g. reference: {next(iter(spec['variants']))})."
+        )
+    spec["reference"] = reference
     return spec
 
 
@@ -74,8 +91,9 @@ def run_ablation(name: str, overrides, seeds: int = 1) -> list:
                     cfg = compose("finetune", list(overrides) + extra + experts + own)
                 log.info("ablation %s: running %s (%s)", name, tag, " ".join(extra) or "base")
                 metrics = finetune.run(cfg)
-            runs.append({**metrics, "per_class": _per_class(folder)})
+            runs.append({**metrics, "per_class": _per_class(folder), "seed": seed})
         rows.append({"variant": variant, "overrides": " ".join(extra), **summarise_seeds(runs)})
+    compare_to_reference(rows, spec["reference"])
     if is_rank_zero():
         write_table(rows, run_dir(cfg) / "ablations" / name, spec.get("description", name))
         write_tensorboard(rows, tb_root(cfg) / "ablations" / name, name, spec.get("description", name))
@@ -116,9 +134,23 @@ def _mean_std(values: list) -> tuple:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def t_interval(values: list, level: float = 0.95) -> tuple:
+    """(low, high) Student-t confidence interval of the mean of `values`; (None, None) below two values."""
+    from scipy import stats
+
+    values = [float(v) for v in values if v is not None]
+    mean, std = _mean_std(values)
+    if std is None:
+        return None, None
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * std / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
 def summarise_seeds(runs: list) -> dict:
-    """Mean and sample std (None for one seed) of Mean Dice / HD95 over seeds, and each class's mean Dice."""
+    """Mean and sample std (None for one seed) of Mean Dice / HD95 over seeds, the 95 % t interval of the
+    mean Dice, each class's mean Dice, and the Dice of each seed (for the paired comparison)."""
     dice, dice_std = _mean_std([r.get("mean_dice") for r in runs])
+    dice_low, dice_high = t_interval([r.get("mean_dice") for r in runs])
     hd95, hd95_std = _mean_std([r.get("mean_hd95") for r in runs])
     classes = []
     for run in runs:
@@ -128,10 +160,48 @@ def summarise_seeds(runs: list) -> dict:
         "seeds": len(runs),
         "mean_dice": dice,
         "mean_dice_std": dice_std,
+        "mean_dice_ci95_low": dice_low,
+        "mean_dice_ci95_high": dice_high,
         "mean_hd95": hd95,
         "mean_hd95_std": hd95_std,
         "per_class": per_class,
+        "dice_by_seed": {r["seed"]: r.get("mean_dice") for r in runs if "seed" in r},
     }
+
+
+COMPARISON = ("delta_vs_ref", "delta_ci95_low", "delta_ci95_high", "p_value")
+
+
+def paired_comparison(values: list, reference: list) -> dict:
+    """`variant - reference` over paired seeds: mean difference, its 95 % t interval, paired t-test p-value.
+
+    Fewer than two pairs give None for everything but the difference; differences without spread (the
+    reference against itself, or a constant offset) give an interval of zero width and no p-value (the test
+    is undefined there)."""
+    from scipy import stats
+
+    diffs = [float(v) - float(r) for v, r in zip(values, reference)]
+    if not diffs:
+        return dict.fromkeys(COMPARISON)
+    low, high = t_interval(diffs)
+    p_value = None
+    if len(diffs) >= 2 and _mean_std(diffs)[1] > 1e-12:  # below: rounding noise of equal differences
+        p_value = float(stats.ttest_rel(values, reference).pvalue)
+    return {"delta_vs_ref": sum(diffs) / len(diffs), "delta_ci95_low": low, "delta_ci95_high": high, "p_value": p_value}
+
+
+def compare_to_reference(rows: list, reference: str) -> None:
+    """Add the COMPARISON columns to every row (in place), pairing each variant's seeds with `reference`'s.
+
+    Only seeds where both have a Mean Dice pair up; with one seed the columns stay empty."""
+    ref = next(row for row in rows if row["variant"] == reference)
+    for row in rows:
+        row["reference"] = reference
+        seeds = [s for s, v in row["dice_by_seed"].items() if v is not None and ref["dice_by_seed"].get(s) is not None]
+        if len(seeds) < 2:
+            row.update(dict.fromkeys(COMPARISON))
+            continue
+        row.update(paired_comparison([row["dice_by_seed"][s] for s in seeds], [ref["dice_by_seed"][s] for s in seeds]))
 
 
 def _pct(value) -> str:
@@ -142,11 +212,20 @@ def _num(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _signed_pct(value) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
+def _p(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def markdown_table(rows: list, description: str) -> str:
     classes = []
     for row in rows:
         classes += [c for c in row["per_class"] if c not in classes]
-    head = ["variant", "overrides", "seeds", "Mean Dice (%)", "± std", "Mean HD95", "± std"] + classes
+    head = ["variant", "overrides", "seeds", "Mean Dice (%)", "± std", "95% CI", "Mean HD95", "± std"]
+    head += ["Δ vs ref (pp)", "Δ 95% CI", "p"] + classes
     lines = [f"# {description}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [
@@ -155,14 +234,29 @@ def markdown_table(rows: list, description: str) -> str:
             str(row["seeds"]),
             _pct(row["mean_dice"]),
             _pct(row["mean_dice_std"]),
+            _interval(row.get("mean_dice_ci95_low"), row.get("mean_dice_ci95_high"), _pct),
             _num(row["mean_hd95"]),
             _num(row["mean_hd95_std"]),
+            _signed_pct(row.get("delta_vs_ref")),
+            _interval(row.get("delta_ci95_low"), row.get("delta_ci95_high"), _signed_pct),
+            _p(row.get("p_value")),
         ]
         cells += [_pct(row["per_class"].get(c)) for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "std: sample standard deviation over seeds. 95% CI: Student-t interval of the mean over seeds."]
+    if rows and rows[0].get("reference"):
+        lines += [
+            f"Δ vs ref: Mean Dice minus that of the reference variant `{rows[0]['reference']}`, in percentage "
+            f"points, paired by seed; Δ 95% CI: Student-t interval of the mean paired difference; p: {PAIRED_TEST}. "
+            "Empty with one seed."
+        ]
     if classes:
-        lines += ["", "Per-class columns: mean Dice (%) over seeds. std: sample standard deviation over seeds."]
+        lines += ["Per-class columns: mean Dice (%) over seeds."]
     return "\n".join(lines) + "\n"
+
+
+def _interval(low, high, fmt) -> str:
+    return "-" if low is None or high is None else f"[{fmt(low)}, {fmt(high)}]"
 
 
 def write_table(rows: list, folder: Path, description: str) -> None:
@@ -171,19 +265,21 @@ def write_table(rows: list, folder: Path, description: str) -> None:
     classes = []
     for row in rows:
         classes += [c for c in row["per_class"] if c not in classes]
-    fields = ["variant", "overrides", "seeds", "mean_dice", "mean_dice_std", "mean_hd95", "mean_hd95_std"]
+    fields = ["variant", "overrides", "seeds", "mean_dice", "mean_dice_std", "mean_dice_ci95_low"]
+    fields += ["mean_dice_ci95_high", "mean_hd95", "mean_hd95_std", "reference", *COMPARISON]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields + [f"dice_{c}" for c in classes])
     writer.writeheader()
     for row in rows:
-        writer.writerow({**{k: row[k] for k in fields}, **{f"dice_{c}": row["per_class"].get(c) for c in classes}})
+        writer.writerow({**{k: row.get(k) for k in fields}, **{f"dice_{c}": row["per_class"].get(c) for c in classes}})
     atomic_write_text(folder / "table.csv", buffer.getvalue())
     write_plot(rows, folder / "table.png", description)
     print(text)
 
 
 def write_plot(rows: list, path: Path, description: str) -> None:
-    """Bar plot of mean Dice (%) per variant with std error bars (Agg backend, no display needed)."""
+    """Bar plot of mean Dice (%) per variant with error bars = 95 % t interval of the mean over seeds (none
+    for one seed); Agg backend, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,14 +287,25 @@ def write_plot(rows: list, path: Path, description: str) -> None:
 
     names = [row["variant"] for row in rows]
     means = [100 * (row["mean_dice"] or 0.0) for row in rows]
-    errors = [100 * (row["mean_dice_std"] or 0.0) for row in rows]
+    below = [
+        m - 100 * row["mean_dice_ci95_low"] if row.get("mean_dice_ci95_low") is not None else 0.0
+        for m, row in zip(means, rows)
+    ]
+    above = [
+        100 * row["mean_dice_ci95_high"] - m if row.get("mean_dice_ci95_high") is not None else 0.0
+        for m, row in zip(means, rows)
+    ]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.5))
-    ax.bar(range(len(rows)), means, yerr=errors, capsize=4, color="tab:blue")
+    ax.bar(range(len(rows)), means, yerr=[below, above], capsize=4, color="tab:blue")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("Mean Dice (%)")
+    ax.set_ylim(0, 100)  # Dice's range: a wide interval (few seeds) runs off the axes instead of squashing the bars
+    clipped = any(m - lo < 0 or m + hi > 100 for m, lo, hi in zip(means, below, above))
     seeds = sorted({row["seeds"] for row in rows})
-    ax.set_title(f"{description}\n(error bars: std over {'/'.join(map(str, seeds))} seed(s))", fontsize=8)
+    note = f"error bars: 95% CI of the mean over {'/'.join(map(str, seeds))} seed(s)"
+    note += ", clipped to 0-100" if clipped else ""
+    ax.set_title(f"{textwrap.fill(description, 85)}\n({note})", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

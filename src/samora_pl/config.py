@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from samora_pl.errors import SamoraError
+from samora_pl.models.fusion import FUSION_NAMES
 from samora_pl.schema import RootConfig
 
 STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict")
@@ -23,7 +24,7 @@ CHOICES = {
     "data.fraction_by": ("slice", "case", "list"),
     "data.intensity": ("auto", "none", "ct_window", "mr_percentile"),
     "model.variant": ("tiny", "vit_b", "vit_l", "vit_h"),
-    "model.fusion": ("hl_attn", "sum", "lac", "mole", "lorahub") + tuple(f"single:{lv}" for lv in LEVELS),
+    "model.fusion": FUSION_NAMES + tuple(f"single:{lv}" for lv in LEVELS),
     "model.hl_order": ORDERS,
     "model.hl_init": ("residual_mean", "zero", "paper"),
     "mode": ("samora", "samed"),
@@ -32,6 +33,7 @@ CHOICES = {
     "eval.resize": ("direct", "two_step"),
     "cpt.teacher": ("all", "simclr", "mae"),
     "distill.level": ("all",) + LEVELS,
+    "finetune.lorahub.start": ("uniform", "zero"),
     "predict.intensity": ("auto", "none", "ct_window", "mr_percentile"),
 }
 
@@ -88,6 +90,11 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise SamoraError(f"Config key '{key}' is {value!r}; allowed values: {', '.join(map(str, allowed))}.")
+    if not 0.0 <= cfg.finetune.lorahub.warmup < 1.0:
+        raise SamoraError(
+            f"Config key 'finetune.lorahub.warmup' is {cfg.finetune.lorahub.warmup}; give the share of the decoder's "
+            "training steps before the search, in [0, 1)."
+        )
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise SamoraError(f"Config key 'data.fraction' (FRACTION) is {cfg.data.fraction}; it must be in (0, 1].")
     if cfg.data.fraction_by == "list" and not cfg.data.fraction_list:
@@ -110,6 +117,23 @@ def validate(cfg: DictConfig) -> None:
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
     _check_devices(cfg.trainer.devices)
     _check_levels(cfg)
+    _check_lac_weights(cfg)
+
+
+def _check_lac_weights(cfg: DictConfig) -> None:
+    """model.lac_weights: one fixed weight per fused expert, summing to 1 (MoLE's normalised composition)."""
+    weights = cfg.model.lac_weights
+    if weights is None:
+        return
+    levels = finetune_levels(cfg)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(levels) or abs(sum(weights) - 1.0) > 1e-6:
+        example = {1: "1", 2: "0.5,0.5", 3: "0.5,0.25,0.25"}[len(levels)]
+        raise SamoraError(
+            f"Config key 'model.lac_weights' is {weights}; give {len(levels)} weights summing to 1, one per expert "
+            f"in the order {', '.join(levels)} (e.g. model.lac_weights=[{example}]), or leave it unset for equal "
+            "weights."
+        )
 
 
 def _check_devices(devices) -> None:

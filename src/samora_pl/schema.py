@@ -33,12 +33,13 @@ class ModelConfig:
     checkpoint: Optional[str] = None  # official SAM .pth; none -> random init from init_seed
     init_seed: int = 0  # seeds SAM's random init, so every stage of a run sees the same frozen encoder
     lora_rank: int = 4
-    fusion: str = "hl_attn"  # hl_attn | sum | lac | mole | lorahub | single:<level>
+    fusion: str = "hl_attn"  # hl_attn | sum | lac | mole | lorahub | single:<level> (docs/baselines.md)
     hl_order: str = "pixel-patch-image"
     hl_width: Optional[int] = None  # HL-Attn inner width; none -> encoder width (authors')
     hl_heads: Optional[int] = None  # none -> encoder heads
     hl_init: str = "residual_mean"  # residual_mean | zero | paper
-    mole_balance_weight: float = 0.01
+    lac_weights: Optional[List[float]] = None  # fusion=lac: one fixed weight per expert, summing to 1; none -> 1/N
+    mole_balance_weight: float = 0.5  # fusion=mole: alpha of MoLE's gate-balance loss (0.5 as published)
     grad_checkpoint: bool = False
 
 
@@ -80,15 +81,15 @@ class ExpertPaths:
 
 @dataclass
 class LoraHubConfig:
-    """model.fusion=lorahub: gradient-free search of the expert weights (see stages/lorahub.py)."""
+    """model.fusion=lorahub: LoRAHub's gradient-free search of the expert weights (see stages/lorahub.py)."""
 
-    holdout: float = 0.2  # share of the selected labelled slices that scores the candidates
+    holdout: float = 0.2  # share of the selected labelled TRAINING slices that scores the candidates (few-shot set)
     max_slices: int = 16  # at most this many held-out slices (keeps the search seconds-long)
-    candidates: int = 30  # weight vectors evaluated in all (the uniform mixture first)
-    offspring: int = 5  # lambda of the (1 + lambda) evolution strategy
-    sigma: float = 0.3  # std of the Gaussian mutations
-    l1: float = 0.05  # LoRAHub's L1 penalty on the weights
-    bound: float = 1.5  # weights are clipped to [-bound, bound]
+    budget: int = 40  # NGOpt evaluations (LoRAHub's max_inference_step)
+    l1: float = 0.05  # LoRAHub's penalty: objective = loss + l1 * mean_e |w_e|
+    bound: float = 1.5  # each weight is searched in [-bound, bound]
+    start: str = "uniform"  # uniform (the warm-up composition, 1/E each) | zero (LoRAHub's own start: no LoRA)
+    warmup: float = 0.5  # share of the decoder's training steps on the uniform composition before the search
 
 
 @dataclass

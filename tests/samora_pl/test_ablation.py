@@ -19,10 +19,10 @@ def experiments(tmp_path, monkeypatch):
     copy = tmp_path / "experiments"
     shutil.copytree(experiments_dir(), copy)
     (copy / "ablations" / "pair.yaml").write_text(
-        "description: two variants\nvariants:\n  a: [mode=samed]\n  b: [mode=samed, loss.ce_weight=0.5]\n"
+        "description: two variants\nreference: a\nvariants:\n  a: [mode=samed]\n  b: [mode=samed, loss.ce_weight=0.5]\n"
     )
     (copy / "ablations" / "share.yaml").write_text(
-        "description: two rank-8 variants and a plain one\nvariants:\n  a: [model.lora_rank=8]\n"
+        "description: two rank-8 variants and a plain one\nreference: c\nvariants:\n  a: [model.lora_rank=8]\n"
         "  b: [model.lora_rank=8, model.fusion=sum]\n  c: [model.fusion=lac]\n"
     )
     monkeypatch.setenv("SAMORA_EXPERIMENTS", str(copy))
@@ -88,6 +88,64 @@ def test_seeds_give_per_seed_tags_spread_and_per_class(tmp_path, experiments, mo
     assert float(table[1]["mean_dice_std"]) == pytest.approx(0.1)
     assert float(table[1]["dice_liver"]) == pytest.approx(0.6)
     assert "± std" in (folder / "table.md").read_text() and "liver" in (folder / "table.md").read_text()
+    # the fake gives b - a = +0.25 at every seed: a sure difference, a zero-width interval, no t-test
+    assert float(table[1]["delta_vs_ref"]) == pytest.approx(0.25) and table[1]["reference"] == "a"
+    assert float(table[1]["delta_ci95_low"]) == pytest.approx(0.25) == float(table[1]["delta_ci95_high"])
+    assert table[1]["p_value"] == "" and float(table[0]["delta_vs_ref"]) == 0.0
+
+
+def test_comparison_columns_equal_a_hand_computation(tmp_path):
+    """Three seeds, written to table.csv, against the Student-t formulas done by hand: for n = 3 the t
+    quantile t(0.975, 2) = 4.302652729911275 and the two-sided p-value of t with 2 degrees of freedom is
+    1 - |t| / sqrt(t^2 + 2) (the closed-form t_2 distribution)."""
+    ref = {0: 0.80, 1: 0.82, 2: 0.78}
+    var = {0: 0.75, 1: 0.80, 2: 0.74}
+    runs = {
+        name: [{"mean_dice": d, "mean_hd95": 1.0, "per_class": {}, "seed": s} for s, d in dice.items()]
+        for name, dice in (("hl_attn", ref), ("other", var))
+    }
+    rows = [{"variant": n, "overrides": "", **ablation.summarise_seeds(r)} for n, r in runs.items()]
+    ablation.compare_to_reference(rows, "hl_attn")
+    ablation.write_table(rows, tmp_path, "hand check")
+    with open(tmp_path / "table.csv") as handle:
+        table = {row["variant"]: row for row in csv.DictReader(handle)}
+    diffs = [var[s] - ref[s] for s in range(3)]
+    mean = sum(diffs) / 3
+    sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    half = 4.302652729911275 * sd / 3**0.5
+    t = mean / (sd / 3**0.5)
+    other = table["other"]
+    assert float(other["delta_vs_ref"]) == pytest.approx(mean, abs=1e-12)
+    assert float(other["delta_ci95_low"]) == pytest.approx(mean - half, abs=1e-9)
+    assert float(other["delta_ci95_high"]) == pytest.approx(mean + half, abs=1e-9)
+    assert float(other["p_value"]) == pytest.approx(1 - abs(t) / (t * t + 2) ** 0.5, abs=1e-9)
+    dice = list(var.values())
+    m = sum(dice) / 3
+    s = (sum((d - m) ** 2 for d in dice) / 2) ** 0.5
+    assert float(other["mean_dice_ci95_low"]) == pytest.approx(m - 4.302652729911275 * s / 3**0.5, abs=1e-9)
+    assert float(table["hl_attn"]["delta_vs_ref"]) == 0.0 and table["hl_attn"]["p_value"] == ""
+    text = (tmp_path / "table.md").read_text()
+    assert "ttest_rel" in text and "`hl_attn`" in text and f"{100 * mean:+.2f}" in text
+    assert f"[{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]" in text
+
+
+def test_one_seed_leaves_the_comparison_empty():
+    rows = [
+        {"variant": n, "overrides": "", **ablation.summarise_seeds([{"mean_dice": d, "per_class": {}, "seed": 0}])}
+        for n, d in (("hl_attn", 0.5), ("b", 0.4))
+    ]
+    ablation.compare_to_reference(rows, "hl_attn")
+    assert all(rows[1][k] is None for k in ablation.COMPARISON) and rows[1]["mean_dice_ci95_low"] is None
+
+
+def test_reference_must_name_a_variant(experiments):
+    (experiments / "ablations" / "noref.yaml").write_text("description: x\nvariants:\n  a: []\n  b: []\n")
+    with pytest.raises(SamoraError, match="'reference' is None.*one of a, b"):
+        ablation.load_ablation("noref")
+    (experiments / "ablations" / "badref.yaml").write_text("description: x\nreference: c\nvariants:\n  a: []\n")
+    with pytest.raises(SamoraError, match="'reference' is 'c'"):
+        ablation.load_ablation("badref")
+    assert ablation.load_ablation("fusion")["reference"] == "hl_attn"
 
 
 def test_killed_ablation_resumes_and_more_seeds_run_only_new_ones(tmp_path, experiments, monkeypatch):
@@ -312,7 +370,7 @@ def test_real_rank_ablation_on_the_pixel_expert(tmp_path, experiments, monkeypat
     from tests.samora_pl.stages.test_finetune import quick
 
     (experiments / "ablations" / "pix.yaml").write_text(
-        "description: pixel rank\nvariants:\n"
+        "description: pixel rank\nreference: r4\nvariants:\n"
         '  r2: ["finetune.levels=[pixel]", model.fusion=single:pixel, model.lora_rank=2]\n'
         '  r4: ["finetune.levels=[pixel]", model.fusion=single:pixel]\n'
     )

@@ -36,6 +36,8 @@ def test_config_is_read_only():
         (["data.fraction=0"], ["data.fraction", "(0, 1]"]),
         (["data.fraction=1.5"], ["data.fraction", "(0, 1]"]),
         (["model.fusion=concat"], ["model.fusion", "hl_attn", "mole"]),
+        (["model.lac_weights=[0.5,0.5]"], ["model.lac_weights", "image, patch, pixel", "summing to 1"]),
+        (["model.lac_weights=[0.6,0.6]", "finetune.levels=[image,pixel]"], ["model.lac_weights", "image, pixel"]),
         (["model.hl_order=a-b-c"], ["model.hl_order", "pixel-patch-image"]),
         (["trainer.max_epochs=ten"], ["trainer.max_epochs"]),
         (["mode=full"], ["mode", "samed"]),
@@ -115,3 +117,14 @@ def test_levels_are_canonical_and_ignored_by_samed():
     assert finetune_levels(cfg) == ("image", "patch")
     assert finetune_levels(compose("finetune")) == ("image", "patch", "pixel")
     compose("finetune", ["finetune.levels=[patch]", "mode=samed"])  # SAMed has no experts to choose
+
+
+def test_unknown_baseline_name_is_one_message_listing_the_allowed_ones(tmp_path, capsys):
+    """The old output-space names are gone; the CLI exits non-zero with every allowed fusion, writing nothing."""
+    from samora_pl.cli import main
+    from samora_pl.models.fusion import FUSION_NAMES
+
+    assert main(["finetune", "model.fusion=lac_learned", f"runs_dir={tmp_path / 'runs'}"]) == 1
+    err = capsys.readouterr().err
+    assert "model.fusion" in err and all(name in err for name in FUSION_NAMES) and "single:pixel" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()

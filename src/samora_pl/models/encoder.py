@@ -13,8 +13,10 @@ Per block, with ``xn = norm1(x)`` (window-partitioned for windowed blocks, as SA
 Attention uses ``F.scaled_dot_product_attention`` with SAM's relative-position bias folded into extra
 query/key features (exact; see :func:`sdpa_attention`), so no N x N bias is materialised. With
 ``single:<level>`` fusion the block runs SAMed's computation directly,
-``x + proj(attn(qkv(xn) + [dQ, 0, dV]))``, without a separate base pass. Without LoRA the original
-segment-anything ``Block.forward`` runs.
+``x + proj(attn(qkv(xn) + [dQ, 0, dV]))``, without a separate base pass; ``lac`` runs the same single
+attention with the weighted sum of the experts' deltas, ``qkv(xn) + sum_e w_e [dQ_e, 0, dV_e]``, which is
+SAM attention with the merged weight ``W + sum_e w_e dW_e``. Without LoRA the original segment-anything
+``Block.forward`` runs.
 
 :func:`naive_block_forward` is the slow reference: it calls the original ``Attention`` module once for
 the base and once per expert (with a forward hook adding the expert's delta to ``qkv``'s output).
@@ -38,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from samora_pl.errors import SamoraError
-from samora_pl.models.fusion import Fusion, SingleFusion
+from samora_pl.models.fusion import Fusion, LACFusion, SingleFusion, mole_balance_loss
 from samora_pl.models.lora import LoRAQV, MultiExpertLoRA
 
 __all__ = ["SAMoraEncoder", "rel_pos_terms", "rel_pos_bias", "sdpa_attention", "naive_block_forward", "prepare_images"]
@@ -124,7 +126,8 @@ def naive_block_forward(
     """Reference block: the original Attention called once for the base and once per expert.
 
     ``lora_blocks`` maps expert name -> that expert's :class:`LoRAQV` for this block. With a
-    :class:`SingleFusion` (or an empty dict) only one attention call is made, SAMed style.
+    :class:`SingleFusion` (or an empty dict) only one attention call is made, SAMed style; with a
+    :class:`LACFusion` one call with ``sum_e w_e`` of the experts' qkv deltas.
     """
     shortcut = x
     xn = blk.norm1(x)
@@ -132,11 +135,12 @@ def naive_block_forward(
     if blk.window_size > 0:
         xn, pad_hw = window_partition(xn, blk.window_size)
 
-    def attn_with(lb: Optional[LoRAQV]) -> torch.Tensor:
-        if lb is None:
+    def attn_with(lbs: Sequence[Tuple[float, LoRAQV]]) -> torch.Tensor:
+        if not lbs:
             y = blk.attn(xn)
         else:
-            handle = blk.attn.qkv.register_forward_hook(lambda m, inp, out: out + lb.qkv_delta(inp[0]))
+            delta = lambda inp: sum(w * lb.qkv_delta(inp) for w, lb in lbs)  # noqa: E731
+            handle = blk.attn.qkv.register_forward_hook(lambda m, inp, out: out + delta(inp[0]))
             try:
                 y = blk.attn(xn)
             finally:
@@ -146,12 +150,14 @@ def naive_block_forward(
         return y
 
     if fusion is None or not lora_blocks:
-        x = shortcut + attn_with(None)
+        x = shortcut + attn_with(())
     elif isinstance(fusion, SingleFusion):
-        x = shortcut + attn_with(lora_blocks[fusion.level])
+        x = shortcut + attn_with([(1.0, lora_blocks[fusion.level])])
+    elif isinstance(fusion, LACFusion):
+        x = shortcut + attn_with([(float(w), lora_blocks[n]) for n, w in zip(fusion.levels, fusion.weights)])
     else:
-        base = attn_with(None)
-        residuals = {n: attn_with(lora_blocks[n]) - base for n in fusion.levels}
+        base = attn_with(())
+        residuals = {n: attn_with([(1.0, lora_blocks[n])]) - base for n in fusion.levels}
         x = shortcut + base + fusion(residuals)
     return x + blk.mlp(blk.norm2(x))
 
@@ -212,18 +218,18 @@ class SAMoraEncoder(nn.Module):
         return int(self.image_encoder.patch_embed.proj.out_channels)
 
     # -- blocks ---------------------------------------------------------------------------------------
-    def _fused_qkv(self, i: int, blk: Block, xn: torch.Tensor, levels: Sequence[str], with_base: bool):
+    def _fused_qkv(self, i: int, blk: Block, xn: torch.Tensor, levels: Sequence[str], with_base: bool, mix=None):
         """Batched attention for one block on (windowed) ``xn`` [Bw, h, w, C].
 
         Returns proj-without-bias outputs [S, Bw, h, w, C] where S = len(levels) (+1 base first when
-        ``with_base``).
+        ``with_base``), or S = 1 for the one stream of the ``mix``-weighted experts (LAC).
         """
         attn = blk.attn
         Bw, h, w, C = xn.shape
         N, nh = h * w, attn.num_heads
         hd = C // nh
         q, k, v = attn.qkv(xn).reshape(Bw, N, 3, C).unbind(2)  # [Bw, N, C]
-        q_all, v_all = self.lora.streams(i, xn.reshape(Bw, N, C), q, v, levels, with_base=with_base)
+        q_all, v_all = self.lora.streams(i, xn.reshape(Bw, N, C), q, v, levels, with_base=with_base, mix=mix)
         S = q_all.shape[0]
 
         def heads(t):  # [S, Bw, N, C] -> [S*Bw, nh, N, hd]
@@ -256,8 +262,9 @@ class SAMoraEncoder(nn.Module):
         pad_hw = (H, W)
         if blk.window_size > 0:
             xn, pad_hw = window_partition(xn, blk.window_size)
-        if isinstance(fusion, SingleFusion):
-            y = self._fused_qkv(i, blk, xn, fusion.levels, with_base=False)
+        if isinstance(fusion, (SingleFusion, LACFusion)):  # one attention call: the deltas act at qkv
+            mix = fusion.weights if isinstance(fusion, LACFusion) else None
+            y = self._fused_qkv(i, blk, xn, fusion.levels, with_base=False, mix=mix)
             y = self._unpartition(blk, y, pad_hw, (H, W)).squeeze(0)
             x = shortcut + y + blk.attn.proj.bias
         else:
@@ -303,10 +310,9 @@ class SAMoraEncoder(nn.Module):
         return (out, tokens) if return_tokens else out
 
     def aux_loss(self) -> torch.Tensor:
-        """Mean over blocks of the fusion modules' auxiliary losses of the last forward (0 if none)."""
-        losses = []
-        if self.fusion is not None:
-            losses = [loss for loss in (f.aux_loss() for f in self.fusion) if loss is not None]
-        if not losses:
+        """MoLE's balance loss over every gated block of the last forward (:func:`mole_balance_loss`); 0 if
+        no block has a gate."""
+        gates = [] if self.fusion is None else [f.last_gate for f in self.fusion if f.last_gate is not None]
+        if not gates:
             return self.image_encoder.pos_embed.new_zeros(())
-        return torch.stack(losses).mean()
+        return mole_balance_loss(gates)

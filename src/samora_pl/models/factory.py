@@ -40,6 +40,7 @@ def build_segmenter(
             hl_width=m.hl_width,
             hl_heads=m.hl_heads,
             hl_init=m.hl_init,
+            lac_weights=None if m.lac_weights is None else list(m.lac_weights),
             checkpoint=m.checkpoint if load_sam else None,
             grad_checkpoint=m.grad_checkpoint,
         )

@@ -1,33 +1,44 @@
-"""Per-block fusion of the LoRA experts' attention residuals (the "Fuse" slot of a SAMora block).
+"""Per-block fusion of the LoRA experts (the "Fuse" slot of a SAMora block) and the published baselines.
 
 In every encoder block the experts produce residuals ``r_e = Attn_e(x) - Attn_base(x)`` (see
-``encoder.py``); a fusion module maps the dict ``{expert name: r_e}`` (each [B, H, W, C] or [B, N, C])
-to one update of the same shape, and the block computes ``x + base + Fuse(residuals)``.
+``encoder.py``); most fusion modules map the dict ``{expert name: r_e}`` (each [B, H, W, C] or [B, N, C])
+to one update of the same shape, and the block computes ``x + base + Fuse(residuals)``. Two act earlier,
+on the frozen ``qkv`` projection itself: ``single:<level>`` and ``lac`` (one attention call per block).
 
-Choices (``build_fusion(name, ...)``):
+Choices (``build_fusion(name, ...)``; :data:`FUSION_NAMES` is the one list the config validates against):
 
 ``hl_attn``   HL-Attn, the paper's hierarchical cross-attention (:class:`HLAttention`); with two
               experts (level ablation) its first unit only.
-``sum``       plain sum of the residuals (all experts at full strength).
-``lac``       learned weight per expert, initialised to 1/E (so it starts as the mean).
-``mole``      per-token softmax gate over the experts computed by a linear layer from the concatenated
-              residuals (MoLE); a gate-balance loss is exposed through :meth:`Fusion.aux_loss`.
-              The gate layer is zero-initialised, so it also starts as the mean.
-``single:L``  only expert L's residual: with one expert this is exactly SAMed's LoRA; the encoder
+``sum``       plain sum of the residuals (all experts at full strength; the level ablation's "all-sum").
+``lac``       linear arithmetic composition (MoLE, arXiv 2404.13628, Eq. 2, "normalised"): the LoRAs are
+              merged in weight space, ``W' = W + sum_e w_e dW_e`` with fixed ``w_e`` summing to 1 (uniform
+              1/E unless ``model.lac_weights``); nothing is learned (:class:`LACFusion`).
+``mole``      Mixture of LoRA Experts (MoLE, arXiv 2404.13628, Eqs. 5-8): a learnable gate per block over
+              the experts' outputs with a learnable temperature, and the published balance loss
+              (:class:`MoLEFusion`, :func:`mole_balance_loss`).
+``lorahub``   LoRAHub (arXiv 2307.13269): the experts composed element-wise into one LoRA by a
+              gradient-free search; a stage-level choice (``stages/lorahub.py``) whose blocks then run
+              ``single:hub``.
+``single:L``  only expert L's update: with one expert this is exactly SAMed's LoRA; the encoder
               runs it on a fast path that never computes the base attention separately.
+
+``docs/baselines.md`` says how each baseline follows its paper and where it deviates.
 """
 
 from __future__ import annotations
 
+import math
 from itertools import permutations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samora_pl.errors import SamoraError
 
 __all__ = [
+    "FUSION_NAMES",
     "FUSIONS",
     "HL_INITS",
     "Fusion",
@@ -35,6 +46,7 @@ __all__ = [
     "SingleFusion",
     "LACFusion",
     "MoLEFusion",
+    "mole_balance_loss",
     "CrossAttentionUnit",
     "HLAttention",
     "valid_hl_orders",
@@ -42,8 +54,11 @@ __all__ = [
     "build_fusion",
 ]
 
-FUSIONS = ("hl_attn", "sum", "lac", "mole", "single:<level>")
+#: every ``model.fusion`` value besides ``single:<level>`` (the config validates against this tuple)
+FUSION_NAMES = ("hl_attn", "sum", "lac", "mole", "lorahub")
+FUSIONS = FUSION_NAMES + ("single:<level>",)
 HL_INITS = ("residual_mean", "zero", "paper")
+MOLE_MIN_TEMPERATURE = 0.05  # the learnable tau is used as max(tau, this), so weight decay cannot drive it to 0
 
 
 def _tokens(r: torch.Tensor) -> Tuple[torch.Tensor, torch.Size]:
@@ -63,11 +78,8 @@ class Fusion(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._aux: Optional[torch.Tensor] = None
-
-    def aux_loss(self) -> Optional[torch.Tensor]:
-        """Auxiliary loss of the last forward pass (None when the fusion has none)."""
-        return self._aux
+        #: per-sample gate of the last forward, [B, E] (MoLE only): the encoder's balance loss reads it
+        self.last_gate: Optional[torch.Tensor] = None
 
     def _get(self, residuals: Dict[str, torch.Tensor]):
         try:
@@ -109,45 +121,89 @@ class SingleFusion(Fusion):
 
 
 class LACFusion(Fusion):
-    """Learned weight per expert, ``sum_e w_e r_e`` with ``w_e`` initialised to 1/E."""
+    """Linear arithmetic composition (MoLE's "normalised linear arithmetic composition", its Eq. 2).
 
-    def __init__(self, levels: Sequence[str]) -> None:
+    ``W' = W + sum_e w_e dW_e`` with one fixed scalar per LoRA, shared by all its layers, and
+    ``sum_e w_e = 1`` (uniform 1/E by default). Nothing here is learned: the composition is merged into
+    the frozen ``qkv`` projection of every block, so the block is plain SAM attention whose q and v
+    weights are ``W + sum_e w_e s_e B_e A_e``, and stage 2 trains the mask decoder on that encoder.
+
+    The encoder applies the merge (``SAMoraEncoder``, one attention call per block) in factored form,
+    ``qkv(x) + sum_e w_e s_e (x A_e^T) B_e^T``, the same linear map as the merged weight without forming
+    the C x C matrices; there are no residuals to fuse, so :meth:`forward` is never called.
+    """
+
+    def __init__(self, levels: Sequence[str], weights: Optional[Sequence[float]] = None) -> None:
         super().__init__()
         self.levels = tuple(levels)
-        self.weight = nn.Parameter(torch.full((len(self.levels),), 1.0 / len(self.levels)))
+        n = len(self.levels)
+        weights = [1.0 / n] * n if weights is None else [float(w) for w in weights]
+        if len(weights) != n or not all(math.isfinite(w) for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+            raise SamoraError(
+                f"model.lac_weights is {weights}; give {n} finite weights summing to 1, one per expert in the "
+                f"order {list(self.levels)} (normalised linear composition), or leave it unset for 1/{n} each"
+            )
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
 
     def forward(self, residuals: Dict[str, torch.Tensor]) -> torch.Tensor:
-        rs = torch.stack(self._get(residuals), 0)
-        w = self.weight.view(-1, *([1] * (rs.dim() - 1)))
-        return (w * rs).sum(0)
+        raise RuntimeError("LAC is merged into qkv by the encoder; it does not fuse attention residuals")
+
+    def extra_repr(self) -> str:
+        return f"levels={list(self.levels)}, weights={[round(w, 4) for w in self.weights.tolist()]}"
 
 
 class MoLEFusion(Fusion):
-    """MoLE: per-token softmax gate over the experts from a linear layer on the concatenated residuals.
+    """MoLE's gate over the experts of one block (arXiv 2404.13628, Eqs. 5-8), one distribution per sample.
 
-    ``g = softmax(Linear([r_1, ..., r_E]) / temperature)`` per token; output ``sum_e g_e r_e``.
-    The gate layer starts at zero (uniform gate = mean of the residuals). Gate-balance loss (MoLE):
-    ``-sum_e log(E * mean_tokens(g_e))``, which is >= 0 and 0 exactly when the average gate is uniform.
+    The experts' outputs ``E_e`` are their attention residuals ``r_e`` (the LoRA's delta; the frozen path
+    ``F(x) = x + Attn_base(x)`` is added once by the block, so the residual stream is not counted E times),
+    and the block computes ``F(x) + sum_e G_e r_e`` with::
+
+        E_Omega = L2-normalise(concat_e(mean over tokens of r_e))       [B, E*C]
+        eps     = E_Omega @ e                                           [B, E]   (e learnable, [E*C, E])
+        G       = softmax(eps / tau)                                    (tau a learnable scalar, init 1)
+
+    Deviations, all documented in ``docs/baselines.md``: the paper flattens the whole [L, d] output of
+    every expert into E_Omega, which gives ``e`` E*L*d*E parameters per block (about 28M per block for
+    ViT-B at 1024 px) and ties the gate to one input size; here each expert's output is averaged over its
+    tokens first (a pooling deviation; ``e`` has E*C*E parameters). The paper's "normalisation" is
+    unnamed; L2 normalisation is what the authors' released code applies to its gate input. ``e`` starts
+    at zero (uniform gate: the block starts as the mean of the experts); ``tau`` is used as
+    ``max(tau, MOLE_MIN_TEMPERATURE)``. The balance loss over the gated blocks is
+    :func:`mole_balance_loss` of every block's :attr:`last_gate`.
     """
 
-    def __init__(self, levels: Sequence[str], dim: int, temperature: float = 1.0) -> None:
+    def __init__(self, levels: Sequence[str], dim: int) -> None:
         super().__init__()
         self.levels = tuple(levels)
-        self.temperature = float(temperature)
-        self.gate = nn.Linear(dim * len(self.levels), len(self.levels))
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
+        n = len(self.levels)
+        self.e = nn.Parameter(torch.zeros(n * int(dim), n))
+        self.tau = nn.Parameter(torch.ones(()))
+
+    def gate(self, rs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """G [B, E] from the experts' residuals (each [B, H, W, C] or [B, N, C])."""
+        pooled = torch.cat([_tokens(r)[0].mean(1) for r in rs], dim=-1)  # [B, E*C]
+        omega = F.normalize(pooled.float(), dim=-1)
+        eps = omega @ self.e.float()
+        return torch.softmax(eps / self.tau.float().clamp_min(MOLE_MIN_TEMPERATURE), dim=-1)
 
     def forward(self, residuals: Dict[str, torch.Tensor]) -> torch.Tensor:
         rs = self._get(residuals)
-        g = torch.softmax(self.gate(torch.cat(rs, dim=-1)) / self.temperature, dim=-1)  # [..., E]
-        mean_gate = g.reshape(-1, g.shape[-1]).mean(0)
-        E = len(self.levels)
-        self._aux = -(torch.log(mean_gate * E + 1e-12)).sum()
-        out = g[..., 0:1] * rs[0]
-        for e in range(1, E):
-            out = out + g[..., e : e + 1] * rs[e]
+        g = self.gate(rs)
+        self.last_gate = g
+        shape = (g.shape[0],) + (1,) * (rs[0].dim() - 1)
+        out = g[:, 0].reshape(shape).to(rs[0].dtype) * rs[0]
+        for i in range(1, len(rs)):
+            out = out + g[:, i].reshape(shape).to(rs[i].dtype) * rs[i]
         return out
+
+
+def mole_balance_loss(gates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """MoLE's gate-balancing loss: ``-sum_e log q_e`` with ``q_e`` the mean of ``G_e`` over the gated blocks
+    and over the batch (of this device). ``gates``: one [B, E] gate per block. Smallest (E log E) when
+    every expert gets 1/E on average; without it the MoLE paper reports its gates collapse on one LoRA."""
+    q = torch.stack([g.float() for g in gates]).mean(dim=(0, 1))
+    return -torch.log(q).sum()
 
 
 class CrossAttentionUnit(nn.Module):
@@ -282,11 +338,13 @@ def build_fusion(
     hl_width: Optional[int] = None,
     hl_heads: Optional[int] = None,
     hl_init: str = "residual_mean",
+    lac_weights: Optional[Sequence[float]] = None,
 ) -> Fusion:
-    """One fusion module for one block. ``num_heads`` is the encoder's, used when ``hl_heads`` is None."""
+    """One fusion module for one block. ``num_heads`` is the encoder's, used when ``hl_heads`` is None;
+    ``lac_weights`` (one per expert, summing to 1) only for ``lac``."""
     experts = tuple(experts)
     if not isinstance(name, str):
-        raise SamoraError(f"model.fusion must be a string, one of {list(FUSIONS)}; got {name!r}")
+        raise SamoraError(f"model.fusion must be a string, one of {', '.join(FUSIONS)}; got {name!r}")
     if name.startswith("single:"):
         level = name.split(":", 1)[1]
         if level not in experts:
@@ -295,10 +353,15 @@ def build_fusion(
     if name == "sum":
         return SumFusion(experts)
     if name == "lac":
-        return LACFusion(experts)
+        return LACFusion(experts, lac_weights)
     if name == "mole":
         return MoLEFusion(experts, dim)
+    if name == "lorahub":
+        raise SamoraError(
+            "model.fusion=lorahub composes the experts into one LoRA in the fine-tuning stage, whose blocks "
+            "then run single:hub; build that model with `samora finetune model.fusion=lorahub`"
+        )
     if name == "hl_attn":
         order = parse_hl_order(hl_order, experts)
         return HLAttention(order, dim, width=hl_width, heads=int(hl_heads or num_heads), init=hl_init)
-    raise SamoraError(f"unknown model.fusion {name!r}; choose one of {list(FUSIONS)}")
+    raise SamoraError(f"unknown model.fusion {name!r}; choose one of {', '.join(FUSIONS)}")

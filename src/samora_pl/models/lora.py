@@ -154,6 +154,7 @@ class MultiExpertLoRA(nn.Module):
         names: Optional[Sequence[str]] = None,
         *,
         with_base: bool = False,
+        mix: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The queries and values of every attention stream at one block.
 
@@ -163,6 +164,9 @@ class MultiExpertLoRA(nn.Module):
         experts' A factors run in one matmul; each stream's B factor and the add of the shared ``q``/``v``
         run in one ``baddbmm``, so no per-expert delta, concatenation or selection is materialised
         (those memory passes cost as much as the LoRA arithmetic at 512 px).
+
+        With ``mix`` (one weight per named expert) there is one stream, ``q + sum_e mix_e dQ_e(x)`` (and
+        the same for v): the experts merged as one rank ``E*r`` update (LAC); ``with_base`` is ignored.
         """
         names = self.names if names is None else tuple(names)
         mods = [self.experts[n].blocks[block] for n in names]
@@ -171,6 +175,13 @@ class MultiExpertLoRA(nn.Module):
         a = torch.cat([torch.cat([m.lora_A_q, m.lora_A_v], 0) for m in mods], 0)  # [E*2r, C]
         z = (x.reshape(-1, C) @ a.t()).reshape(-1, E, 2, r)  # [M, E, 2, r]
         z = z * torch.stack([m.lora_scale for m in mods]).to(z.dtype)[:, None, None]
+        if mix is not None:  # [M, E, 2, r] -> [2, M, E*r] against B [2, C, E*r]: one merged stream
+            z = (z * mix.to(z.dtype)[:, None, None]).permute(2, 0, 1, 3).reshape(2, -1, E * r).to(q.dtype)
+            bq = torch.cat([m.lora_B_q for m in mods], 1).to(q.dtype)
+            bv = torch.cat([m.lora_B_v for m in mods], 1).to(q.dtype)
+            q_all = torch.addmm(q.reshape(-1, C), z[0], bq.t())
+            v_all = torch.addmm(v.reshape(-1, C), z[1], bv.t())
+            return q_all.reshape(1, *lead, C), v_all.reshape(1, *lead, C)
         z = z.permute(2, 1, 0, 3)  # [2, E, M, r]
         b = torch.stack([torch.stack([m.lora_B_q for m in mods]), torch.stack([m.lora_B_v for m in mods])])
         if with_base:  # a zero low-rank factor makes the base stream q + 0 in the same call

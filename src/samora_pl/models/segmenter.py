@@ -38,8 +38,8 @@ class SAMoraSegmenter(nn.Module):
 
     Keyword args: ``variant`` (vit_b, vit_l, vit_h, tiny), ``img_size``, ``num_classes`` (K, background
     excluded), ``experts``, ``lora_rank``, ``fusion`` (hl_attn, sum, lac, mole, single:<level>),
-    ``hl_order``, ``hl_width``, ``hl_heads``, ``hl_init``, ``checkpoint`` (official SAM .pth or None for
-    random init), ``grad_checkpoint``, ``trainable`` (initial :meth:`set_trainable` mode; None leaves
+    ``hl_order``, ``hl_width``, ``hl_heads``, ``hl_init``, ``lac_weights``, ``checkpoint`` (official SAM .pth
+    or None for random init), ``grad_checkpoint``, ``trainable`` (initial :meth:`set_trainable` mode; None leaves
     every parameter trainable), ``reuse_hypernetworks`` (see ``sam.load_sam_checkpoint``).
     """
 
@@ -56,6 +56,7 @@ class SAMoraSegmenter(nn.Module):
         hl_width: Optional[int] = None,
         hl_heads: Optional[int] = None,
         hl_init: str = "residual_mean",
+        lac_weights: Optional[Sequence[float]] = None,
         checkpoint=None,
         grad_checkpoint: bool = False,
         trainable: Optional[str] = "samora",
@@ -96,6 +97,7 @@ class SAMoraSegmenter(nn.Module):
                 hl_width=hl_width,
                 hl_heads=hl_heads,
                 hl_init=hl_init,
+                lac_weights=lac_weights,
             )
             for _ in range(v.depth)
         ]
@@ -162,7 +164,7 @@ class SAMoraSegmenter(nn.Module):
         return self(images).argmax(1)
 
     def aux_loss(self) -> torch.Tensor:
-        """Fusion auxiliary loss of the last forward (MoLE gate balance, mean over blocks; else 0)."""
+        """MoLE's gate-balance loss of the last forward, over every gated block (0 for other fusions)."""
         return self.encoder.aux_loss()
 
     # -- trainability ---------------------------------------------------------------------------------

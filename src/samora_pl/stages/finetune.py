@@ -129,7 +129,7 @@ def uses_lorahub(cfg: DictConfig) -> bool:
 def build_model(cfg: DictConfig, num_classes: int, record: StageRecord = None):
     """The stage-2 model with its experts loaded and the right parameters trainable.
 
-    For model.fusion=lorahub the one LoRA slot stays empty here; `lorahub.compose_into` fills it."""
+    For model.fusion=lorahub the one LoRA slot stays empty here; `lorahub.prepare` fills it."""
     if cfg.mode == "samed" or uses_lorahub(cfg):
         model = build_segmenter(cfg, num_classes, *model_layout(cfg))
     else:
@@ -182,14 +182,17 @@ def run(cfg: DictConfig) -> dict:
     record = StageRecord(cfg, folder)
     data = build_data(cfg, folder)
     model = build_model(cfg, data.num_classes, record)
-    if uses_lorahub(cfg):
+    callbacks = [Throughput()]
+    if uses_lorahub(cfg):  # the decoder warms up, the search runs mid-training, then the decoder trains on
         paths = {} if cfg.finetune.zero_experts else expert_paths(cfg)
-        record.metrics["lorahub_weights"] = lorahub.compose_into(cfg, model, data, folder, paths, record)["weights"]
+        callbacks.append(lorahub.prepare(cfg, model, data, folder, paths, record))
     record.metrics["trainable_parameters"] = log_trainable(model, f"finetune {tag}")
     module = _module(cfg, model, data.class_names)
     save_config(cfg, folder)
-    trainer = build_trainer(cfg, folder, "finetune", tag, callbacks=[Throughput()])
+    trainer = build_trainer(cfg, folder, "finetune", tag, callbacks=callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    if uses_lorahub(cfg):
+        record.metrics["lorahub_weights"] = callbacks[-1].weights
     final = folder / FINAL
     if is_rank_zero():
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

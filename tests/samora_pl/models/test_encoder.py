@@ -27,12 +27,15 @@ def build(randomize_encoder, variant, img_size, experts=("image", "patch", "pixe
 
 
 def perturb_fusions(enc, seed=3):
-    """Open HL-Attn's gates / move LAC and MoLE off their init so the fusion really mixes."""
+    """Open HL-Attn's gates / move MoLE's gate off its init / give LAC unequal weights, so the fusion mixes."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in enc.fusion.named_parameters():
-            if n.endswith(("g1", "g2", "gamma")) or "gate" in n or n.endswith("weight") and p.dim() == 1:
+            if n.endswith(("g1", "g2", "gamma", ".e", ".tau")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
+        for n, b in enc.fusion.named_buffers():
+            if n.endswith(".weights"):
+                b.copy_(torch.tensor([0.5, -0.25, 0.75]))
 
 
 @pytest.mark.parametrize("variant,img_size", CONFIGS)
@@ -76,7 +79,7 @@ def test_fused_block_equals_naive_four_calls(randomize_encoder, randomize_lora, 
     for n, p in enc.named_parameters():
         if p.grad is not None:
             assert torch.allclose(g_fast[n], p.grad, atol=1e-5, rtol=1e-3), n
-    assert any("fusion" in n for n in g_fast) or fusion.startswith(("single", "sum"))
+    assert any("fusion" in n for n in g_fast) or fusion.startswith(("single", "sum", "lac"))
 
 
 class SAMedQKV(nn.Module):
@@ -153,10 +156,35 @@ def test_rel_pos_bias_equals_sam():
     assert torch.allclose(rel_pos_bias(attn, q, (8, 8)), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant,img_size", CONFIGS)
+def test_lac_block_is_sam_attention_with_the_merged_weight(randomize_encoder, randomize_lora, variant, img_size):
+    """LAC = weight-space merge: every block equals segment-anything's own Block with
+    qkv.weight = W + sum_i w_i s_i B_i A_i on the q and v rows (windowed and global blocks)."""
+    weights = [0.5, 0.3, 0.2]
+    enc = build(randomize_encoder, variant, img_size, fusion="lac", lac_weights=weights)
+    randomize_lora(enc.lora)
+    C = enc.embed_dim
+    x = torch.randn(2, img_size // 16, img_size // 16, C)
+    for i, blk in enumerate(enc.image_encoder.blocks):
+        merged = copy.deepcopy(blk)
+        with torch.no_grad():
+            for w, name in zip(weights, enc.lora.names):
+                lb = enc.lora[name].blocks[i]
+                merged.attn.qkv.weight[:C] += w * lb.lora_scale * lb.lora_B_q @ lb.lora_A_q
+                merged.attn.qkv.weight[2 * C :] += w * lb.lora_scale * lb.lora_B_v @ lb.lora_A_v
+            ours, ref = enc.block_forward(i, x), merged(x)
+            assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+            assert not torch.allclose(ref, blk(x), atol=1e-3)  # the experts really change the block
+    assert not list(enc.fusion.parameters())  # LAC learns nothing
+
+
 def test_aux_loss(randomize_encoder):
     enc = build(randomize_encoder, "tiny", 128, fusion="mole")
     enc(torch.rand(1, 1, 128, 128))
-    assert enc.aux_loss().dim() == 0 and enc.aux_loss().item() >= 0
+    gates = [f.last_gate for f in enc.fusion]
+    assert len(gates) == enc.depth and all(g.shape == (1, 3) for g in gates)
+    q = torch.stack(gates).mean((0, 1))
+    assert torch.allclose(enc.aux_loss(), -torch.log(q).sum())
     enc = build(randomize_encoder, "tiny", 128)
     enc(torch.rand(1, 1, 128, 128))
     assert enc.aux_loss().item() == 0.0

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from samora_pl.models.fusion import (
     SingleFusion,
     SumFusion,
     build_fusion,
+    mole_balance_loss,
     valid_hl_orders,
 )
 
@@ -24,7 +27,7 @@ def mean_of(rs):
     return torch.stack([rs[n] for n in EXPERTS]).mean(0)
 
 
-@pytest.mark.parametrize("name", ["hl_attn", "sum", "lac", "mole", "single:patch", "single:image"])
+@pytest.mark.parametrize("name", ["hl_attn", "sum", "mole", "single:patch", "single:image"])
 @pytest.mark.parametrize("shape", [(2, 4, 4, 32), (2, 16, 32)])
 def test_every_fusion_runs_forward_and_backward(name, shape):
     f = build_fusion(name, EXPERTS, 32, num_heads=4, hl_init="paper")
@@ -32,8 +35,8 @@ def test_every_fusion_runs_forward_and_backward(name, shape):
     out = f(rs)
     assert out.shape == shape
     loss = out.square().mean()
-    if f.aux_loss() is not None:
-        loss = loss + f.aux_loss()
+    if f.last_gate is not None:
+        loss = loss + mole_balance_loss([f.last_gate])
     loss.backward()
     for p in f.parameters():
         assert p.grad is not None
@@ -170,22 +173,51 @@ def test_baselines_at_init_and_formulas():
     rs = residuals()
     assert torch.allclose(SumFusion(EXPERTS)(rs), rs["image"] + rs["patch"] + rs["pixel"])
     assert torch.equal(SingleFusion("pixel")(rs), rs["pixel"])
-    lac = LACFusion(EXPERTS)
-    assert torch.allclose(lac.weight, torch.full((3,), 1 / 3))
-    assert torch.allclose(lac(rs), mean_of(rs), atol=1e-6)
-    with torch.no_grad():
-        lac.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    assert torch.allclose(lac(rs), 0.5 * rs["image"] - rs["patch"] + 2 * rs["pixel"], atol=1e-5)
     mole = MoLEFusion(EXPERTS, 32)
-    assert torch.allclose(mole(rs), mean_of(rs), atol=1e-6)
-    assert mole.aux_loss().item() == pytest.approx(0.0, abs=1e-6)  # balanced gate
-    with torch.no_grad():
-        mole.gate.bias.copy_(torch.tensor([3.0, 0.0, -3.0]))
-    out = mole(rs)
-    g = torch.softmax(torch.tensor([3.0, 0.0, -3.0]), 0)
-    assert torch.allclose(out, g[0] * rs["image"] + g[1] * rs["patch"] + g[2] * rs["pixel"], atol=1e-5)
-    assert mole.aux_loss().item() > 0.5
-    assert SumFusion(EXPERTS).aux_loss() is None
+    assert torch.allclose(mole(rs), mean_of(rs), atol=1e-6)  # e = 0: uniform gate, the experts' mean
+    assert mole_balance_loss([mole.last_gate]).item() == pytest.approx(3 * math.log(3))  # its minimum, E log E
+    assert SumFusion(EXPERTS).last_gate is None
+
+
+def test_lac_weights_are_fixed_normalised_and_validated():
+    lac = LACFusion(EXPERTS)
+    assert torch.allclose(lac.weights, torch.full((3,), 1 / 3)) and not list(lac.parameters())  # nothing learned
+    assert LACFusion(EXPERTS, [0.5, 0.25, 0.25]).weights.tolist() == [0.5, 0.25, 0.25]
+    for bad in ([0.5, 0.5, 0.5], [1.0, 0.0], [float("nan"), 0.5, 0.5]):
+        with pytest.raises(SamoraError, match="lac_weights"):
+            LACFusion(EXPERTS, bad)
+    assert "weights" in LACFusion(EXPERTS).state_dict()  # a fine-tune's file records the weights it used
+
+
+def test_mole_gate_and_balance_loss_equal_the_published_formulas():
+    """G_i = exp(eps_i / tau) / sum_j exp(eps_j / tau), eps = Normalise(E_0 + ... + E_{N-1})^T e (here each
+    expert's output averaged over tokens, L2 normalisation), one distribution per sample; the block update
+    is sum_i G_i E_i; L_balance = -log prod_i q_i, q_i the mean of G_i over the gated blocks and the batch."""
+    g = torch.Generator().manual_seed(5)
+    blocks = [MoLEFusion(EXPERTS, 32) for _ in range(3)]
+    inputs = [residuals((4, 3, 5, 32), seed=10 + k) for k in range(3)]
+    expected_gates = []
+    for f, rs in zip(blocks, inputs):
+        with torch.no_grad():
+            f.e.copy_(torch.randn(f.e.shape, generator=g) * 3)
+            f.tau.fill_(0.7)
+        out = f(rs)
+        for b in range(4):
+            concat = torch.cat([rs[n][b].detach().double().reshape(-1, 32).mean(0) for n in EXPERTS])
+            omega = concat / concat.square().sum().sqrt()
+            eps = [float(sum(omega[k] * f.e[k, i].detach().double() for k in range(96))) for i in range(3)]
+            z = [math.exp(v / 0.7) for v in eps]
+            gate = [v / sum(z) for v in z]
+            expected_gates.append(gate)
+            assert f.last_gate[b].tolist() == pytest.approx(gate, abs=1e-5)
+            mix = sum(gate[i] * rs[n][b] for i, n in enumerate(EXPERTS))
+            assert torch.allclose(out[b], mix.float(), atol=1e-5)
+    q = [sum(gate[i] for gate in expected_gates) / len(expected_gates) for i in range(3)]
+    assert mole_balance_loss([f.last_gate for f in blocks]).item() == pytest.approx(-math.log(math.prod(q)), abs=1e-5)
+    assert max(max(gate) for gate in expected_gates) > 0.6  # the random gate is far from uniform: a real test
+    loss = mole_balance_loss([f.last_gate for f in blocks])
+    loss.backward()
+    assert all(f.e.grad.abs().sum() > 0 and f.tau.grad is not None for f in blocks)  # e and tau learn from it
 
 
 def test_bad_fusion_names():
@@ -193,3 +225,5 @@ def test_bad_fusion_names():
         build_fusion("concat", EXPERTS, 32)
     with pytest.raises(SamoraError, match="lacks"):
         build_fusion("single:organ", EXPERTS, 32)
+    with pytest.raises(SamoraError, match="finetune"):
+        build_fusion("lorahub", EXPERTS, 32)

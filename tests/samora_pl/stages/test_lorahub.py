@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from test_finetune import _write_experts, quick
 
+from data_modules.base import SliceDataset
 from samora_pl.cli import main
 from samora_pl.config import compose
 from samora_pl.errors import SamoraError
@@ -18,27 +19,25 @@ def _quadratic(target):
     return lambda w: sum((w[n] - t) ** 2 for n, t in zip(LEVELS, target))
 
 
-def test_search_is_seeded_and_deterministic():
+def test_search_is_ngopt_with_lorahubs_budget_bounds_start_and_l1():
     score = _quadratic([0.8, -0.2, 0.4])
-    a = lorahub.search_weights(score, LEVELS, candidates=20, seed=3)
-    b = lorahub.search_weights(score, LEVELS, candidates=20, seed=3)
-    c = lorahub.search_weights(score, LEVELS, candidates=20, seed=4)
-    assert a == b and a[1] != c[1]
-    weights, history = a
-    assert len(history) == 20 and history[0]["weights"] == {n: pytest.approx(1 / 3) for n in LEVELS}
-    assert min(h["score"] for h in history) == pytest.approx(
-        _quadratic([0.8, -0.2, 0.4])(weights) + 0.05 * sum(abs(v) for v in weights.values())
-    )
-    assert score(weights) < score({n: 1 / 3 for n in LEVELS})  # the search improves on the uniform mixture
+    weights, history = lorahub.search_weights(score, LEVELS, seed=3)
+    assert len(history) == 40 and history[0]["weights"] == {n: 0.0 for n in LEVELS}  # budget 40, start 0
+    assert all(-1.5 <= v <= 1.5 for h in history for v in h["weights"].values())
+    for h in history:  # objective = loss + 0.05 * mean |w|
+        w = h["weights"]
+        assert h["score"] == pytest.approx(score(w) + 0.05 * sum(abs(v) for v in w.values()) / 3)
+    assert weights == pytest.approx({"image": 0.8, "patch": -0.2, "pixel": 0.4}, abs=0.05)
+    assert lorahub.search_weights(score, LEVELS, seed=3) == (weights, history)  # seeded, repeatable
+    again, trace = lorahub.search_weights(score, LEVELS, budget=5, bound=0.5, start=[0.1, 0.1, 0.1], l1=0.0)
+    assert len(trace) == 5 and trace[0]["weights"] == pytest.approx({n: 0.1 for n in LEVELS})
+    assert all(abs(v) <= 0.5 for v in again.values())
 
 
-def test_l1_penalty_pulls_weights_toward_zero_at_equal_loss():
+def test_l1_term_pulls_weights_toward_zero_at_equal_loss():
     flat = lambda w: 1.0  # noqa: E731 - every candidate has the same loss
-    weights, history = lorahub.search_weights(flat, LEVELS, candidates=40, l1=0.1, seed=0)
-    l1 = sum(abs(v) for v in weights.values())
-    assert l1 < 1.0 and l1 == pytest.approx(min(sum(abs(v) for v in h["weights"].values()) for h in history))
-    same, _ = lorahub.search_weights(flat, LEVELS, candidates=40, l1=0.0, seed=0)
-    assert same == {n: pytest.approx(1 / 3) for n in LEVELS}  # no penalty, no strictly better candidate
+    weights, history = lorahub.search_weights(flat, LEVELS, start=[1.0, 1.0, 1.0], l1=0.5)
+    assert sum(abs(v) for v in weights.values()) < 3.0 * 0.5
 
 
 def test_holdout_is_a_seeded_bounded_share():
@@ -51,7 +50,29 @@ def test_holdout_is_a_seeded_bounded_share():
         lorahub.holdout_names(names, 0.0, 16, seed=1)
 
 
-def test_lorahub_finetune_composes_freezes_and_writes_metrics(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache", [True, False])
+def test_decoder_trains_on_exactly_the_non_held_out_slices(tmp_path, cache):
+    """The held-out few-shot slices leave the decoder's training set by index, so under data.cache=true (slices
+    held in memory) every kept name still comes with its own image and label."""
+    args = quick(tmp_path, "model.fusion=lorahub", "finetune.zero_experts=true", f"data.cache={str(cache).lower()}")
+    cfg = compose("finetune", [*args, "data.augment=false", "data.fraction=0.3", "finetune.lorahub.max_slices=5"])
+    folder = tmp_path / "f"
+    data = finetune.build_data(cfg, folder)
+    model = finetune.build_model(cfg, data.num_classes)
+    search = lorahub.prepare(cfg, model, data, folder, {})
+    held = search.settings["holdout_names"]
+    selected = data.selected_train_names()
+    assert len(held) == 5 and set(held) <= set(selected)
+    items = [data.train_set[i] for i in range(len(data.train_set))]
+    assert [it["name"] for it in items] == [nm for nm in selected if nm not in held]
+    reader = data.slice_reader()
+    for it in items:  # the slice as read from disk by its name
+        fresh = SliceDataset([it["name"]], reader, data.train_set.dataset.transform)[0]
+        assert torch.equal(it["image"], fresh["image"]) and torch.equal(it["label"], fresh["label"]), it["name"]
+    assert search.settings["decoder_train_slices"] == len(items)
+
+
+def test_lorahub_finetune_warms_up_searches_and_freezes(tmp_path, monkeypatch):
     experts = _write_experts(tmp_path, rank=4, random_b=True)
     seen = {}
     search = lorahub.search_weights
@@ -61,15 +82,19 @@ def test_lorahub_finetune_composes_freezes_and_writes_metrics(tmp_path, monkeypa
             seen["grad"] = seen.get("grad", False) or torch.is_grad_enabled()
             return score(weights)
 
+        seen["start"] = kwargs["start"]
         return search(probe, names, **kwargs)
 
     monkeypatch.setattr(lorahub, "search_weights", watched)
-    args = quick(tmp_path, *experts, "model.fusion=lorahub", "finetune.lorahub.candidates=6")
+    args = quick(tmp_path, *experts, "model.fusion=lorahub", "finetune.lorahub.budget=6", "trainer.max_epochs=2")
     assert main(["finetune", *args]) == 0
-    assert seen == {"grad": False}
+    assert seen == {"grad": False, "start": [pytest.approx(1 / 3)] * 3}
     folder = tmp_path / "runs" / "t" / "finetune" / "samora-lorahub-f0.1"
     summary = json.loads((folder / "lorahub.json").read_text())
     assert len(summary["history"]) == 6 and set(summary["weights"]) == set(LEVELS) and summary["holdout"]
+    assert summary["optimizer"] == "nevergrad.optimizers.NGOpt" and summary["l1"] == 0.05
+    # the decoder warmed up for half of its steps (2 epochs x 2 batches), the search ran, the decoder trained on
+    assert summary["total_steps"] == 4 and summary["search_step"] == 2
     metrics = json.loads((folder / "metrics.json").read_text())
     assert 0.0 <= metrics["mean_dice"] <= 1.0
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -89,3 +114,10 @@ def test_lorahub_finetune_composes_freezes_and_writes_metrics(tmp_path, monkeypa
     trainable = model.trainable_parameter_names()
     assert trainable and all(n.startswith("mask_decoder.") for n in trainable)  # only the decoder trains
     assert main(["evaluate", *args]) == 0  # a lorahub run re-evaluates from its final weights
+
+
+def test_bad_lorahub_settings_are_one_clear_error(tmp_path):
+    with pytest.raises(SamoraError, match="finetune.lorahub.warmup"):
+        compose("finetune", quick(tmp_path, "finetune.lorahub.warmup=1.0"))
+    with pytest.raises(SamoraError, match="finetune.lorahub.start.*uniform, zero"):
+        compose("finetune", quick(tmp_path, "finetune.lorahub.start=best"))
