@@ -14,7 +14,7 @@ def test_demo_uses_tiny_profile_and_overrides_win():
 
 
 def test_paper_profile_for_real_data():
-    cfg = compose("finetune", ["data.name=synapse"])
+    cfg = compose("finetune", ["data.name=synapse", "model.checkpoint=none"])
     assert cfg.profile == "paper" and cfg.model.variant == "vit_b" and cfg.model.img_size == 224
     assert cfg.data.batch_size == 32 and cfg.trainer.max_epochs == 20
     assert cfg.optim.lr == 0.005 and cfg.optim.weight_decay == 0.1

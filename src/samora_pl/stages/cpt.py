@@ -24,7 +24,14 @@ import torch
 from omegaconf import DictConfig
 
 from data_modules.ssl_views import TwoViews, mae_augment, simclr_augment
-from data_modules.unlabeled import SlicePool, UnlabeledDataModule, build_pool, source_dict, sources_from_config
+from data_modules.unlabeled import (
+    SlicePool,
+    UnlabeledDataModule,
+    build_pool,
+    held_out_cases,
+    source_dict,
+    sources_from_config,
+)
 from samora_pl.callbacks import Throughput
 from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
@@ -42,7 +49,17 @@ log = logging.getLogger(__name__)
 TEACHERS = ("simclr", "mae")
 TEACHER_FILE = "teacher.pt"
 # Settings that change what a teacher learns; a finished or interrupted run with other values is refused.
-RELEVANT = ("seed", "data.name", "data.dir", "cpt.sources", "cpt.skip_bad_files")
+# data.list_dir / data.split_seed choose the test cases the pool leaves out.
+RELEVANT = (
+    "seed",
+    "data.name",
+    "data.dir",
+    "data.list_dir",
+    "data.split_seed",
+    "cpt.sources",
+    "cpt.skip_bad_files",
+    "cpt.include_test_cases",
+)
 
 
 def teacher_file(cfg: DictConfig, kind: str) -> Path:
@@ -169,6 +186,7 @@ def _prepare(cfg: DictConfig, kind: str):
 def run(cfg: DictConfig) -> Dict[str, dict]:
     """Pre-train the configured teachers; returns {teacher: metrics} (loss first/last epoch, images/s, ...)."""
     validate_cpt(cfg)
+    held_out = held_out_cases(cfg)  # before anything is written: a bad cpt.include_test_cases stops here
     kinds = TEACHERS if cfg.cpt.teacher == "all" else (cfg.cpt.teacher,)
     results: Dict[str, dict] = {}
     todo = []
@@ -180,7 +198,7 @@ def run(cfg: DictConfig) -> Dict[str, dict]:
             todo.append(kind)
     if not todo:
         return results
-    pool = build_pool(sources_from_config(cfg), cfg.cpt.skip_bad_files, index_path(cfg))
+    pool = build_pool(sources_from_config(cfg), cfg.cpt.skip_bad_files, index_path(cfg), held_out=held_out)
     log.info("cpt: pool of %d slices from %d files or series.", len(pool), len(pool.volumes))
     for kind in todo:
         results[kind] = _train(cfg, kind, pool)
