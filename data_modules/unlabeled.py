@@ -92,6 +92,7 @@ MAX_LISTED = 40
 CASE_FILE_SUFFIXES = (".npy.h5", ".nii.gz", ".nii", ".mhd", ".mha", ".npz", ".h5", ".hdf5", ".png", ".dcm")
 SLICE_SUFFIX = re.compile(r"_slice\d+$")
 CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net: <case>_0000.nii.gz is channel 0 of <case>
+NNUNET_IMAGE_FOLDERS = ("imagestr", "imagests")
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -168,13 +169,17 @@ NOTHING_HELD_OUT = HeldOut()
 
 
 def held_out_cases(cfg) -> HeldOut:
-    """The test cases fine-tuning evaluates on `data.name` (its list files or its seeded split by case).
+    """The test cases fine-tuning evaluates on `data.name` (its list files or its seeded split by case), when
+    the pool reads the dataset's folder (nothing to leave out otherwise).
 
     A dataset without a test split has nothing to leave out (warned); asking to include its test cases
     (`cpt.include_test_cases=true`) is then a mistake, refused before any work."""
     from data_modules import build_datamodule
     from samora_pl.config import data_options
 
+    root = Path(cfg.data.dir).expanduser().resolve()
+    if not any(_overlaps(Path(s["path"]).expanduser().resolve(), root) for s in sources_from_config(cfg)):
+        return NOTHING_HELD_OUT
     include = bool(cfg.cpt.include_test_cases)
     try:
         data = build_datamodule(cfg.data.name, root=cfg.data.dir, seed=cfg.seed, **data_options(cfg))
@@ -198,9 +203,13 @@ def held_out_cases(cfg) -> HeldOut:
     return HeldOut(Path(data.root).expanduser().resolve(), cases, include)
 
 
+def _overlaps(path: Path, root: Path) -> bool:
+    return path.is_relative_to(root) or root.is_relative_to(path)
+
+
 def case_of(volume: Volume) -> str:
     """The case id a pool summary lists for `volume`: LA's case folder, a DICOM series' folder, else the file
-    name without extension and `_sliceNNN` suffix."""
+    name without extension and `_sliceNNN` suffix (and, in imagesTr / imagesTs, nnU-Net's channel suffix)."""
     path = Path(volume.path)
     if volume.reader == "dicom":
         return path.name
@@ -211,7 +220,10 @@ def case_of(volume: Volume) -> str:
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    return SLICE_SUFFIX.sub("", stem)
+    stem = SLICE_SUFFIX.sub("", stem)
+    if path.parent.name.lower() in NNUNET_IMAGE_FOLDERS:
+        stem = CHANNEL_SUFFIX.sub("", stem)
+    return stem
 
 
 def case_names(volume: Volume) -> set:

@@ -2,7 +2,8 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
-from samora_pl.config import ORDERS, compose, diff_keys, finetune_levels
+from samora_pl.cli import main
+from samora_pl.config import ORDERS, compose, diff_keys, experiments_dir, finetune_levels
 from samora_pl.errors import SamoraError
 
 
@@ -96,3 +97,42 @@ def test_levels_are_canonical_and_ignored_by_samed():
     assert finetune_levels(cfg) == ("image", "patch")
     assert finetune_levels(compose("finetune")) == ("image", "patch", "pixel")
     compose("finetune", ["finetune.levels=[patch]", "mode=samed"])  # SAMed has no experts to choose
+
+
+def test_every_gpu_scale_profile_requires_public_weights():
+    profiles = sorted(p.stem for p in experiments_dir().joinpath("model").glob("*.yaml"))
+    assert "paper" in profiles
+    for profile in profiles:
+        cfg = compose("distill", [f"profile={profile}", "model.checkpoint=none"])
+        assert cfg.requires_checkpoints is (profile != "tiny"), profile
+
+
+@pytest.mark.parametrize(
+    "stage, extra, words",
+    [
+        ("finetune", [], ["model.checkpoint", "sam_vit_b_01ec64.pth", "model.checkpoint=none"]),
+        ("distill", ["model.variant=vit_l"], ["model.checkpoint", "sam_vit_l_0b3195.pth"]),
+        ("finetune", ["model.variant=vit_h", "mode=samed"], ["model.checkpoint", "sam_vit_h_4b8939.pth"]),
+        ("cpt", [], ["cpt.simclr.checkpoint", "r50_2x_sk1", "cpt.simclr.from_scratch=true"]),
+        ("cpt", ["cpt.simclr.from_scratch=true"], ["cpt.mae.checkpoint", "mae_pretrain_vit_large.pth"]),
+        ("cpt", ["cpt.teacher=mae", "cpt.mae.checkpoint=/w/mae.pth"], None),
+        ("finetune", ["model.checkpoint=none"], None),
+        ("finetune", ["profile=tiny"], None),
+    ],
+)
+def test_paper_profile_without_public_weights_stops(stage, extra, words):
+    overrides = ["data.name=synapse", *extra]
+    if words is None:
+        compose(stage, overrides)
+        return
+    with pytest.raises(SamoraError) as err:
+        compose(stage, overrides)
+    assert all(word in str(err.value) for word in words), str(err.value)
+
+
+def test_paper_run_without_sam_checkpoint_exits_before_writing_anything(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["finetune", "data.name=synapse", f"data.dir={tmp_path / 'data'}", f"runs_dir={runs}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "model.checkpoint" in err and "sam_vit_b_01ec64.pth" in err
+    assert not runs.exists() and not (tmp_path / "data").exists()
