@@ -198,20 +198,36 @@ def run(cfg: DictConfig) -> Dict[str, dict]:
             todo.append(kind)
     if not todo:
         return results
+    # teachers built (and public weights loaded) first: a file of another layout stops before anything is written
+    starts = {kind: _starting_teacher(cfg, kind) for kind in todo}
     pool = build_pool(sources_from_config(cfg), cfg.cpt.skip_bad_files, index_path(cfg), held_out=held_out)
     log.info("cpt: pool of %d slices from %d files or series.", len(pool), len(pool.volumes))
     for kind in todo:
-        results[kind] = _train(cfg, kind, pool)
+        results[kind] = _train(cfg, kind, pool, *starts[kind])
     return results
 
 
-def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
+def _starting_teacher(cfg: DictConfig, kind: str):
+    """(teacher, load report or None): the `kind` teacher, from the public checkpoint unless it resumes."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    sub = cfg.cpt[kind]
+    teacher = build_simclr(cfg) if kind == "simclr" else build_mae(cfg)
+    if not sub.checkpoint:
+        log.info("cpt: %s starts from random initialisation (no cpt.%s.checkpoint).", kind, kind)
+        return teacher, None
+    if (stage_dir(cfg, "cpt", kind) / "checkpoints" / "last.ckpt").exists():
+        return teacher, None  # its weights come from the checkpoint it resumes
+    report = load_public_checkpoint(teacher, sub.checkpoint)
+    log.info("cpt: %s starts from %s (%s)", kind, sub.checkpoint, report)
+    return teacher, report
+
+
+def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     folder = stage_dir(cfg, "cpt", kind)
     sub = cfg.cpt[kind]
     record = StageRecord(cfg, folder)
     record.add_input("pool", pool.summary())
-    teacher = build_simclr(cfg) if kind == "simclr" else build_mae(cfg)
     if kind == "simclr" and sub.channels_last:
         teacher.use_channels_last()
     resume = folder / "checkpoints" / "last.ckpt"
@@ -221,12 +237,8 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
             "public_checkpoint",
             file_record(Path(sub.checkpoint)) if Path(sub.checkpoint).is_file() else {"path": sub.checkpoint},
         )
-        if resume is None:
-            report = load_public_checkpoint(teacher, sub.checkpoint)
-            log.info("cpt: %s starts from %s (%s)", kind, sub.checkpoint, report)
-            record.metrics["start_checkpoint"] = report
-    else:
-        log.info("cpt: %s starts from random initialisation (no cpt.%s.checkpoint).", kind, kind)
+        if start_report is not None:
+            record.metrics["start_checkpoint"] = start_report
     if resume is not None:
         log.info("cpt: resuming the %s teacher from %s", kind, resume)
 

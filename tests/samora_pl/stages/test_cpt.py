@@ -168,7 +168,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
         },
         wrong,
     )
-    with pytest.raises(SamoraError, match="does not fit the SimCLR teacher"):
+    with pytest.raises(SamoraError, match="none of the layouts the teacher reads"):
         run(config(tmp_path, f"cpt.simclr.checkpoint={wrong}", "cpt.teacher=simclr"))
     folder = tmp_path / "runs" / "t" / "cpt" / "simclr"
     assert not (folder / "teacher.pt").exists() and not (folder / "manifest.json").exists()
