@@ -55,7 +55,7 @@ def test_samed_finetune_writes_results_and_dashboards(tmp_path):
     folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
     rows = list(csv.DictReader(open(folder / "results.csv")))
     organs = {"spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"}
-    assert {r["class_name"] for r in rows} == organs and len(rows) == 8 * 3
+    assert {r["class_name"] for r in rows} == organs and len(rows) == 8 * 12
     metrics = json.loads((folder / "metrics.json").read_text())
     assert 0.0 <= metrics["mean_dice"] <= 1.0 and set(metrics["per_class"]) == organs
     assert "liver" in (folder / "results.md").read_text() and metrics["test_cases_in_pretraining"] is False
@@ -206,7 +206,7 @@ def test_ddp_two_cpu_processes_evaluate_every_case_once(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "runs/t/finetune/samed-lora-f0.1/results.csv")))
     pairs = [(r["case"], r["class_id"]) for r in rows]
-    assert len(pairs) == len(set(pairs)) == 3 * 8
+    assert len(pairs) == len(set(pairs)) == 12 * 8
     assert len((tmp_path / "runs/t/finetune/samed-lora-f0.1/splits/train_selected.txt").read_text().split()) > 0
 
 
