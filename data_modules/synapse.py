@@ -152,10 +152,10 @@ def _open_h5(path: Path):
     return f
 
 
-def _read_h5(f, what: str, sel=None) -> np.ndarray:
-    """Read dataset `what` (optionally the slices `sel` along D) of an open h5 file; SamoraError if damaged."""
+def _read_h5(f, what: str) -> np.ndarray:
+    """Read dataset `what` of an open h5 file; SamoraError if damaged."""
     try:
-        return f[what][()] if sel is None else f[what][sel]
+        return f[what][()]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SamoraError(f"{f.filename}: reading '{what}' failed ({e}): the file is corrupt; re-create it") from None
 
