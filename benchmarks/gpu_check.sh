@@ -35,7 +35,8 @@ EOF
 
 COMMON=(profile="$PROFILE" runs_dir="$RUNS" trainer.accelerator="$ACCEL" trainer.precision="$PRECISION"
         trainer.limit_train_batches="$STEPS" trainer.log_every_n_steps=4 data.name=demo data.dir="$WORK/demo"
-        "cpt.sources=[{path: '$POOL', format: npz}]")
+        "cpt.sources=[{path: '$POOL', format: npz}]"
+        model.checkpoint=none cpt.simclr.from_scratch=true cpt.mae.from_scratch=true)  # throughput: random weights
 
 step() {  # name, timeout seconds, samora arguments...
   local name="$1" limit="$2"; shift 2

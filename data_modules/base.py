@@ -26,14 +26,17 @@ The chosen list is written to `<split_dir>/train_selected.txt` with the settings
 `<split_dir>/fraction.json` (rank zero only, atomically).
 
 Validation set: only for monitoring and TensorBoard pictures during fine-tuning, never for model
-selection or reported numbers (those come from `test_volumes()` with the volume protocol). It is
-`val_slices` slices drawn, seeded by `seed`, from the test volumes' slices that contain foreground, resized
-like the training slices but not augmented. `val_slices=0` disables it.
+selection or reported numbers (those come from `test_volumes()` with the volume protocol). It never reads a
+test volume: it is `val_slices` labelled training slices that the fraction did not select (foreground
+slices first), drawn seeded by `seed` and resized like the training slices but not augmented. When the
+fraction selects every training slice there is nothing held out, and the monitoring set is drawn from the
+selected slices (it then shows fit, not generalisation; logged). `val_slices=0` disables it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from abc import ABC, abstractmethod
@@ -51,6 +54,8 @@ from samora_pl.errors import SamoraError
 from .transforms import SegmentationTransform
 
 FRACTION_MODES = ("slice", "case", "list")
+VAL_READ_FACTOR = 4  # training slices read to find `val_slices` monitoring slices with foreground
+log = logging.getLogger(__name__)
 
 SliceReader = Callable[[str], "tuple[np.ndarray, np.ndarray]"]
 
@@ -163,7 +168,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         fraction: labelled fraction in (0, 1] (ignored for fraction_by="list").
         fraction_by: "slice", "case" or "list" (see the module doc).
         fraction_list: slice-name file for fraction_by="list".
-        seed: seeds the fraction selection and the choice of validation slices.
+        seed: seeds the fraction selection and the choice of validation slices (training data only).
         split_dir: where `train_selected.txt` and `fraction.json` are written (None: not written).
         augment: SAMed's random rot90/flip/rotation on training slices.
         val_slices: size of the monitoring set (0 disables it).
@@ -173,7 +178,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             (about 1.3 MB per 512x512 slice, on every rank: Synapse's 10 % is 0.3 GB, all of it 2.8 GB).
 
     Hooks a subclass implements: `train_names`, `case_of`, `slice_reader`, `test_cases`, `load_volume`,
-    `validate`; and optionally, for speed, `foreground_slice_indices` / `read_volume_slices`.
+    `validate`.
     """
 
     num_classes: int = 0
@@ -265,17 +270,6 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
     def validate(self) -> None:
         """Check the whole dataset; raise one SamoraError listing every problem found."""
 
-    def foreground_slice_indices(self, case: str) -> list[int]:
-        """Indices along D of the slices of test volume `case` whose label has foreground."""
-        lab = self.load_volume(case).label
-        return np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1)).tolist()
-
-    def read_volume_slices(self, case: str, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(image, label) stacks (n, H, W) of the given slices of test volume `case`."""
-        vol = self.load_volume(case)
-        idx = list(indices)
-        return vol.image[idx], vol.label[idx]
-
     # ------------------------------------------------------------------ fraction selection
     def selected_train_names(self) -> list[str]:
         """The labelled training slices for this fraction setting (seeded; computed once)."""
@@ -363,26 +357,25 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         transform = SegmentationTransform(self.img_size, self.low_res_factor, augment=False)
         if self.val_slices == 0:
             return ArraySliceDataset([], [], [], transform)
-        candidates = [(case, z) for case in self.test_cases() for z in self.foreground_slice_indices(case)]
+        selected = set(self.selected_train_names())
+        candidates = [name for name in self.train_names() if name not in selected]
         if not candidates:
-            raise SamoraError(
-                f"no test volume of {self.root} has a labelled slice, so there is nothing to monitor: "
-                "check the test labels or set val_slices=0"
+            log.info(
+                "validation: the fraction selects every training slice, so the monitoring set is drawn from "
+                "them (it shows fit, not generalisation); test volumes are never read before the evaluation"
             )
+            candidates = sorted(selected)
+        # a seeded sample a few times larger than needed, read in name order (one case after another, which
+        # the readers' volume caches like); foreground slices first
         rng = np.random.default_rng(self.seed)
-        n = min(self.val_slices, len(candidates))
-        picked = sorted(rng.choice(len(candidates), size=n, replace=False).tolist())
-        by_case: dict[str, list[int]] = {}
-        for i in picked:
-            case, z = candidates[i]
-            by_case.setdefault(case, []).append(z)
-        names, images, labels = [], [], []
-        for case, zs in by_case.items():
-            img, lab = self.read_volume_slices(case, zs)
-            for j, z in enumerate(zs):
-                names.append(f"{case}_slice{z:03d}")
-                images.append(np.ascontiguousarray(img[j], dtype=np.float32))
-                labels.append(np.ascontiguousarray(lab[j]))
+        n_read = min(len(candidates), VAL_READ_FACTOR * self.val_slices)
+        order = rng.permutation(len(candidates))[:n_read]
+        reader = self.slice_reader()
+        read = {candidates[i]: reader(candidates[i]) for i in sorted(order.tolist())}
+        ranked = sorted(order.tolist(), key=lambda i: not np.any(read[candidates[i]][1]))  # stable: seeded order
+        names = sorted(candidates[i] for i in ranked[: self.val_slices])
+        images = [np.ascontiguousarray(read[nm][0], dtype=np.float32) for nm in names]
+        labels = [np.ascontiguousarray(read[nm][1]) for nm in names]
         return ArraySliceDataset(names, images, labels, transform)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:

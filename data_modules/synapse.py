@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -152,10 +152,10 @@ def _open_h5(path: Path):
     return f
 
 
-def _read_h5(f, what: str, sel=None) -> np.ndarray:
-    """Read dataset `what` (optionally the slices `sel` along D) of an open h5 file; SamoraError if damaged."""
+def _read_h5(f, what: str) -> np.ndarray:
+    """Read dataset `what` of an open h5 file; SamoraError if damaged."""
     try:
-        return f[what][()] if sel is None else f[what][sel]
+        return f[what][()]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SamoraError(f"{f.filename}: reading '{what}' failed ({e}): the file is corrupt; re-create it") from None
 
@@ -237,25 +237,6 @@ class SynapseDataModule(SegmentationDataModule):
             spacing=(1.0, 1.0, 1.0),
             meta={"path": str(path)},
         )
-
-    def foreground_slice_indices(self, case: str) -> list[int]:
-        path = self.volume_path(case)
-        with _open_h5(path) as f:
-            label = np.asarray(_read_h5(f, "label"))
-        if label.ndim != 3:
-            raise SamoraError(f"{path}: label has shape {label.shape}, expected (D, H, W)")
-        return np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1)).tolist()
-
-    def read_volume_slices(self, case: str, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        path = self.volume_path(case)
-        idx = sorted(int(i) for i in indices)
-        with _open_h5(path) as f:
-            image = np.asarray(_read_h5(f, "image", idx), dtype=np.float32)
-            label = np.asarray(_read_h5(f, "label", idx))
-        problems = _array_problems(image, label, 3, self.num_classes)
-        if problems:
-            raise SamoraError(f"{path}: " + "; ".join(problems))
-        return image, as_label_map(label, self.num_classes)
 
     # ------------------------------------------------------------------ full check
     def validate(self, progress: bool = False) -> dict:

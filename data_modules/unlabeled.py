@@ -13,6 +13,15 @@ Each source has an intensity mode: `none` (values already in [0, 1]; clipped), `
 [0, 1]) or `auto` (synapse, npz, h5, png: none; la, promise12, nifti, mhd, dicom: mr_percentile). Every
 slice comes out as float32 [1, H, W] in [0, 1].
 
+No test image before the final evaluation: the pool leaves out the test cases of the configured dataset
+(`data.name` / `data.dir`: the split fine-tuning evaluates, from its list files or its seeded split) in
+every file it reads under `data.dir`, whether the pool is the dataset's own (`cpt.sources` empty) or a
+source that points into it. A volume's case is its file name without extension, `_sliceNNN` or nnU-Net
+channel suffix (`caseXXXX_slice012.npz` and `caseXXXX.npy.h5` are case `caseXXXX`; LA's
+`<ID>/mri_norm2.h5` is case `<ID>`). `cpt.include_test_cases=true` reads them anyway (transductive
+pre-training); the pool summary (`inputs.pool` of the CPT and distill manifests) records the case ids read
+(`cases`), the evaluation cases left out (`excluded_cases`) and `include_test_cases`.
+
 Indexing reads headers only (plus, for `mr_percentile` volumes, one pass for the percentiles) and is
 cached in a JSON file keyed by path + size + mtime, so a large pool starts in seconds the second time.
 Unreadable files are all reported together; they stop the run unless `skip_bad_files` is set.
@@ -21,8 +30,10 @@ Unreadable files are all reported together; they stop the run unless `skip_bad_f
 import json
 import logging
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -78,6 +89,10 @@ EXTENSIONS = {
 LABEL_FOLDERS = {"labelstr", "labelsts", "label", "labels", "mask", "masks", "gt", "segmentations"}
 LA_FOLDER = "2018LA_Seg_Training Set"
 MAX_LISTED = 40
+CASE_FILE_SUFFIXES = (".npy.h5", ".nii.gz", ".nii", ".mhd", ".mha", ".npz", ".h5", ".hdf5", ".png", ".dcm")
+SLICE_SUFFIX = re.compile(r"_slice\d+$")
+CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net: <case>_0000.nii.gz is channel 0 of <case>
+NNUNET_IMAGE_FOLDERS = ("imagestr", "imagests")
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -130,6 +145,91 @@ def sources_from_config(cfg) -> List[dict]:
     if name in ("synapse", "la", "promise12"):
         return [source_dict({"path": str(root), "format": name})]
     return [source_dict({"path": str(root), "format": "auto"})]
+
+
+# -------------------------------------------------------------------------------------- test cases
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The evaluation cases of the configured dataset: left out of the pool wherever it reads `root`,
+    unless `included` (cpt.include_test_cases=true)."""
+
+    root: Optional[Path] = None
+    cases: Tuple[str, ...] = ()
+    included: bool = False
+
+    def leaves_out(self, volume: Volume) -> bool:
+        if self.included or self.root is None or not Path(volume.path).is_relative_to(self.root):
+            return False
+        return bool(case_names(volume) & set(self.cases))
+
+
+NOTHING_HELD_OUT = HeldOut()
+
+
+def held_out_cases(cfg) -> HeldOut:
+    """The test cases fine-tuning evaluates on `data.name` (its list files or its seeded split by case), when
+    the pool reads the dataset's folder (nothing to leave out otherwise).
+
+    A dataset without a test split has nothing to leave out (warned); asking to include its test cases
+    (`cpt.include_test_cases=true`) is then a mistake, refused before any work."""
+    from data_modules import build_datamodule
+    from samora_pl.config import data_options
+
+    root = Path(cfg.data.dir).expanduser().resolve()
+    if not any(_overlaps(Path(s["path"]).expanduser().resolve(), root) for s in sources_from_config(cfg)):
+        return NOTHING_HELD_OUT
+    include = bool(cfg.cpt.include_test_cases)
+    try:
+        data = build_datamodule(cfg.data.name, root=cfg.data.dir, seed=cfg.seed, **data_options(cfg))
+        cases = tuple(data.test_cases())
+        if not cases:
+            raise SamoraError("its test list is empty")
+    except SamoraError as err:
+        if include:
+            raise SamoraError(
+                f"cpt.include_test_cases=true puts the test cases of the dataset into the pool, but {cfg.data.name} "
+                f"at {cfg.data.dir} has no test split ({err}). Remove cpt.include_test_cases=true, or fix the dataset "
+                "so that fine-tuning can evaluate it."
+            ) from err
+        log.warning(
+            "CPT pool: %s at %s has no test split (%s); there is no evaluation case to leave out.",
+            cfg.data.name,
+            cfg.data.dir,
+            err,
+        )
+        return NOTHING_HELD_OUT
+    return HeldOut(Path(data.root).expanduser().resolve(), cases, include)
+
+
+def _overlaps(path: Path, root: Path) -> bool:
+    return path.is_relative_to(root) or root.is_relative_to(path)
+
+
+def case_of(volume: Volume) -> str:
+    """The case id a pool summary lists for `volume`: LA's case folder, a DICOM series' folder, else the file
+    name without extension and `_sliceNNN` suffix (and, in imagesTr / imagesTs, nnU-Net's channel suffix)."""
+    path = Path(volume.path)
+    if volume.reader == "dicom":
+        return path.name
+    if path.name == "mri_norm2.h5":
+        return path.parent.name
+    stem = path.name
+    for suffix in CASE_FILE_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    stem = SLICE_SUFFIX.sub("", stem)
+    if path.parent.name.lower() in NNUNET_IMAGE_FOLDERS:
+        stem = CHANNEL_SUFFIX.sub("", stem)
+    return stem
+
+
+def case_names(volume: Volume) -> set:
+    """The names the case of `volume` may go by: its case id, and without an nnU-Net channel suffix."""
+    case = case_of(volume)
+    return {case, CHANNEL_SUFFIX.sub("", case)}
 
 
 def _is_label_like(path: Path, root: Path) -> bool:
@@ -261,8 +361,10 @@ class SlicePool:
         bad: Dict[str, str],
         index_path: Optional[Path] = None,
         sources: Sequence[dict] = (),
+        held_out: HeldOut = NOTHING_HELD_OUT,
     ):
         self.volumes = list(volumes)
+        self.held_out = held_out
         self.slices = np.asarray(slices, dtype=np.int64)
         self.stats = list(stats)
         self.bad = dict(bad)
@@ -288,6 +390,9 @@ class SlicePool:
             "slices": len(self),
             "skipped_files": self.bad,
             "index": str(self.index_path) if self.index_path else None,
+            "cases": sorted({case_of(v) for v in self.volumes}),
+            "excluded_cases": [] if self.held_out.included else list(self.held_out.cases),
+            "include_test_cases": self.held_out.included,
         }
 
 
@@ -318,8 +423,10 @@ def build_pool(
     skip_bad_files: bool = False,
     index_path: Optional[Path] = None,
     workers: int = 8,
+    held_out: HeldOut = NOTHING_HELD_OUT,
 ) -> SlicePool:
-    """Scan and index every source; SamoraError on unreadable files (unless skipped) or an empty pool."""
+    """Scan and index every source, leaving out the `held_out` test cases; SamoraError on unreadable files
+    (unless skipped) or an empty pool."""
     sources = [source_dict(s, i) for i, s in enumerate(sources)]
     if not sources:
         raise SamoraError("No CPT sources: set cpt.sources (a list of {path, format, intensity}) or a dataset.")
@@ -329,8 +436,10 @@ def build_pool(
     bad: Dict[str, str] = {}
     for source in sources:
         found, errors = scan_source(source, entries)
-        volumes.extend(found)
-        bad.update(errors)
+        volumes.extend(v for v in found if not held_out.leaves_out(v))
+        bad.update({path: why for path, why in errors.items() if not _in_held_out_case(path, held_out)})
+    if held_out.cases and not held_out.included:
+        log.info("CPT pool: the %d test cases of %s are left out.", len(held_out.cases), held_out.root)
 
     records: Dict[str, dict] = {}
     todo: List[Tuple[Volume, list]] = []
@@ -380,7 +489,7 @@ def build_pool(
             f"Skipping {len(bad)} unreadable file(s) of the CPT pool (cpt.skip_bad_files=true):\n{listed}{more}",
             stacklevel=2,
         )
-    pool = SlicePool(good, slices, stats, bad, index_path, sources)
+    pool = SlicePool(good, slices, stats, bad, index_path, sources, held_out)
     if len(pool) == 0:
         paths = ", ".join(f"{s['path']} ({s['format']})" for s in sources)
         raise SamoraError(
@@ -388,6 +497,11 @@ def build_pool(
             "Point cpt.sources at folders of images (npz, h5, nii/nii.gz, mhd, dicom, png)."
         )
     return pool
+
+
+def _in_held_out_case(path: str, held_out: HeldOut) -> bool:
+    """An unreadable file (or DICOM folder) of a left-out test case is not reported: it is not read."""
+    return held_out.leaves_out(Volume(path=str(path), reader="dicom" if Path(path).is_dir() else "file"))
 
 
 def _display(volume: Volume) -> str:
@@ -459,6 +573,7 @@ class UnlabeledDataModule(L.LightningDataModule):
         cache_volumes: int = 2,
         pool: Optional[SlicePool] = None,
         drop_last: bool = True,
+        held_out: HeldOut = NOTHING_HELD_OUT,
     ):
         super().__init__()
         if pool is None and sources is None:
@@ -472,11 +587,12 @@ class UnlabeledDataModule(L.LightningDataModule):
         self.cache_volumes = cache_volumes
         self.pool = pool
         self.drop_last = drop_last
+        self.held_out = held_out
         self.dataset: Optional[UnlabeledSlices] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.pool is None:
-            self.pool = build_pool(self.sources, self.skip_bad_files, self.index_path)
+            self.pool = build_pool(self.sources, self.skip_bad_files, self.index_path, held_out=self.held_out)
         if self.drop_last and len(self.pool) < self.batch_size:
             raise SamoraError(
                 f"The CPT pool has {len(self.pool)} slices, fewer than one batch ({self.batch_size}); "

@@ -5,8 +5,9 @@ test. A subclass says which cases exist, where its list files are, and how to re
 `CaseReader`); this module does the rest once:
 
 - the split: the dataset's two list files (one case per line) in `list_dir`, else in the dataset's own
-  place, else the dataset's default split. The split used is written, under the same file names, to the
-  run's split folder, so `list_dir=<that folder>` reproduces it.
+  place, else the dataset's default split (for LA and generic a split by case seeded by `split_seed`, never
+  by the run seed, so all seeds and the stage-1 pool agree on the test cases). The split used is written,
+  under the same file names, to the run's split folder, so `list_dir=<that folder>` reproduces it.
 - training slices: every slice along D of the training cases, named `<case>_slice<zzz>`; only headers are
   read to list them, slices are read when a batch needs them (a worker keeps its last two volumes).
 - intensity, per volume, to [0, 1] (`unlabeled_io.intensity`): `mr_percentile` clips to the volume's
@@ -229,6 +230,8 @@ class VolumeDataModule(SegmentationDataModule):
 
     intensity: none | ct_window | mr_percentile (see the module doc); None = the dataset's default.
     list_dir: folder holding the dataset's two list files (`list_files`); None = the dataset's own place.
+    split_seed: seeds the split by case when there are no list files. Not the run seed: every seed of an
+        experiment, and its stage-1 pool, must see the same test cases.
 
     A subclass sets `title`, `layout` (for messages), `list_files`, `default_list_dir` (relative to the
     root, or None) and implements `make_reader` and `default_split`.
@@ -240,9 +243,16 @@ class VolumeDataModule(SegmentationDataModule):
     default_list_dir: Optional[str] = None
 
     def __init__(
-        self, root, *args, intensity: Optional[str] = None, list_dir: Optional[str | os.PathLike] = None, **kwargs
+        self,
+        root,
+        *args,
+        intensity: Optional[str] = None,
+        list_dir: Optional[str | os.PathLike] = None,
+        split_seed: int = 0,
+        **kwargs,
     ):
         super().__init__(root, *args, **kwargs)
+        self.split_seed = int(split_seed)
         if not self.root.is_dir():
             raise SamoraError(
                 f"{self.title} data folder {self.root} does not exist: put the data there ({self.layout}) or "
@@ -332,18 +342,20 @@ class VolumeDataModule(SegmentationDataModule):
         return problems
 
     def seeded_split(self, cases, where) -> CaseSplit:
-        """A seeded 80/20 split by case of `cases` (found in `where`)."""
+        """An 80/20 split by case of `cases` (found in `where`), seeded by `split_seed`."""
         cases = sorted(cases)
         if len(cases) < 2:
             raise SamoraError(
                 f"{where}: found {len(cases)} {self.title} case(s); a train/test split needs at least 2 ({self.layout})"
             )
         n_test = max(1, int(round(TEST_FRACTION * len(cases))))
-        test = set(np.asarray(cases)[np.random.default_rng(self.seed).permutation(len(cases))[:n_test]].tolist())
+        order = np.random.default_rng(self.split_seed).permutation(len(cases))
+        test = set(np.asarray(cases)[order[:n_test]].tolist())
         return CaseSplit(
             [c for c in cases if c not in test],
             [c for c in cases if c in test],
-            f"a seeded split by case (seed {self.seed}, {n_test} of {len(cases)} cases for test) of {where}",
+            f"a seeded split by case (split_seed {self.split_seed}, {n_test} of {len(cases)} cases for test) "
+            f"of {where}",
         )
 
     def write_split(self, split_dir=None):

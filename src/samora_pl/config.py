@@ -38,6 +38,14 @@ CHOICES = {
 }
 
 PROFILE_FOR_DATA = {"demo": "tiny"}
+NO_CHECKPOINT = "none"  # model.checkpoint=none: a random SAM on purpose, where a profile requires weights
+# the official files (segment-anything's model card; SimCLRv2-Pytorch's convert.py names; MAE's release)
+OFFICIAL_SAM = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+OFFICIAL_TEACHERS = {
+    "simclr": "SimCLRv2 r50_2x_sk1.pth (convert.py of SimCLRv2-Pytorch, from the TF checkpoint r50_2x_sk1)",
+    "mae": "mae_pretrain_vit_large.pth",
+}
+CHECKPOINT_STAGES = ("cpt", "distill", "finetune")  # the stages that start from public weights
 
 
 def experiments_dir() -> Path:
@@ -118,6 +126,7 @@ def validate(cfg: DictConfig) -> None:
     _check_devices(cfg.trainer.devices)
     _check_levels(cfg)
     _check_lac_weights(cfg)
+    check_checkpoints(cfg)
 
 
 def _check_lac_weights(cfg: DictConfig) -> None:
@@ -154,6 +163,35 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def sam_checkpoint(cfg: DictConfig) -> Optional[str]:
+    """model.checkpoint as a path, or None for a random SAM (unset, or `none` on purpose)."""
+    path = cfg.model.checkpoint
+    return None if path is None or str(path).strip().lower() == NO_CHECKPOINT else str(path)
+
+
+def check_checkpoints(cfg: DictConfig) -> None:
+    """A profile with `requires_checkpoints` (GPU scale) never trains from random weights by accident: a stage
+    that starts from public weights stops before any work when they are not given."""
+    if not cfg.requires_checkpoints or cfg.stage not in CHECKPOINT_STAGES:
+        return
+    if cfg.stage in ("distill", "finetune") and cfg.model.checkpoint is None:
+        official = OFFICIAL_SAM.get(cfg.model.variant, "the official SAM .pth of model.variant")
+        raise SamoraError(
+            f"Config key 'model.checkpoint' is not set, and PROFILE={cfg.profile} needs SAM's public weights: "
+            f"download {official} (SAM {cfg.model.variant}) and set model.checkpoint=<its path>, or "
+            f"model.checkpoint={NO_CHECKPOINT} to run from a random SAM on purpose."
+        )
+    if cfg.stage == "cpt":
+        kinds = ("simclr", "mae") if cfg.cpt.teacher == "all" else (cfg.cpt.teacher,)
+        for kind in kinds:
+            if not cfg.cpt[kind].checkpoint and not cfg.cpt[kind].from_scratch:
+                raise SamoraError(
+                    f"Config key 'cpt.{kind}.checkpoint' is not set, and PROFILE={cfg.profile} continues the public "
+                    f"teacher weights: give {OFFICIAL_TEACHERS[kind]} as cpt.{kind}.checkpoint=<its path>, or set "
+                    f"cpt.{kind}.from_scratch=true to pre-train that teacher from random weights on purpose."
+                )
+
+
 def finetune_levels(cfg: DictConfig) -> tuple:
     """The experts stage 2 fuses, in the canonical order: `finetune.levels`, or all three."""
     chosen = cfg.finetune.levels
@@ -161,9 +199,13 @@ def finetune_levels(cfg: DictConfig) -> tuple:
 
 
 def data_options(cfg: DictConfig) -> dict:
-    """The dataset options the user set (data.intensity, data.list_dir), for every stage that builds data;
-    unset ones are left out, so a dataset without them is only refused when they are asked for."""
-    options = {"intensity": None if cfg.data.intensity == "auto" else cfg.data.intensity, "list_dir": cfg.data.list_dir}
+    """The dataset options the user set (data.intensity, data.list_dir, data.split_seed), for every stage that
+    builds data; unset ones are left out, so a dataset without them is only refused when they are asked for."""
+    options = {
+        "intensity": None if cfg.data.intensity == "auto" else cfg.data.intensity,
+        "list_dir": cfg.data.list_dir,
+        "split_seed": cfg.data.split_seed,
+    }
     return {key: value for key, value in options.items() if value is not None}
 
 

@@ -18,20 +18,21 @@ class DataConfig:
     fraction: float = 1.0  # labelled fraction, in (0, 1]
     fraction_by: str = "slice"  # slice | case | list
     fraction_list: Optional[str] = None  # file of slice names, with fraction_by=list
-    val_slices: int = 32  # monitoring only (TensorBoard); the final model is the last epoch
+    val_slices: int = 32  # monitoring only (TensorBoard), from training slices; the final model is the last epoch
     augment: bool = True
     cache: bool = False  # hold the labelled training slices in memory after one read (Synapse 10 %: 0.3 GB per rank)
     # Dataset options; set for a dataset that lacks them, they are refused by name.
     intensity: str = "auto"  # la, promise12, generic: auto (the dataset's default) | none | ct_window | mr_percentile
     list_dir: Optional[str] = None  # folder of the dataset's train/test list files; none -> the dataset's own place
+    split_seed: Optional[int] = None  # la, generic without lists: seeds the split by case (none -> 0; not the run seed)
 
 
 @dataclass
 class ModelConfig:
     variant: str = "tiny"  # tiny | vit_b | vit_l | vit_h
     img_size: int = 128
-    checkpoint: Optional[str] = None  # official SAM .pth; none -> random init from init_seed
-    init_seed: int = 0  # seeds SAM's random init, so every stage of a run sees the same frozen encoder
+    checkpoint: Optional[str] = None  # official SAM .pth; unset -> random init from init_seed ("none": on purpose)
+    init_seed: int = 0  # seeds the frozen encoder's random init only (trainable parts follow the run seed)
     lora_rank: int = 4
     fusion: str = "hl_attn"  # hl_attn | sum | lac | mole | lorahub | single:<level> (docs/baselines.md)
     hl_order: str = "pixel-patch-image"
@@ -135,7 +136,8 @@ class SimclrConfig:
     depth: int = 50  # ResNet depth: 18 | 34 | 50 | 101 | 152
     width: float = 1.0  # channel multiplier: 1 or 2 (SimCLRv2 1x / 2x); fractions for CPU-sized runs
     selective_kernel: bool = False  # timm SK blocks (SimCLRv2's "+SK": 140M parameters at R50-2x)
-    checkpoint: Optional[str] = None  # converted public SimCLRv2 weights (torchvision/timm ResNet keys)
+    checkpoint: Optional[str] = None  # public SimCLRv2 weights: SimCLRv2-Pytorch's .pth or torchvision/timm keys
+    from_scratch: bool = False  # profiles with requires_checkpoints: start without a checkpoint on purpose
     proj_dim: int = 128
     proj_hidden_dim: Optional[int] = None  # none -> the backbone's feature width (SimCLRv2)
     temperature: float = 0.1
@@ -163,6 +165,7 @@ class MaeConfig:
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
     checkpoint: Optional[str] = None  # official mae_pretrain_*.pth or *_full.pth
+    from_scratch: bool = False  # profiles with requires_checkpoints: start without a checkpoint on purpose
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -192,6 +195,8 @@ class UnlabeledSource:
 class CptConfig:
     teacher: str = "all"  # all | simclr | mae
     sources: List[UnlabeledSource] = field(default_factory=list)  # empty -> the dataset's unlabeled pool
+    # the dataset's test cases are left out of the pool (wherever it reads data.dir); true: transductive
+    include_test_cases: bool = False
     skip_bad_files: bool = False
     index_cache: Optional[str] = None  # pool index JSON; none -> <runs_dir>/.cache/cpt_pool_index.json
     cache_volumes: int = 2  # whole volumes kept per data worker (nii.gz, mhd have no cheap slice access)
@@ -233,6 +238,9 @@ class RootConfig:
     run: str = "default"
     runs_dir: str = "runs"
     profile: Optional[str] = None  # tiny | paper; none -> tiny for demo data, paper otherwise
+    # set by GPU-scale profiles: cpt, distill and finetune refuse to start without the public weights
+    # (model.checkpoint, cpt.<teacher>.checkpoint) unless model.checkpoint=none / cpt.<teacher>.from_scratch=true
+    requires_checkpoints: bool = False
     seed: int = 0
     threads: Optional[int] = None  # torch intra-op threads; none -> torch's default
     deterministic: bool = False

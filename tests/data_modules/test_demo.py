@@ -23,7 +23,7 @@ def test_exact_synapse_layout(demo_root):
     lists = demo_root / "lists" / "lists_Synapse"
     train = (lists / "train.txt").read_text().split()
     test = (lists / "test_vol.txt").read_text().split()
-    assert len(test) == 3 and all(c.startswith("case") and len(c) == 8 for c in test)
+    assert len(test) == 12 and all(c.startswith("case") and len(c) == 8 for c in test)  # as Synapse
     assert len({n.split("_slice")[0] for n in train}) == 8
     assert 8 * 16 <= len(train) <= 8 * 24
     assert sorted(p.stem for p in (demo_root / "train_npz").glob("*.npz")) == sorted(train)

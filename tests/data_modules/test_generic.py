@@ -42,13 +42,15 @@ def test_labels_from_dataset_json_both_styles(tmp_path, nnunet):
 
 def test_seeded_split_is_deterministic_and_written(tmp_path, msd_root):
     (msd_root / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"macOS resource fork")  # skipped
-    dm = dm_for(msd_root, seed=1, split_dir=tmp_path / "splits")
-    assert dm.test_cases() == dm_for(msd_root, seed=1).test_cases() and len(dm.test_cases()) == 1
-    assert len({tuple(dm_for(msd_root, seed=s).test_cases()) for s in range(6)}) > 1
+    dm = dm_for(msd_root, split_seed=1, split_dir=tmp_path / "splits")
+    assert dm.test_cases() == dm_for(msd_root, split_seed=1, seed=5).test_cases() and len(dm.test_cases()) == 1
+    assert len({tuple(dm_for(msd_root, split_seed=s).test_cases()) for s in range(6)}) > 1
+    assert len({tuple(dm_for(msd_root, seed=s).test_cases()) for s in range(6)}) == 1  # not the run seed
     assert dm.train_names()[:2] == [f"{dm.split().train[0]}_slice000", f"{dm.split().train[0]}_slice001"]
     dm.setup("fit")
     lines = (tmp_path / "splits" / "test.txt").read_text().splitlines()
-    assert lines[0].startswith("# generic split from a seeded split by case (seed 1") and lines[1:] == dm.test_cases()
+    assert lines[0].startswith("# generic split from a seeded split by case (split_seed 1")
+    assert lines[1:] == dm.test_cases()
     assert dm_for(msd_root, list_dir=tmp_path / "splits").split().train == dm.split().train
 
 

@@ -85,17 +85,19 @@ def test_intensity_option(la_root):
 
 def test_seeded_split_without_lists_is_deterministic_and_written(tmp_path):
     root = write_la(tmp_path / "la", lists=False)
-    first = dm_for(root, split_dir=tmp_path / "s1", seed=3)
-    again = dm_for(root, split_dir=tmp_path / "s2", seed=3)
+    first = dm_for(root, split_dir=tmp_path / "s1", split_seed=3)
+    again = dm_for(root, split_dir=tmp_path / "s2", split_seed=3, seed=7)  # the run seed does not move the split
     assert first.test_cases() == again.test_cases() and len(first.test_cases()) == 1
     assert sorted(first.split().train + first.test_cases()) == sorted(LA_IDS)
     first.setup("fit")
     written = (tmp_path / "s1" / "test.list").read_text()
-    assert written.startswith("# LA split from a seeded split by case (seed 3") and first.test_cases()[0] in written
+    assert written.startswith("# LA split from a seeded split by case (split_seed 3")
+    assert first.test_cases()[0] in written
     reused = dm_for(root, list_dir=tmp_path / "s1")  # the written lists reproduce the split
     assert reused.test_cases() == first.test_cases() and reused.split().train == first.split().train
-    other_seeds = {tuple(dm_for(root, seed=s).test_cases()) for s in range(6)}
+    other_seeds = {tuple(dm_for(root, split_seed=s).test_cases()) for s in range(6)}
     assert len(other_seeds) > 1
+    assert len({tuple(dm_for(root, seed=s).test_cases()) for s in range(6)}) == 1
 
 
 def test_missing_list_or_listed_case(la_root):

@@ -50,25 +50,28 @@ def test_train_batches(synapse_root):
     assert all(n.startswith("case000") and "_slice" in n for n in batch["name"])
 
 
-def test_val_batches_come_from_foreground_test_slices(synapse_root):
-    dm = dm_for(synapse_root, val_slices=6)
-    dm.setup("validate")
+def test_val_batches_come_from_unselected_training_slices_never_test_volumes(synapse_root):
+    dm = dm_for(synapse_root, val_slices=6, fraction=0.25)
+    dm.setup("fit")
     assert len(dm.val_set) == 6
     names = dm.val_set.names
-    assert all(n.split("_slice")[0] in ("case0001", "case0002") for n in names)
-    assert not any(n.endswith("_slice000") for n in names)  # slice 0 of every test volume is empty
+    assert set(names) <= set(dm.train_names()) - set(dm.selected_train_names())  # held out of the fraction
+    assert not {n.split("_slice")[0] for n in names} & set(dm.test_cases())
     seen = set()
     for batch in dm.val_dataloader():
         assert batch["image"].shape[1:] == (1, 32, 32)
         assert (batch["label"].flatten(1) > 0).any(1).all()
         seen.update(batch["name"])
     assert seen == set(names)
-    again = dm_for(synapse_root, val_slices=6)
+    again = dm_for(synapse_root, val_slices=6, fraction=0.25)
     again.setup("validate")
     assert again.val_set.names == names  # seeded
-    big = dm_for(synapse_root, val_slices=100)
+    big = dm_for(synapse_root, val_slices=100, fraction=0.25)
     big.setup("validate")
-    assert len(big.val_set) == 8  # every foreground slice (2 volumes x 4)
+    assert len(big.val_set) == 9  # every training slice the fraction left out (12 - 3)
+    everything = dm_for(synapse_root, val_slices=4, fraction=1.0)  # nothing held out: drawn from the selection
+    everything.setup("validate")
+    assert len(everything.val_set) == 4 and set(everything.val_set.names) <= set(everything.train_names())
     none = dm_for(synapse_root, val_slices=0)
     none.setup("fit")
     assert none.val_dataloader() == []
@@ -159,7 +162,7 @@ def test_nan_image(synapse_root):
 def test_error_inside_a_worker_is_still_a_samora_error(synapse_root):
     path = _first_npz(synapse_root)
     path.unlink()
-    loader = dm_for(synapse_root, num_workers=1, batch_size=64).train_dataloader()
+    loader = dm_for(synapse_root, num_workers=1, batch_size=64, val_slices=0).train_dataloader()
     message = None
     try:
         next(iter(loader))

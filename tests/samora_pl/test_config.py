@@ -3,7 +3,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
 from samora_pl.cli import main
-from samora_pl.config import ORDERS, compose, diff_keys, finetune_levels
+from samora_pl.config import ORDERS, compose, diff_keys, experiments_dir, finetune_levels
 from samora_pl.errors import SamoraError
 
 
@@ -15,7 +15,7 @@ def test_demo_uses_tiny_profile_and_overrides_win():
 
 
 def test_paper_profile_for_real_data():
-    cfg = compose("finetune", ["data.name=synapse"])
+    cfg = compose("finetune", ["data.name=synapse", "model.checkpoint=none"])
     assert cfg.profile == "paper" and cfg.model.variant == "vit_b" and cfg.model.img_size == 224
     assert cfg.data.batch_size == 32 and cfg.trainer.max_epochs == 20
     assert cfg.optim.lr == 0.005 and cfg.optim.weight_decay == 0.1
@@ -119,12 +119,40 @@ def test_levels_are_canonical_and_ignored_by_samed():
     compose("finetune", ["finetune.levels=[patch]", "mode=samed"])  # SAMed has no experts to choose
 
 
-def test_unknown_baseline_name_is_one_message_listing_the_allowed_ones(tmp_path, capsys):
-    """The old output-space names are gone; the CLI exits non-zero with every allowed fusion, writing nothing."""
-    from samora_pl.cli import main
-    from samora_pl.models.fusion import FUSION_NAMES
+def test_every_gpu_scale_profile_requires_public_weights():
+    profiles = sorted(p.stem for p in experiments_dir().joinpath("model").glob("*.yaml"))
+    assert "paper" in profiles
+    for profile in profiles:
+        cfg = compose("distill", [f"profile={profile}", "model.checkpoint=none"])
+        assert cfg.requires_checkpoints is (profile != "tiny"), profile
 
-    assert main(["finetune", "model.fusion=lac_learned", f"runs_dir={tmp_path / 'runs'}"]) == 1
+
+@pytest.mark.parametrize(
+    "stage, extra, words",
+    [
+        ("finetune", [], ["model.checkpoint", "sam_vit_b_01ec64.pth", "model.checkpoint=none"]),
+        ("distill", ["model.variant=vit_l"], ["model.checkpoint", "sam_vit_l_0b3195.pth"]),
+        ("finetune", ["model.variant=vit_h", "mode=samed"], ["model.checkpoint", "sam_vit_h_4b8939.pth"]),
+        ("cpt", [], ["cpt.simclr.checkpoint", "r50_2x_sk1", "cpt.simclr.from_scratch=true"]),
+        ("cpt", ["cpt.simclr.from_scratch=true"], ["cpt.mae.checkpoint", "mae_pretrain_vit_large.pth"]),
+        ("cpt", ["cpt.teacher=mae", "cpt.mae.checkpoint=/w/mae.pth"], None),
+        ("finetune", ["model.checkpoint=none"], None),
+        ("finetune", ["profile=tiny"], None),
+    ],
+)
+def test_paper_profile_without_public_weights_stops(stage, extra, words):
+    overrides = ["data.name=synapse", *extra]
+    if words is None:
+        compose(stage, overrides)
+        return
+    with pytest.raises(SamoraError) as err:
+        compose(stage, overrides)
+    assert all(word in str(err.value) for word in words), str(err.value)
+
+
+def test_paper_run_without_sam_checkpoint_exits_before_writing_anything(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["finetune", "data.name=synapse", f"data.dir={tmp_path / 'data'}", f"runs_dir={runs}"]) == 1
     err = capsys.readouterr().err
-    assert "model.fusion" in err and all(name in err for name in FUSION_NAMES) and "single:pixel" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    assert err.count("error:") == 1 and "model.checkpoint" in err and "sam_vit_b_01ec64.pth" in err
+    assert not runs.exists() and not (tmp_path / "data").exists()

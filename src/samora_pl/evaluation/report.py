@@ -137,6 +137,7 @@ def write_results(
     resize: str | None = None,
     two_step_size: int | None = None,
     title: str | None = None,
+    notes: Sequence[str] = (),
 ) -> dict:
     """Write ``results.csv``, ``metrics.json`` and ``results.md`` into ``out_dir``; return the summary.
 
@@ -151,6 +152,7 @@ def write_results(
             ``resize_protocol`` and stated in ``results.md``.
         two_step_size: the intermediate size of ``two_step`` (stated in the text).
         title: an optional heading for ``results.md``.
+        notes: more sentences for the end of ``results.md`` (e.g. that pre-training saw the test images).
     """
     extra = dict(extra or {})
     if resize is None:
@@ -172,6 +174,8 @@ def write_results(
     metrics.update(extra)
     json_text = json.dumps(metrics, indent=2, default=str) + "\n"
     md = format_table(summary, markdown=True, title=title, resize=resize, two_step_size=two_step_size)
+    if notes:
+        md = md.rstrip("\n") + "\n\n" + "\n".join(notes) + "\n"
 
     atomic_write_text(out / "results.csv", _csv_text(rows, names))
     atomic_write_text(out / "metrics.json", json_text)

@@ -1,8 +1,10 @@
 """Build the segmenter a stage needs from the config, the same way in every stage.
 
-Without an official SAM checkpoint the encoder is randomly initialised from `model.init_seed` (not the
-run seed), so distillation and fine-tuning of one run share the same frozen encoder; the experts record
-a fingerprint of it, and fine-tuning refuses experts distilled on another encoder.
+Without an official SAM checkpoint the frozen encoder is randomly initialised from `model.init_seed` (not
+the run seed), so distillation and fine-tuning of one run, whatever their seeds, share the same frozen
+encoder; the experts record a fingerprint of it, and fine-tuning refuses experts distilled on another
+encoder. Everything trainable (LoRA experts, fusion, mask decoder and prompt encoder heads) starts from the
+run `seed`, so an experiment's seeds vary the initialisation too.
 """
 
 import hashlib
@@ -12,6 +14,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig
 
+from samora_pl.config import sam_checkpoint
 from samora_pl.models.segmenter import SAMoraSegmenter
 
 LEVELS = ("image", "patch", "pixel")
@@ -22,13 +25,14 @@ log = logging.getLogger(__name__)
 def build_segmenter(
     cfg: DictConfig, num_classes: int, experts: Sequence[str], fusion: str, *, load_sam: bool = True
 ) -> SAMoraSegmenter:
-    """SAM + the named LoRA experts + `fusion`, with SAM weights from the checkpoint or `init_seed`.
+    """SAM + the named LoRA experts + `fusion`: the frozen encoder from the checkpoint or `init_seed`, the
+    trainable parts from the run `seed`.
 
     `load_sam=False` skips the checkpoint (weights from `init_seed`) for callers that overwrite every
     weight anyway, such as loading a finished fine-tune."""
     m = cfg.model
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(m.init_seed)
+        torch.manual_seed(cfg.seed)
         return SAMoraSegmenter(
             variant=m.variant,
             img_size=m.img_size,
@@ -41,8 +45,10 @@ def build_segmenter(
             hl_heads=m.hl_heads,
             hl_init=m.hl_init,
             lac_weights=None if m.lac_weights is None else list(m.lac_weights),
-            checkpoint=m.checkpoint if load_sam else None,
+            checkpoint=sam_checkpoint(cfg) if load_sam else None,
             grad_checkpoint=m.grad_checkpoint,
+            encoder_seed=m.init_seed,
+            seed=cfg.seed,
         )
 
 

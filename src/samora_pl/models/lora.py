@@ -9,7 +9,9 @@ holds, for every encoder block, four low-rank factors and one scale::
 ``lora_A_*`` is [r, C] and Kaiming-uniform initialised like ``nn.Linear`` / loralib (a = sqrt(5)),
 ``lora_B_*`` is [C, r] and zero, scaling is 1 (no alpha / r), and ``lora_scale`` is a learnable scalar
 initialised to 1 (trained with the expert in stage-1 distillation, frozen in stage 2). k is never
-touched. One expert on its own is exactly SAMed's LoRA.
+touched. One expert on its own is exactly SAMed's LoRA. Given a `seed`, each expert's A is drawn from its
+own generator seeded by (seed, name): the three experts start from different A, and the expert of one
+name starts alike whichever model (one expert in distillation, three in stage 2) builds it.
 
 Conventions follow loralib: every LoRA tensor name contains ``lora_`` so that ``loralib.lora_state_dict``
 and ``mark_only_lora_as_trainable``-style selection work; weights are never merged into ``qkv`` (the
@@ -26,6 +28,7 @@ import logging
 import math
 import os
 import tempfile
+import zlib
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import loralib
@@ -60,6 +63,11 @@ def _version() -> str:
         return str(__version__)
     except Exception:  # pragma: no cover
         return "unknown"
+
+
+def expert_seed(seed: int, name: str) -> int:
+    """The seed of expert `name`'s initial A under the run seed `seed` (stable across processes)."""
+    return zlib.crc32(f"{int(seed)}/{name}".encode())
 
 
 def check_expert_names(names: Iterable[str]) -> Tuple[str, ...]:
@@ -134,11 +142,26 @@ class MultiExpertLoRA(nn.Module):
     """Several named :class:`LoRAExpert` s over the same encoder; their attention streams are
     computed in batch (:meth:`streams`)."""
 
-    def __init__(self, names: Sequence[str] = DEFAULT_EXPERTS, *, depth: int, dim: int, rank: int = 4) -> None:
+    def __init__(
+        self,
+        names: Sequence[str] = DEFAULT_EXPERTS,
+        *,
+        depth: int,
+        dim: int,
+        rank: int = 4,
+        seed: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.names = check_expert_names(names)
         self.depth, self.dim, self.rank = int(depth), int(dim), int(rank)
-        self.experts = nn.ModuleDict({n: LoRAExpert(depth, dim, rank) for n in self.names})
+        self.experts = nn.ModuleDict({n: self._new_expert(n, seed) for n in self.names})
+
+    def _new_expert(self, name: str, seed: Optional[int]) -> LoRAExpert:
+        if seed is None:
+            return LoRAExpert(self.depth, self.dim, self.rank)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(expert_seed(seed, name))
+            return LoRAExpert(self.depth, self.dim, self.rank)
 
     def __getitem__(self, name: str) -> LoRAExpert:
         if name not in self.experts:

@@ -41,6 +41,11 @@ class SAMoraSegmenter(nn.Module):
     ``hl_order``, ``hl_width``, ``hl_heads``, ``hl_init``, ``lac_weights``, ``checkpoint`` (official SAM .pth
     or None for random init), ``grad_checkpoint``, ``trainable`` (initial :meth:`set_trainable` mode; None leaves
     every parameter trainable), ``reuse_hypernetworks`` (see ``sam.load_sam_checkpoint``).
+
+    Seeds: ``encoder_seed`` seeds only the (frozen) image encoder's random init, so every stage and every
+    run seed sees the same encoder; ``seed`` seeds each LoRA expert's A (see ``lora``). The other parts
+    (prompt encoder, mask decoder, fusion) draw from the global generator, which the caller seeds with
+    the run seed. None: everything from the global generator.
     """
 
     def __init__(
@@ -61,6 +66,8 @@ class SAMoraSegmenter(nn.Module):
         grad_checkpoint: bool = False,
         trainable: Optional[str] = "samora",
         reuse_hypernetworks: bool = False,
+        encoder_seed: Optional[int] = None,
+        seed: Optional[int] = None,
     ) -> None:
         super().__init__()
         v = get_variant(variant)
@@ -68,7 +75,12 @@ class SAMoraSegmenter(nn.Module):
         self.img_size = int(img_size)
         self.num_classes = int(num_classes)
         self.fusion_name = fusion
-        image_encoder = build_image_encoder(v, self.img_size)
+        if encoder_seed is None:
+            image_encoder = build_image_encoder(v, self.img_size)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(encoder_seed)
+                image_encoder = build_image_encoder(v, self.img_size)
         self.prompt_encoder = build_prompt_encoder(v, self.img_size)
         self.mask_decoder = build_mask_decoder(v, self.num_classes)
         self.load_report: Optional[LoadReport] = None
@@ -86,7 +98,7 @@ class SAMoraSegmenter(nn.Module):
                 "decoder are randomly initialised",
                 v.name,
             )
-        lora = MultiExpertLoRA(tuple(experts), depth=v.depth, dim=v.embed_dim, rank=lora_rank)
+        lora = MultiExpertLoRA(tuple(experts), depth=v.depth, dim=v.embed_dim, rank=lora_rank, seed=seed)
         fusions = [
             build_fusion(
                 fusion,

@@ -2,7 +2,7 @@
 
 A timm ResNet (depth 18/34/50/101/152) whose channels are all multiplied by `width` (1 and 2 are
 SimCLRv2's 1x and 2x; at 2x, ResNet-50 has 94M parameters as in SimCLRv2), optionally with selective
-kernels (timm's SK bottleneck with two 3x3 paths and a 1/16 reduction, deep stem and average-pool
+kernels (timm's SK bottleneck with two 3x3 paths, attention width max(C/16, 32), deep stem and average-pool
 shortcut; 140M parameters at 2x, as SimCLRv2's R50-2x+SK), then the 3-layer projection head: Linear
 without bias + BatchNorm1d, ReLU after the first two, `proj_dim` (128) out. `embed()` returns the head's
 final output (before L2 normalisation): the distillation target. Inputs are grey slices in [0, 1]
@@ -38,7 +38,8 @@ def build_resnet(depth: int = 50, width: float = 1.0, selective_kernel: bool = F
     channels = tuple(max(8, int(round(c * width))) for c in (64, 128, 256, 512))
     kwargs = dict(layers=list(layers), channels=channels, num_classes=0, global_pool="avg")
     if selective_kernel:
-        sk = dict(kernel_size=[3, 3], rd_ratio=1.0 / 16, split_input=False)
+        # attention width max(C / 16, 32) as SimCLRv2 (exact at widths 1 and 2), so its public weights load
+        sk = dict(kernel_size=[3, 3], rd_ratio=1.0 / 16, rd_divisor=32, split_input=False)
         block = SelectiveKernelBottleneck if kind == "bottleneck" else SelectiveKernelBasic
         kwargs.update(
             stem_type="deep",
@@ -65,12 +66,11 @@ def _scale_stem(model: ResNet, width: int) -> None:
     first.conv1 = nn.Conv2d(
         width, old.out_channels, kernel_size=old.kernel_size, stride=old.stride, padding=old.padding, bias=False
     )
-    if first.downsample is not None:
-        out = first.downsample[0].out_channels
-        if out == width:  # basic blocks: input already matches, no projection (as torchvision)
-            first.downsample = None
-        else:
-            first.downsample[0] = nn.Conv2d(width, out, kernel_size=1, stride=first.downsample[0].stride, bias=False)
+    out = (first.conv3 if hasattr(first, "conv3") else first.conv2).out_channels
+    if out == width:  # basic blocks: input already matches, no projection (as torchvision)
+        first.downsample = None
+    else:  # a projection from the new stem width (timm made none where its 64-wide stem matched)
+        first.downsample = nn.Sequential(nn.Conv2d(width, out, kernel_size=1, bias=False), nn.BatchNorm2d(out))
     for module in (model.conv1, first.conv1, *(first.downsample or [])):
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

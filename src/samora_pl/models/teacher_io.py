@@ -3,6 +3,8 @@
 Public checkpoints (paths in config, never downloaded), read with `torch.load(weights_only=True)` or
 safetensors:
 
+- SimCLRv2 as SimCLRv2-Pytorch's convert.py writes it from the TensorFlow release (`{"resnet": {"net.0.0.weight",
+  ...}, "head": {"layers.0.weight", ...}}`, e.g. r50_2x_sk1.pth), mapped by `simclrv2_keys`; or
 - SimCLRv2 ResNet converted to PyTorch, in torchvision / timm ResNet key names (`conv1.weight`,
   `bn1.*`, `layer1.0.conv1.weight`, ..., `layerN.0.downsample.{0,1}.*`; with selective kernels, timm's
   SK-ResNet names). The state dict may sit at the top level or under `state_dict`, `model`, `resnet` or
@@ -31,6 +33,8 @@ import torch.nn as nn
 from samora_pl.errors import SamoraError
 from samora_pl.models.mae import MaeTeacher
 from samora_pl.models.simclr import SimclrTeacher
+from samora_pl.models.simclrv2_keys import convert as convert_simclrv2
+from samora_pl.models.simclrv2_keys import is_simclrv2_pytorch
 from samora_pl.models.teachers import build_teacher
 from samora_pl.runs import atomic_save
 
@@ -119,7 +123,17 @@ def _mismatch_error(path, model_desc: str, fix: str, missing, unexpected, shapes
 # ------------------------------------------------------------------------------------------------ SimCLR
 
 
+SIMCLR_LAYOUTS = (
+    "SimCLRv2-Pytorch's convert.py output ({'resnet': {'net.0.0.weight', 'net.1.blocks.0.net.0.weight', ...}, "
+    "'head': {'layers.0.weight', ...}}) or torchvision / timm ResNet keys (conv1.weight, layer1.0.conv1.weight, "
+    "...; a head as head.0.weight, ...)"
+)
+
+
 def _split_simclr(data: dict) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    if is_simclrv2_pytorch(data):
+        head = data["head"] if isinstance(data.get("head"), dict) else {}
+        return convert_simclrv2(_tensors(data["resnet"]), _tensors(head))
     head = _tensors(data["head"]) if isinstance(data.get("head"), dict) else {}
     body = data
     for key in ("resnet", "backbone", "state_dict", "model"):
@@ -145,11 +159,15 @@ def load_simclr_checkpoint(model: SimclrTeacher, path) -> dict:
     desc = (
         f"SimCLR teacher (ResNet-{arch['depth']}, width {arch['width']:g}, selective_kernel={arch['selective_kernel']})"
     )
-    fix = (
-        "Set cpt.simclr.depth / width / selective_kernel to the checkpoint's architecture, or convert the file "
-        "to torchvision ResNet key names (conv1.weight, layer1.0.conv1.weight, ...)."
-    )
-    problems = _compare(backbone, model.backbone.state_dict())
+    fix = "Set cpt.simclr.depth / width / selective_kernel to the checkpoint's architecture (r50_2x_sk1: 50, 2, true)."
+    expected = model.backbone.state_dict()
+    if not set(backbone) & set(expected):
+        shown = _listing(sorted(backbone)) or "no tensors"
+        raise SamoraError(
+            f"SimCLR checkpoint {path} is in none of the layouts the teacher reads (keys: {shown}). Expected "
+            f"{SIMCLR_LAYOUTS}. Give a file in one of them as cpt.simclr.checkpoint."
+        )
+    problems = _compare(backbone, expected)
     if any(problems):
         raise _mismatch_error(path, desc, fix, *problems)
     head_state = "initialised"

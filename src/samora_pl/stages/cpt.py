@@ -24,7 +24,14 @@ import torch
 from omegaconf import DictConfig
 
 from data_modules.ssl_views import TwoViews, mae_augment, simclr_augment
-from data_modules.unlabeled import SlicePool, UnlabeledDataModule, build_pool, source_dict, sources_from_config
+from data_modules.unlabeled import (
+    SlicePool,
+    UnlabeledDataModule,
+    build_pool,
+    held_out_cases,
+    source_dict,
+    sources_from_config,
+)
 from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
 from samora_pl.config import changed_since
@@ -43,7 +50,17 @@ log = logging.getLogger(__name__)
 TEACHERS = ("simclr", "mae")
 TEACHER_FILE = "teacher.pt"
 # Settings that change what a teacher learns; a finished or interrupted run with other values is refused.
-RELEVANT = ("seed", "data.name", "data.dir", "cpt.sources", "cpt.skip_bad_files")
+# data.list_dir / data.split_seed choose the test cases the pool leaves out.
+RELEVANT = (
+    "seed",
+    "data.name",
+    "data.dir",
+    "data.list_dir",
+    "data.split_seed",
+    "cpt.sources",
+    "cpt.skip_bad_files",
+    "cpt.include_test_cases",
+)
 
 
 def teacher_file(cfg: DictConfig, kind: str) -> Path:
@@ -170,6 +187,7 @@ def _prepare(cfg: DictConfig, kind: str):
 def run(cfg: DictConfig) -> Dict[str, dict]:
     """Pre-train the configured teachers; returns {teacher: metrics} (loss first/last epoch, images/s, ...)."""
     validate_cpt(cfg)
+    held_out = held_out_cases(cfg)  # before anything is written: a bad cpt.include_test_cases stops here
     kinds = TEACHERS if cfg.cpt.teacher == "all" else (cfg.cpt.teacher,)
     results: Dict[str, dict] = {}
     todo = []
@@ -181,20 +199,36 @@ def run(cfg: DictConfig) -> Dict[str, dict]:
             todo.append(kind)
     if not todo:
         return results
-    pool = build_pool(sources_from_config(cfg), cfg.cpt.skip_bad_files, index_path(cfg))
+    # teachers built (and public weights loaded) first: a file of another layout stops before anything is written
+    starts = {kind: _starting_teacher(cfg, kind) for kind in todo}
+    pool = build_pool(sources_from_config(cfg), cfg.cpt.skip_bad_files, index_path(cfg), held_out=held_out)
     log.info("cpt: pool of %d slices from %d files or series.", len(pool), len(pool.volumes))
     for kind in todo:
-        results[kind] = _train(cfg, kind, pool)
+        results[kind] = _train(cfg, kind, pool, *starts[kind])
     return results
 
 
-def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
+def _starting_teacher(cfg: DictConfig, kind: str):
+    """(teacher, load report or None): the `kind` teacher, from the public checkpoint unless it resumes."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    sub = cfg.cpt[kind]
+    teacher = build_simclr(cfg) if kind == "simclr" else build_mae(cfg)
+    if not sub.checkpoint:
+        log.info("cpt: %s starts from random initialisation (no cpt.%s.checkpoint).", kind, kind)
+        return teacher, None
+    if (stage_dir(cfg, "cpt", kind) / "checkpoints" / "last.ckpt").exists():
+        return teacher, None  # its weights come from the checkpoint it resumes
+    report = load_public_checkpoint(teacher, sub.checkpoint)
+    log.info("cpt: %s starts from %s (%s)", kind, sub.checkpoint, report)
+    return teacher, report
+
+
+def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     folder = stage_dir(cfg, "cpt", kind)
     sub = cfg.cpt[kind]
     record = StageRecord(cfg, folder)
     record.add_input("pool", pool.summary())
-    teacher = build_simclr(cfg) if kind == "simclr" else build_mae(cfg)
     if kind == "simclr" and sub.channels_last:
         teacher.use_channels_last()
     resume = resumable(folder / "checkpoints" / "last.ckpt", f"cpt {kind}")
@@ -203,12 +237,8 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool) -> dict:
             "public_checkpoint",
             file_record(Path(sub.checkpoint)) if Path(sub.checkpoint).is_file() else {"path": sub.checkpoint},
         )
-        if resume is None:
-            report = load_public_checkpoint(teacher, sub.checkpoint)
-            log.info("cpt: %s starts from %s (%s)", kind, sub.checkpoint, report)
-            record.metrics["start_checkpoint"] = report
-    else:
-        log.info("cpt: %s starts from random initialisation (no cpt.%s.checkpoint).", kind, kind)
+        if start_report is not None:
+            record.metrics["start_checkpoint"] = start_report
     if resume is not None:
         log.info("cpt: resuming the %s teacher from %s", kind, resume)
 

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision.transforms import v2 as T
 
+from data_modules.unlabeled import NOTHING_HELD_OUT, HeldOut, UnlabeledDataModule, held_out_cases, sources_from_config
 from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
 from samora_pl.config import changed_since
@@ -65,8 +66,11 @@ SHAPING_KEYS = (
     "model.lora_rank",
     "distill.",
     "cpt.sources",
+    "cpt.include_test_cases",
     "data.name",
     "data.dir",
+    "data.list_dir",
+    "data.split_seed",
     "seed",
 )
 # the image level's views are CPT's SimCLR views (simclr_view_settings), so they shape that expert too
@@ -155,10 +159,9 @@ def simclr_view_settings(cfg: DictConfig) -> dict:
     return settings
 
 
-def build_data(cfg: DictConfig, level: str):
-    """The unlabeled pool (the same sources CPT reads) with the level's augmentation."""
-    from data_modules.unlabeled import UnlabeledDataModule, sources_from_config
-
+def build_data(cfg: DictConfig, level: str, held_out: HeldOut = NOTHING_HELD_OUT):
+    """The unlabeled pool (the same sources CPT reads, without the `held_out` test cases) with the level's
+    augmentation."""
     views = LevelViews(level, cfg.model.img_size, cfg.distill.crop_scale, simclr_view_settings(cfg))
     return UnlabeledDataModule(
         sources_from_config(cfg),
@@ -168,6 +171,7 @@ def build_data(cfg: DictConfig, level: str):
         skip_bad_files=cfg.cpt.skip_bad_files,
         index_path=cpt_index_path(cfg),
         cache_volumes=cfg.cpt.cache_volumes,
+        held_out=held_out,
     )
 
 
@@ -268,7 +272,7 @@ def _module(cfg: DictConfig, level: str, student, head, teacher) -> DistillModul
     )
 
 
-def run_level(cfg: DictConfig, level: str) -> dict:
+def run_level(cfg: DictConfig, level: str, held_out: HeldOut = NOTHING_HELD_OUT) -> dict:
     """Distil one level; returns its metrics (and the expert path)."""
     folder = stage_dir(cfg, "distill", level)
     state, found = prepare_level(cfg, level)
@@ -289,7 +293,7 @@ def run_level(cfg: DictConfig, level: str) -> dict:
         patch_hidden=cfg.distill.patch_hidden,
         pixel_width=cfg.distill.pixel_width,
     )
-    data = build_data(cfg, level)
+    data = build_data(cfg, level, held_out)
     module = _module(cfg, level, student, head, teacher)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     record.metrics["trainable_parameters"] = trainable
@@ -307,6 +311,7 @@ def run_level(cfg: DictConfig, level: str) -> dict:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     if data.pool is not None:
         record.metrics["pool_slices"] = len(data.pool)
+        record.add_input("pool", data.pool.summary())
 
     expert = folder / EXPERT
     if is_rank_zero():
@@ -340,5 +345,6 @@ def run_level(cfg: DictConfig, level: str) -> dict:
 def run(cfg: DictConfig) -> Dict[str, dict]:
     """`samora distill`: the configured level, or all three in turn; {level: metrics}."""
     _check(cfg)
+    held_out = held_out_cases(cfg)  # before anything is written: a bad cpt.include_test_cases stops here
     levels: Tuple[str, ...] = LEVELS if cfg.distill.level == "all" else (cfg.distill.level,)
-    return {level: run_level(cfg, level) for level in levels}
+    return {level: run_level(cfg, level, held_out) for level in levels}

@@ -49,6 +49,10 @@ TAG_KEYS = ("mode", "model.fusion", "finetune.levels", "finetune.zero_experts", 
 # what a fine-tuned model is and what it reads: `samora evaluate` takes them from the fine-tune, never changes them
 MODEL_KEYS = ("model.", "mode", "finetune.levels", "data.name", "data.intensity")
 FREE_MODEL_KEYS = ("model.checkpoint", "model.grad_checkpoint")  # not read / memory only when evaluating
+TRANSDUCTIVE_NOTE = (
+    "Transductive: stage-1 pre-training read the test images (cpt.include_test_cases=true); these numbers "
+    "do not compare with inductive results."
+)
 
 
 def tag_of(cfg: DictConfig) -> str:
@@ -111,6 +115,22 @@ def expert_paths(cfg: DictConfig) -> dict:
             "finetune.experts.<level> at existing files, or use finetune.zero_experts=true / mode=samed."
         )
     return paths
+
+
+def pretraining_saw_test_cases(cfg: DictConfig) -> bool:
+    """Whether stage 1 read the test images: cpt.include_test_cases=true here, or in the pool record of a
+    distilled expert this fine-tune fuses (its manifest's inputs.pool)."""
+    if cfg.cpt.include_test_cases:
+        return True
+    if cfg.mode == "samed" or cfg.finetune.zero_experts:
+        return False
+    for level in finetune_levels(cfg):
+        configured = cfg.finetune.experts[level]
+        folder = Path(configured).parent if configured else stage_dir(cfg, "distill", level)
+        pool = ((read_manifest(folder) or {}).get("inputs") or {}).get("pool") or {}
+        if pool.get("include_test_cases"):
+            return True
+    return False
 
 
 def model_layout(cfg: DictConfig) -> tuple:
@@ -187,6 +207,7 @@ def run(cfg: DictConfig) -> dict:
         paths = {} if cfg.finetune.zero_experts else expert_paths(cfg)
         callbacks.append(lorahub.prepare(cfg, model, data, folder, paths, record))
     record.metrics["trainable_parameters"] = log_trainable(model, f"finetune {tag}")
+    record.metrics["test_cases_in_pretraining"] = pretraining_saw_test_cases(cfg)
     module = _module(cfg, model, data.class_names)
     save_config(cfg, folder)
     trainer = build_trainer(cfg, folder, "finetune", tag, callbacks=callbacks)
@@ -255,8 +276,14 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
     rows = gather_rows(rows)
     summary = summarise(rows, data.class_names)
     if is_rank_zero():
-        extra = {"resize_protocol": cfg.eval.resize, "hd95_unit": "voxels", "tag": folder.name}
-        write_results(rows, data.class_names, folder, extra=extra)
+        transductive = pretraining_saw_test_cases(cfg)
+        extra = {
+            "resize_protocol": cfg.eval.resize,
+            "hd95_unit": "voxels",
+            "tag": folder.name,
+            "test_cases_in_pretraining": transductive,
+        }
+        write_results(rows, data.class_names, folder, extra=extra, notes=[TRANSDUCTIVE_NOTE] if transductive else [])
         print(format_table(summary, data.class_names, title=f"{cfg.run}/{folder.name}"))
     return {"mean_dice": summary["mean_dice"], "mean_hd95": summary["mean_hd95"]}
 

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from samora_pl.config import compose
 from samora_pl.errors import SamoraError
 from samora_pl.stages.cpt import load_teacher, run, teacher_file
+from tests.data_modules.conftest import write_synapse_tree
 
 # Minimal sizes: one epoch of 2 steps per teacher.
 FAST = [
@@ -65,7 +66,7 @@ def test_tiny_profile_composes():
     cfg = compose("cpt", ["data.name=demo"])
     assert cfg.profile == "tiny"
     assert cfg.cpt.simclr.depth == 18 and cfg.cpt.mae.img_size == 128 and cfg.cpt.mae.patch_size == 16
-    paper = compose("cpt", ["data.name=synapse"])
+    paper = compose("cpt", ["data.name=synapse", "cpt.simclr.from_scratch=true", "cpt.mae.from_scratch=true"])
     assert paper.cpt.simclr.width == 2.0 and paper.cpt.simclr.selective_kernel
     assert paper.cpt.mae.variant == "vit_large_patch16_224" and paper.cpt.mae.decoder_dim == 512
 
@@ -81,6 +82,8 @@ def test_both_teachers_end_to_end_and_rerun(tmp_path):
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["status"] == "complete" and "teacher.pt" in manifest["outputs"]
         assert manifest["inputs"]["pool"]["slices"] == 16
+        assert manifest["inputs"]["pool"]["cases"] == [f"s{k:03d}" for k in range(16)]
+        assert manifest["inputs"]["pool"]["excluded_cases"] == []  # a pool outside the dataset's folder
         assert metrics[kind]["steps"] == 2 and metrics[kind]["loss_first_epoch"] > 0
         events = EventAccumulator(str(tmp_path / "runs" / "t" / "tb" / "cpt" / kind))
         events.Reload()
@@ -103,6 +106,23 @@ def test_both_teachers_end_to_end_and_rerun(tmp_path):
         run(config(tmp_path, "cpt.mae.mask_ratio=0.5"))
     redone = run(config(tmp_path, "cpt.mae.mask_ratio=0.5", "cpt.teacher=mae", "overwrite=true"))
     assert set(redone) == {"mae"} and teacher_file(cfg, "mae").stat().st_mtime_ns != stamp
+
+
+def test_default_pool_of_a_dataset_leaves_out_its_test_volumes(tmp_path):
+    root = write_synapse_tree(tmp_path / "synapse")  # 3 training cases x 4 slices; test case0001, case0002 x 5
+    base = [f"runs_dir={tmp_path / 'runs'}", "run=t", "data.name=synapse", f"data.dir={root}", "profile=tiny"]
+    run(compose("cpt", [*base, *FAST, "cpt.teacher=mae"]))
+    manifest = json.loads((tmp_path / "runs" / "t" / "cpt" / "mae" / "manifest.json").read_text())
+    pool = manifest["inputs"]["pool"]
+    assert pool["cases"] == ["case0005", "case0006", "case0007"] and pool["slices"] == 12
+    assert pool["excluded_cases"] == ["case0001", "case0002"] and pool["include_test_cases"] is False
+    opted = [*base, *FAST, "cpt.teacher=mae", "cpt.include_test_cases=true"]
+    with pytest.raises(SamoraError, match="cpt.include_test_cases"):  # another pool: not mixed into the folder
+        run(compose("cpt", opted))
+    run(compose("cpt", [*opted, "overwrite=true"]))
+    pool = json.loads((tmp_path / "runs" / "t" / "cpt" / "mae" / "manifest.json").read_text())["inputs"]["pool"]
+    assert pool["cases"] == ["case0001", "case0002", "case0005", "case0006", "case0007"] and pool["slices"] == 22
+    assert pool["excluded_cases"] == [] and pool["include_test_cases"] is True
 
 
 def test_interrupted_run_resumes_and_more_epochs_continue(tmp_path):
@@ -151,7 +171,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
         },
         wrong,
     )
-    with pytest.raises(SamoraError, match="does not fit the SimCLR teacher"):
+    with pytest.raises(SamoraError, match="none of the layouts the teacher reads"):
         run(config(tmp_path, f"cpt.simclr.checkpoint={wrong}", "cpt.teacher=simclr"))
     folder = tmp_path / "runs" / "t" / "cpt" / "simclr"
     assert not (folder / "teacher.pt").exists() and not (folder / "manifest.json").exists()

@@ -286,6 +286,9 @@ def test_run_all_levels_writes_experts_and_manifests(workspace):
         assert manifest["status"] == "complete" and manifest["stage"] == "distill"
         assert manifest["outputs"][EXPERT]["sha256"] == sha256(expert) == manifest["metrics"]["expert_sha256"]
         assert np.isfinite(manifest["metrics"]["final_loss"]) and manifest["metrics"]["epochs"] == 1
+        pool = manifest["inputs"]["pool"]
+        assert pool["cases"] == ["vol"] and pool["slices"] == 12
+        assert pool["excluded_cases"] == [] and not pool["include_test_cases"]
         assert (folder / "config.yaml").exists() and (folder / "checkpoints" / "last.ckpt").exists()
         with safe_open(str(expert), framework="pt") as f:
             meta = f.metadata()

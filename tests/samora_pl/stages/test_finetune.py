@@ -55,10 +55,10 @@ def test_samed_finetune_writes_results_and_dashboards(tmp_path):
     folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
     rows = list(csv.DictReader(open(folder / "results.csv")))
     organs = {"spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"}
-    assert {r["class_name"] for r in rows} == organs and len(rows) == 8 * 3
+    assert {r["class_name"] for r in rows} == organs and len(rows) == 8 * 12
     metrics = json.loads((folder / "metrics.json").read_text())
     assert 0.0 <= metrics["mean_dice"] <= 1.0 and set(metrics["per_class"]) == organs
-    assert "liver" in (folder / "results.md").read_text()
+    assert "liver" in (folder / "results.md").read_text() and metrics["test_cases_in_pretraining"] is False
     assert (folder / "splits" / "train_selected.txt").exists() and (folder / "final.safetensors").exists()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete" and "final.safetensors" in manifest["outputs"]
@@ -242,7 +242,7 @@ def test_ddp_two_cpu_processes_evaluate_every_case_once(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "runs/t/finetune/samed-lora-f0.1/results.csv")))
     pairs = [(r["case"], r["class_id"]) for r in rows]
-    assert len(pairs) == len(set(pairs)) == 3 * 8
+    assert len(pairs) == len(set(pairs)) == 12 * 8
     assert len((tmp_path / "runs/t/finetune/samed-lora-f0.1/splits/train_selected.txt").read_text().split()) > 0
 
 
@@ -340,3 +340,20 @@ def test_a_finished_finetune_loads_without_its_sam_checkpoint(tmp_path):
     loaded = finetune.load_finetuned(cfg, tmp_path / finetune.FINAL).state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_transductive_pretraining_is_said_in_the_results(tmp_path):
+    from samora_pl.evaluation import write_results
+
+    base = [f"runs_dir={tmp_path / 'runs'}", "run=t"]
+    assert not finetune.pretraining_saw_test_cases(compose("finetune", base))
+    folder = tmp_path / "runs" / "t" / "distill" / "patch"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"inputs": {"pool": {"include_test_cases": True}}}))
+    assert finetune.pretraining_saw_test_cases(compose("finetune", base))  # an expert it fuses saw them
+    assert not finetune.pretraining_saw_test_cases(compose("finetune", [*base, "finetune.levels=[image,pixel]"]))
+    opted = compose("finetune", [*base, "mode=samed", "cpt.include_test_cases=true"])
+    assert finetune.pretraining_saw_test_cases(opted)
+    rows = [{"case": "c1", "class_id": 1, "dice": 0.5, "hd95": 3.0}]
+    write_results(rows, ["organ"], tmp_path / "out", notes=[finetune.TRANSDUCTIVE_NOTE])
+    assert finetune.TRANSDUCTIVE_NOTE in (tmp_path / "out" / "results.md").read_text()

@@ -17,6 +17,8 @@ from samora_pl.stages.finetune import FINAL, load_finetuned
 from samora_pl.stages.predict import dataset_intensity, read_volume
 from tests.data_modules.volume_writers import GEOMETRY, finetune_folder, finetune_overrides, write_promise12
 
+NO_SAM = "model.checkpoint=none"  # the paper profile, composed only: no SAM weights needed
+
 OTHER = Geometry(
     spacing=(2.0, 1.25, 0.9), origin=(5.0, -3.0, 100.0), direction=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0)
 )
@@ -105,9 +107,10 @@ def test_la_h5_is_transposed_and_auto_intensity_follows_the_dataset(tmp_path):
     assert np.array_equal(read_volume(tmp_path / "mri_norm2.h5", "synapse")[0], stored)
 
     root = write_promise12(tmp_path / "promise", train=(0,), test=(12,))
-    assert dataset_intensity(compose("finetune", ["data.name=promise12", f"data.dir={root}"])) == "mr_percentile"
-    forced = compose("finetune", ["data.name=promise12", f"data.dir={root}", "data.intensity=ct_window"])
+    plain = compose("finetune", ["data.name=promise12", f"data.dir={root}", NO_SAM])
+    assert dataset_intensity(plain) == "mr_percentile"
+    forced = compose("finetune", ["data.name=promise12", f"data.dir={root}", "data.intensity=ct_window", NO_SAM])
     assert dataset_intensity(forced) == "ct_window"
-    assert dataset_intensity(compose("finetune", ["data.name=synapse"])) is None  # stored windowed
+    assert dataset_intensity(compose("finetune", ["data.name=synapse", NO_SAM])) is None  # stored windowed
     with pytest.raises(SamoraError, match="set predict.intensity="):
-        dataset_intensity(compose("finetune", ["data.name=la", f"data.dir={tmp_path / 'gone'}"]))
+        dataset_intensity(compose("finetune", ["data.name=la", f"data.dir={tmp_path / 'gone'}", NO_SAM]))

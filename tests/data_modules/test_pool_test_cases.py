@@ -1,0 +1,81 @@
+"""No test image before the final evaluation: the default CPT pool of every dataset, in its real layout,
+leaves out the cases fine-tuning evaluates, and the monitoring slices never come from them."""
+
+from pathlib import Path
+
+import pytest
+
+from data_modules import build_datamodule
+from data_modules.unlabeled import build_pool, held_out_cases, sources_from_config
+from samora_pl.cli import main
+from samora_pl.config import compose
+from tests.data_modules.conftest import write_synapse_tree
+from tests.data_modules.volume_writers import write_generic, write_la, write_promise12
+
+WRITERS = {
+    "synapse": write_synapse_tree,
+    "la": write_la,
+    "promise12": write_promise12,  # the common split: Case12, Case13, ... for test
+    "generic": write_generic,  # no imagesTs: the seeded split by case
+    "generic_nnunet": lambda root: write_generic(root, train=("a_1", "a_2", "a_3"), test=("t_1", "t_2"), nnunet=True),
+}
+
+
+def cfg_for(name: str, root: Path, *extra):
+    return compose("cpt", [f"data.name={name.split('_')[0]}", f"data.dir={root}", "profile=tiny", *extra])
+
+
+def cases_of_pool(pool) -> set:
+    return set(pool.summary()["cases"])
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_default_pool_and_monitoring_slices_leave_out_the_test_cases(tmp_path, name):
+    root = WRITERS[name](tmp_path / name)
+    data = build_datamodule(name.split("_")[0], root=root, img_size=32, fraction=0.5, val_slices=4)
+    test = set(data.test_cases())
+    assert test
+    cfg = cfg_for(name, root)
+    held = held_out_cases(cfg)
+    assert set(held.cases) == test and not held.included
+    pool = build_pool(sources_from_config(cfg), held_out=held)
+    summary = pool.summary()
+    assert not set(summary["cases"]) & test  # no test case read ...
+    assert {data.case_of(n) for n in data.train_names()} <= set(summary["cases"])  # ... every training case is
+    assert summary["excluded_cases"] == list(held.cases) and summary["include_test_cases"] is False
+    assert not any(part in test for v in pool.volumes for part in Path(v.path).parts + (Path(v.path).stem,))
+
+    data.setup("fit")  # the monitoring set: training slices only
+    assert len(data.val_set) == 4 and not {data.case_of(n) for n in data.val_set.names} & test
+
+    opted = cfg_for(name, root, "cpt.include_test_cases=true")
+    transductive = build_pool(sources_from_config(opted), held_out=held_out_cases(opted)).summary()
+    assert test <= set(transductive["cases"])
+    assert transductive["include_test_cases"] is True and transductive["excluded_cases"] == []
+
+
+def test_an_explicit_source_inside_the_dataset_folder_leaves_them_out_too(tmp_path, synapse_root):
+    cfg = cfg_for("synapse", synapse_root, f"cpt.sources=[{{path: '{synapse_root / 'test_vol_h5'}', format: h5}}]")
+    with pytest.raises(Exception, match="pool is empty"):  # its only files are test volumes
+        build_pool(sources_from_config(cfg), held_out=held_out_cases(cfg))
+    outside = write_synapse_tree(tmp_path / "other", test_cases=("case0001",))
+    elsewhere = cfg_for("synapse", synapse_root, f"cpt.sources=[{{path: '{outside}', format: synapse}}]")
+    pool = build_pool(sources_from_config(elsewhere), held_out=held_out_cases(elsewhere))
+    assert "case0001" in cases_of_pool(pool)  # another folder: its own case names, not this dataset's
+
+
+def test_run_seed_does_not_move_the_seeded_split_the_pool_leaves_out(tmp_path):
+    root = write_la(tmp_path / "la", lists=False)
+    first, other = (held_out_cases(cfg_for("la", root, f"seed={s}")).cases for s in (0, 5))
+    assert first == other and first == tuple(build_datamodule("la", root=root, seed=9).test_cases())
+
+
+def test_include_test_cases_without_a_test_split_is_refused_and_writes_nothing(tmp_path, capsys):
+    root = write_generic(tmp_path / "one", train=("only_case",))  # one case: no split by case possible
+    runs = tmp_path / "runs"
+    args = [f"data.dir={root}", "data.name=generic", "profile=tiny", f"runs_dir={runs}", "cpt.include_test_cases=true"]
+    assert main(["cpt", *args]) == 1
+    err = capsys.readouterr().err
+    assert "cpt.include_test_cases=true" in err and "no test split" in err and err.count("error:") == 1
+    assert not runs.exists()
+    assert held_out_cases(cfg_for("generic", root)).cases == ()  # by default: nothing to leave out, a warning
