@@ -35,10 +35,8 @@ selected slices (it then shows fit, not generalisation; logged). `val_slices=0` 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +47,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from samora_pl.atomic import atomic_write_json, atomic_write_text
 from samora_pl.errors import SamoraError
+from samora_pl.runs import is_rank_zero
 
 from .transforms import SegmentationTransform
 
@@ -81,21 +81,6 @@ def as_label_map(label: np.ndarray, num_classes: int) -> np.ndarray:
     if np.issubdtype(label.dtype, np.floating):
         label = np.rint(label)
     return label.astype(np.uint8 if num_classes < 256 else np.int64, copy=False)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_name_list(path: Path, what: str) -> list[str]:
@@ -146,16 +131,6 @@ class ArraySliceDataset(Dataset):
         out = self.transform(self.images[i], self.labels[i])
         out["name"] = self.names[i]
         return out
-
-
-def _global_rank(dm: "SegmentationDataModule") -> int:
-    trainer = getattr(dm, "trainer", None)
-    if trainer is not None:
-        return int(trainer.global_rank)
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 class SegmentationDataModule(L.LightningDataModule, ABC):
@@ -308,7 +283,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
     def write_split(self, split_dir: Optional[str | os.PathLike] = None) -> Optional[Path]:
         """Write the chosen training list and fraction settings to `split_dir` (rank zero only)."""
         out = Path(split_dir) if split_dir is not None else self.split_dir
-        if out is None or _global_rank(self) != 0:
+        if out is None or not is_rank_zero():
             return None
         selected = self.selected_train_names()
         atomic_write_text(out / "train_selected.txt", "".join(f"{nm}\n" for nm in selected))
@@ -323,7 +298,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             "num_train_slices": len(self.train_names()),
             "cases": sorted({self.case_of(nm) for nm in selected}),
         }
-        atomic_write_text(out / "fraction.json", json.dumps(info, indent=2) + "\n")
+        atomic_write_json(out / "fraction.json", info, indent=2)
         return out / "train_selected.txt"
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -40,6 +39,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
+from samora_pl.atomic import atomic_path, atomic_write_text
 from samora_pl.errors import SamoraError
 
 from .synapse import SynapseDataModule
@@ -173,45 +173,17 @@ def make_phantom_case(rng: np.random.Generator, n_slices: int, size: int) -> tup
 
 
 # ---------------------------------------------------------------------- writing
-def _tmp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def _write_npz(path: Path, **arrays) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
     import h5py
 
-    tmp = _tmp_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("image", data=image, compression="gzip", compression_opts=1)
-            f.create_dataset("label", data=label, compression="gzip", compression_opts=1)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = _tmp_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("image", data=image, compression="gzip", compression_opts=1)
+        f.create_dataset("label", data=label, compression="gzip", compression_opts=1)
 
 
 @contextmanager
@@ -337,8 +309,8 @@ def _generate(root: Path, p: dict) -> None:
             _write_npz(unl_dir / f"case{cid:04d}_slice{k:03d}.npz", image=image[k])
             n_unl += 1
         cid += 1
-    _write_text(list_dir / "train.txt", "".join(f"{n}\n" for n in train_names))
-    _write_text(list_dir / "test_vol.txt", "".join(f"{c}\n" for c in test_cases))
+    atomic_write_text(list_dir / "train.txt", "".join(f"{n}\n" for n in train_names))
+    atomic_write_text(list_dir / "test_vol.txt", "".join(f"{c}\n" for c in test_cases))
     info = {
         "version": DEMO_VERSION,
         "format": "synapse (TransUNet layout), synthetic phantom",
@@ -348,7 +320,7 @@ def _generate(root: Path, p: dict) -> None:
         "test_cases": test_cases,
         "class_names": SynapseDataModule.class_names,
     }
-    _write_text(root / "demo.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_text(root / "demo.json", json.dumps(info, indent=2) + "\n")
     (root / ".demo_in_progress").unlink()
 
 

@@ -36,10 +36,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from samora_pl.atomic import atomic_path, atomic_write_text
 from samora_pl.errors import SamoraError
-from samora_pl.runs import atomic_path
 
-from .base import atomic_write_text
 from .la import LA_FILE, LA_FOLDER
 from .promise12 import CASE_FILE, PROMISE12_TEST
 from .synapse import SYNAPSE_TEST_CASES

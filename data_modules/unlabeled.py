@@ -56,8 +56,9 @@ from data_modules.unlabeled_io import (
     read_slice,
     volume_stats,
 )
+from samora_pl.atomic import atomic_write_text
 from samora_pl.errors import SamoraError
-from samora_pl.runs import atomic_write_text, is_rank_zero
+from samora_pl.runs import is_rank_zero
 
 log = logging.getLogger(__name__)
 

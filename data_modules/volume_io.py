@@ -10,12 +10,12 @@ unit spacing, zero origin, identity direction.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from samora_pl.atomic import atomic_path
 from samora_pl.errors import SamoraError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
@@ -131,19 +131,14 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) 
         raise SamoraError(f"{path}: write predictions as .nii.gz, .nii, .mhd or .mha")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = next(s for s in IMAGE_SUFFIXES if str(path).lower().endswith(s))
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    tmp = Path(tmp)
-    try:
-        sitk.WriteImage(to_sitk(array, geometry), str(tmp), useCompression=suffix != ".mhd")
-        if suffix == ".mhd":  # header + data file: give the data its final name and point the header at it
-            raw = path.with_suffix(".raw")
-            os.replace(tmp.with_suffix(".raw"), raw)
-            header = tmp.read_text().replace(tmp.with_suffix(".raw").name, raw.name)
-            tmp.write_text(header)
-        os.replace(tmp, path)
-    finally:
-        for leftover in (tmp, tmp.with_suffix(".raw")):
-            if leftover.exists() and leftover != path:
-                leftover.unlink()
+    with atomic_path(path, suffix=suffix) as tmp:
+        try:
+            sitk.WriteImage(to_sitk(array, geometry), str(tmp), useCompression=suffix != ".mhd")
+            if suffix == ".mhd":  # header + data file: give the data its final name and point the header at it
+                raw = path.with_suffix(".raw")
+                os.replace(tmp.with_suffix(".raw"), raw)
+                tmp.write_text(tmp.read_text().replace(tmp.with_suffix(".raw").name, raw.name))
+        finally:
+            if tmp.with_suffix(".raw").exists():
+                tmp.with_suffix(".raw").unlink()
     return path

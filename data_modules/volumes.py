@@ -30,9 +30,10 @@ from typing import Optional
 
 import numpy as np
 
+from samora_pl.atomic import atomic_write_text
 from samora_pl.errors import SamoraError
 
-from .base import SegmentationDataModule, Volume, as_label_map, atomic_write_text, read_name_list
+from .base import SegmentationDataModule, Volume, as_label_map, read_name_list
 from .unlabeled_io import INTENSITIES, MR_PERCENTILES, VolumeCache
 from .unlabeled_io import intensity as scale_intensity
 from .volume_io import Geometry, read_image, read_shape, strip_image_suffix

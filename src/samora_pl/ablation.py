@@ -31,9 +31,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from samora_pl.atomic import atomic_path, atomic_write_text
 from samora_pl.config import changed_since, compose, experiments_dir
 from samora_pl.errors import SamoraError
-from samora_pl.runs import atomic_path, atomic_write_text, is_rank_zero, read_manifest, run_dir, stage_dir, tb_root
+from samora_pl.runs import is_rank_zero, read_manifest, run_dir, stage_dir, tb_root
 
 log = logging.getLogger(__name__)
 DEFAULT_REFERENCE = "hl_attn"  # the variant compared against when an ablation file names no `reference`

@@ -1,7 +1,7 @@
 """Lightning checkpoints written atomically, and read back only when whole.
 
 `AtomicCheckpointIO` (every stage's Trainer uses it, see `build_trainer`) writes `last.ckpt` through
-`runs.atomic_path`: a temporary file beside it, fsynced, then renamed over it. A full disk or a kill in
+`atomic.atomic_path`: a temporary file beside it, fsynced, then renamed over it. A full disk or a kill in
 the middle of a save leaves the previous `last.ckpt` as it was and no temporary file. Lightning's
 strategies call `save_checkpoint` on global rank zero only, so under DDP one process writes.
 
@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from samora_pl.runs import atomic_path
+from samora_pl.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Run folders, atomic writes, checksums and stage manifests: how stages hand work to each other.
+"""Run folders, checksums and stage manifests: how stages hand work to each other.
 
 Layout (docs/design.md, section Run folders): `runs/<run>/<stage>/<sub>/` holds a stage's outputs, `config.yaml` and
 `manifest.json`; `runs/<run>/tb/<stage>/<sub>` its TensorBoard events. Only rank zero writes.
@@ -6,35 +6,25 @@ Layout (docs/design.md, section Run folders): `runs/<run>/<stage>/<sub>/` holds 
 
 import hashlib
 import json
-import os
 import platform
 import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from samora_pl.atomic import atomic_write_text
 from samora_pl.errors import SamoraError
 
 MANIFEST = "manifest.json"
 
 
 def is_rank_zero() -> bool:
-    """True on the process that writes files (global rank 0, also before DDP has started)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "0") != "0":
-            return False
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0
-    except ImportError:
-        pass
-    return True
+    """True on the process that writes files: Lightning's global rank (from RANK / LOCAL_RANK / SLURM_PROCID
+    before the strategy has started, the strategy's rank after)."""
+    return rank_zero_only.rank == 0
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -47,44 +37,6 @@ def stage_dir(cfg: DictConfig, stage: str, sub: str) -> Path:
 
 def tb_root(cfg: DictConfig) -> Path:
     return run_dir(cfg) / "tb"
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; once the writer is done it is fsynced and renamed onto `path`.
-
-    On any error (a full disk midway, an interrupt) the temporary file is removed and `path` keeps its
-    previous content, so a reader never sees a half-written file. The fsync before the rename makes the
-    new content durable before it replaces the old (a power cut leaves one or the other, not a mix).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be shared
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno and err.filename in (None, tmp):
-            # name the file the user knows (a write error names none, or the vanished temporary one)
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def atomic_save(path: Path, writer: Callable[[Path], None]) -> None:
-    """Run `writer(tmp_path)` and move the result onto `path` only if it finished."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
 
 
 def sha256(path: Path) -> str:

@@ -34,7 +34,8 @@ def _fake_finetune(calls, fail_on=None, seen=None):
     (per-class Dice), finishes the manifest."""
 
     def fake_run(cfg):
-        from samora_pl.runs import StageRecord, atomic_write_text, save_config, stage_dir
+        from samora_pl.atomic import atomic_write_text
+        from samora_pl.runs import StageRecord, save_config, stage_dir
 
         if cfg.finetune.tag == fail_on:
             raise KeyboardInterrupt("killed")
@@ -206,7 +207,8 @@ def _fake_stage(stage, calls, fail_on=None):
     config), saves the config, writes an output naming the settings that matter here, finishes the manifest."""
 
     def fake_run(cfg):
-        from samora_pl.runs import StageRecord, atomic_write_text, save_config, stage_dir
+        from samora_pl.atomic import atomic_write_text
+        from samora_pl.runs import StageRecord, save_config, stage_dir
 
         sub = cfg.cpt.teacher if stage == "cpt" else cfg.distill.level
         if (stage, sub) == fail_on:

@@ -2,27 +2,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from samora_pl.errors import SamoraError
-from samora_pl.runs import StageRecord, atomic_save, atomic_write_text, read_manifest, sha256, verify_input
-
-
-def test_atomic_write_leaves_no_temp_file(tmp_path):
-    atomic_write_text(tmp_path / "a.txt", "hello")
-    assert (tmp_path / "a.txt").read_text() == "hello"
-    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
-
-
-def test_failed_write_keeps_the_old_file(tmp_path):
-    target = tmp_path / "expert.bin"
-    target.write_text("old")
-
-    def broken(tmp):
-        tmp.write_text("half")
-        raise RuntimeError("crash mid-write")
-
-    with pytest.raises(RuntimeError):
-        atomic_save(target, broken)
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["expert.bin"]
+from samora_pl.runs import StageRecord, read_manifest, sha256, verify_input
 
 
 def test_manifest_records_outputs_and_verify_detects_truncation(tmp_path):

@@ -27,7 +27,6 @@ _EXPORTS = {
     "RESIZE_MODES": "inference",
     "write_results": "report",
     "format_table": "report",
-    "atomic_write_text": "report",
     "shard_cases": "distributed",
     "gather_rows": "distributed",
     "dist_rank_world": "distributed",
@@ -40,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .inference import RESIZE_MODES, predict_volume, resize_slice
     from .metrics import case_metrics, sort_rows, summarise
     from .pool import CaseMetricsPool, evaluate_cases
-    from .report import atomic_write_text, format_table, write_results
+    from .report import format_table, write_results
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,6 @@
 """Evaluation outputs: ``results.csv``, ``metrics.json``, ``results.md`` and a console table.
 
-Every file is written atomically (a temporary file in the same folder, flushed, then ``os.replace``),
+Every file is written atomically (:mod:`samora_pl.atomic`),
 so a crash never leaves a half-written file behind. In DDP, gather the rows first
 (:func:`samora_pl.evaluation.gather_rows`) and write on rank zero only.
 """
@@ -11,14 +11,14 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from samora_pl.atomic import atomic_write_text
 from samora_pl.evaluation.metrics import _names_by_id, sort_rows, summarise
 
-__all__ = ["write_results", "format_table", "atomic_write_text", "RESIZE_DESCRIPTIONS"]
+__all__ = ["write_results", "format_table", "RESIZE_DESCRIPTIONS"]
 
 RESIZE_DESCRIPTIONS = {
     "direct": "direct: each slice resized once to the model size (cubic), label map back with nearest neighbour",
@@ -27,27 +27,6 @@ RESIZE_DESCRIPTIONS = {
         "the model size, label map back with nearest neighbour"
     ),
 }
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def _describe_resize(resize: str | None, two_step_size: int | None) -> str | None:

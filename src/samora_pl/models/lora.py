@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import zlib
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samora_pl.atomic import atomic_save
 from samora_pl.errors import SamoraError
 
 log = logging.getLogger(__name__)
@@ -269,17 +269,7 @@ def save_expert(lora: MultiExpertLoRA, name: str, path, *, img_size: Optional[in
     }
     for k, v in (extra_metadata or {}).items():
         meta[str(k)] = str(v)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 

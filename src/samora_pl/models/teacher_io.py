@@ -30,13 +30,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from samora_pl.atomic import atomic_torch_save
 from samora_pl.errors import SamoraError
 from samora_pl.models.mae import MaeTeacher
 from samora_pl.models.simclr import SimclrTeacher
 from samora_pl.models.simclrv2_keys import convert as convert_simclrv2
 from samora_pl.models.simclrv2_keys import is_simclrv2_pytorch
 from samora_pl.models.teachers import build_teacher
-from samora_pl.runs import atomic_save
 
 FORMAT_VERSION = 1
 PREFIXES = ("module.", "model.", "teacher.", "backbone.", "encoder.", "resnet.")
@@ -265,7 +265,7 @@ def save_teacher(model: nn.Module, path, meta: Optional[dict] = None) -> Path:
         "meta": dict(meta or {}),
     }
     path = Path(path)
-    atomic_save(path, lambda tmp: torch.save(payload, tmp))
+    atomic_torch_save(path, payload)
     return path
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from data_modules import build_datamodule
+from samora_pl.atomic import atomic_save
 from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
 from samora_pl.config import changed_since, compose_on_saved, data_options, diff_keys, finetune_levels, load_saved
@@ -28,7 +29,6 @@ from samora_pl.models.lora import read_expert_metadata
 from samora_pl.progress import track
 from samora_pl.runs import (
     StageRecord,
-    atomic_save,
     is_rank_zero,
     read_manifest,
     run_dir,

@@ -39,11 +39,12 @@ from torch.utils.data import Subset
 
 from data_modules.base import SliceDataset
 from data_modules.transforms import SegmentationTransform
+from samora_pl.atomic import atomic_write_text
 from samora_pl.config import finetune_levels
 from samora_pl.errors import SamoraError
 from samora_pl.losses.segmentation import SegmentationLoss
 from samora_pl.models.lora import MultiExpertLoRA, compose_experts, load_expert, read_expert_metadata
-from samora_pl.runs import atomic_write_text, is_rank_zero, verify_input
+from samora_pl.runs import is_rank_zero, verify_input
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from samora_pl import atomic
 from samora_pl.evaluation import format_table, summarise, write_results
-from samora_pl.evaluation import report as report_mod
 
 NAMES = ["spleen", "liver", "aorta"]
 
@@ -100,7 +100,7 @@ def test_atomic_writes_leave_no_partial_or_temporary_files(tmp_path, monkeypatch
             raise OSError("disk full")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(report_mod.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
     changed = make_rows()
     changed[0]["dice"] = 0.5
     with pytest.raises(OSError, match="disk full"):
