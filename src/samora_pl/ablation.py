@@ -32,8 +32,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from samora_pl.atomic import atomic_path, atomic_write_text
-from samora_pl.config import changed_since, compose, experiments_dir
+from samora_pl.config import compose, experiments_dir
 from samora_pl.errors import SamoraError
+from samora_pl.reuse import changed_settings
 from samora_pl.runs import is_rank_zero, read_manifest, run_dir, stage_dir, tb_root
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,9 @@ def run_ablation(name: str, overrides, seeds: int = 1) -> list:
 def _check_reuse(cfg, folder: Path) -> None:
     """A finished fine-tune is reused by its tag only if it was made with the same settings (the experts it
     read are keyed by their own settings, and the cache changes nothing); else an error names them."""
-    from samora_pl.stages.finetune import RESULT_KEYS
-
-    ignore = ("finetune.evaluate", "finetune.experts.", "data.cache")
-    changed = changed_since(folder / "config.yaml", cfg, RESULT_KEYS + ("trainer.max_epochs",), ignore=ignore)
+    changed = changed_settings(
+        "finetune", folder.name, cfg, folder, also_watch=("trainer.max_epochs",), also_ignore=("finetune.experts.",)
+    )
     if changed:
         raise SamoraError(
             f"{folder} holds a finished fine-tune of this ablation made with other settings "

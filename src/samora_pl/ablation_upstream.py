@@ -4,8 +4,8 @@ A variant's fine-tune loads the experts it fuses (`finetune.levels`, default all
 `mode=samed` or `finetune.zero_experts`, nor for a level whose `finetune.experts.<level>` is given), and the
 image and patch experts need their CPT teacher (SimCLR, MAE) unless `distill.teacher` is given. Each of
 these outputs is keyed by a sha256 of the resolved values of the keys its stage already watches to refuse
-changed settings: `cpt.RELEVANT` + `cpt.<teacher>` (max_epochs included) for a teacher,
-`distill.shaping_keys(level)` for an expert, with its teacher named by the teacher's key instead of a path. So:
+changed settings (`reuse.watched`, a teacher's max_epochs included), an expert's teacher named by the
+teacher's key instead of a path. So:
 
 - a key equal to the plain run's (the command line without the variant's overrides) is the run's own
   `runs/<run>/cpt/<teacher>` or `runs/<run>/distill/<level>`, exactly what `make cpt` / `make distill` make;
@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from samora_pl.config import compose, finetune_levels, flat_config
 from samora_pl.errors import SamoraError
+from samora_pl.reuse import changed_settings, watched
 from samora_pl.runs import read_manifest, run_dir, stage_dir
 from samora_pl.stages import cpt, distill
 from samora_pl.stages.distill_module import TEACHER_KIND
@@ -57,14 +58,14 @@ def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _settings(cfg: DictConfig, watched: Sequence[str], ignore: Sequence[str] = ()) -> dict:
+def _settings(cfg: DictConfig, keys: Sequence[str], ignore: Sequence[str] = ()) -> dict:
     flat = flat_config(cfg)
-    return {k: v for k, v in flat.items() if k.startswith(tuple(watched)) and not k.startswith(tuple(ignore))}
+    return {k: v for k, v in flat.items() if k.startswith(tuple(keys)) and not k.startswith(tuple(ignore))}
 
 
 def teacher_key(cfg: DictConfig, kind: str) -> str:
     """What shapes the `kind` teacher, from a `cpt` config."""
-    return _key({"stage": "cpt", "sub": kind, **_settings(cfg, cpt.RELEVANT + (f"cpt.{kind}",))})
+    return _key({"stage": "cpt", "sub": kind, **_settings(cfg, watched("cpt", kind)[0])})
 
 
 def teacher_id(cfgs: Dict[str, DictConfig], level: str) -> Optional[str]:
@@ -77,7 +78,7 @@ def teacher_id(cfgs: Dict[str, DictConfig], level: str) -> Optional[str]:
 
 def expert_key(cfgs: Dict[str, DictConfig], level: str) -> str:
     """What shapes the `level` expert, from a `distill` config and its teacher."""
-    shaping = _settings(cfgs["distill"], distill.shaping_keys(level), ignore=("distill.level", "distill.teacher"))
+    shaping = _settings(cfgs["distill"], watched("distill", level)[0], ignore=("distill.level", "distill.teacher"))
     return _key({"stage": "distill", "sub": level, "teacher": teacher_id(cfgs, level), **shaping})
 
 
@@ -86,10 +87,10 @@ def _finished(folder: Path, stage: str, sub: str, cfg: DictConfig) -> bool:
     a complete one made with other settings (the run's own, made with other ARGS) is an error naming them."""
     manifest = read_manifest(folder) or {}
     if manifest.get("status") == "complete" and (folder / OUTPUT[stage]).exists():
-        if stage == "cpt":
-            changed = cpt.changed_settings(cfg, folder, sub)
-        else:  # the teacher's identity is in the key and checked by sha256 when the stage runs
-            changed = [k for k in distill.changed_settings(cfg, folder, sub) if k != "distill.teacher"]
+        # an expert's teacher is named in its key and checked by sha256 when the stage runs
+        changed = changed_settings(
+            stage, sub, cfg, folder, also_ignore=("distill.teacher",) if stage == "distill" else ()
+        )
         if changed:
             raise SamoraError(
                 f"{folder} holds a {stage} output ({sub}) made with other settings than this ablation's "

@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import lightning as L
 import torch
@@ -34,13 +34,13 @@ from data_modules.unlabeled import (
 )
 from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
-from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
 from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.grey_input import NORMALIZE
 from samora_pl.models.mae import MaeTeacher
 from samora_pl.models.simclr import RESNET_DEPTHS, SimclrTeacher
 from samora_pl.models.teacher_io import load_public_checkpoint, load_teacher, save_teacher  # noqa: F401 (API)
+from samora_pl.reuse import changed_settings
 from samora_pl.runs import MANIFEST, StageRecord, file_record, is_rank_zero, read_manifest, save_config, stage_dir
 from samora_pl.stages.cpt_mae import MaeCpt
 from samora_pl.stages.cpt_simclr import SimclrCpt
@@ -49,18 +49,6 @@ from samora_pl.trainer import build_trainer, world_size
 log = logging.getLogger(__name__)
 TEACHERS = ("simclr", "mae")
 TEACHER_FILE = "teacher.pt"
-# Settings that change what a teacher learns; a finished or interrupted run with other values is refused.
-# data.list_dir / data.split_seed choose the test cases the pool leaves out.
-RELEVANT = (
-    "seed",
-    "data.name",
-    "data.dir",
-    "data.list_dir",
-    "data.split_seed",
-    "cpt.sources",
-    "cpt.skip_bad_files",
-    "cpt.include_test_cases",
-)
 
 
 def teacher_file(cfg: DictConfig, kind: str) -> Path:
@@ -145,12 +133,6 @@ def build_mae(cfg: DictConfig) -> MaeTeacher:
     )
 
 
-def changed_settings(cfg: DictConfig, folder: Path, kind: str) -> List[str]:
-    """Settings that differ from the ones the `kind` teacher in `folder` was trained with; more epochs
-    continue the same run, so max_epochs is not a change."""
-    return changed_since(folder / "config.yaml", cfg, RELEVANT + (f"cpt.{kind}",), ignore=(f"cpt.{kind}.max_epochs",))
-
-
 def _prepare(cfg: DictConfig, kind: str):
     """'done' (with the recorded metrics) or 'train'; clears the folder first when overwrite=true."""
     folder = stage_dir(cfg, "cpt", kind)
@@ -160,7 +142,7 @@ def _prepare(cfg: DictConfig, kind: str):
             for name in (TEACHER_FILE, MANIFEST, "config.yaml"):
                 (folder / name).unlink(missing_ok=True)
         return "train", None
-    changed = changed_settings(cfg, folder, kind)
+    changed = changed_settings("cpt", kind, cfg, folder)
     manifest = read_manifest(folder)
     finished = manifest and manifest.get("status") == "complete" and (folder / TEACHER_FILE).exists()
     if changed and (finished or (folder / "checkpoints" / "last.ckpt").exists()):

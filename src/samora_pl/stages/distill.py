@@ -35,11 +35,11 @@ from torchvision.transforms import v2 as T
 from data_modules.unlabeled import NOTHING_HELD_OUT, HeldOut, UnlabeledDataModule, held_out_cases, sources_from_config
 from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
-from samora_pl.config import changed_since
 from samora_pl.errors import SamoraError
 from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.factory import base_fingerprint, build_segmenter, log_trainable
 from samora_pl.models.teacher_io import load_teacher
+from samora_pl.reuse import SIMCLR_VIEW_KEYS, changed_settings
 from samora_pl.runs import (
     MANIFEST,
     StageRecord,
@@ -57,25 +57,6 @@ from samora_pl.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 EXPERT = "expert.safetensors"
-# settings that change what an expert is; a finished level is reused only if they are unchanged
-SHAPING_KEYS = (
-    "model.variant",
-    "model.img_size",
-    "model.checkpoint",
-    "model.init_seed",
-    "model.lora_rank",
-    "distill.",
-    "cpt.sources",
-    "cpt.include_test_cases",
-    "data.name",
-    "data.dir",
-    "data.list_dir",
-    "data.split_seed",
-    "seed",
-)
-# the image level's views are CPT's SimCLR views (simclr_view_settings), so they shape that expert too
-SIMCLR_VIEW_KEYS = ("crop_scale", "rotation_deg", "jitter", "blur_prob", "noise_std")
-
 __all__ = [
     "run",
     "run_level",
@@ -203,18 +184,6 @@ def _check(cfg: DictConfig) -> None:
 # ------------------------------------------------------------------------------------------------- runs
 
 
-def shaping_keys(level: str) -> tuple:
-    """The settings that change what `level`'s expert is."""
-    if level == "image":
-        return SHAPING_KEYS + tuple(f"cpt.simclr.{key}" for key in SIMCLR_VIEW_KEYS)
-    return SHAPING_KEYS
-
-
-def changed_settings(cfg: DictConfig, folder: Path, level: str) -> list:
-    """Shaping settings that differ from the ones this level's folder was trained with."""
-    return [k for k in changed_since(folder / "config.yaml", cfg, shaping_keys(level)) if k != "distill.level"]
-
-
 def prepare_level(cfg: DictConfig, level: str):
     """("done", manifest) for a finished level with the same settings, ("train", last.ckpt or None) otherwise.
 
@@ -230,7 +199,7 @@ def prepare_level(cfg: DictConfig, level: str):
         return "train", None
     manifest = read_manifest(folder)
     finished = bool(manifest) and manifest.get("status") == "complete" and (folder / EXPERT).exists()
-    changed = changed_settings(cfg, folder, level)
+    changed = changed_settings("distill", level, cfg, folder)
     if changed and (finished or last.exists()):
         raise SamoraError(
             f"{folder} already holds a {level} expert distilled with other settings ({', '.join(changed[:8])}); "

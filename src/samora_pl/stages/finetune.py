@@ -19,7 +19,7 @@ from data_modules import build_datamodule
 from samora_pl.atomic import atomic_save
 from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
-from samora_pl.config import changed_since, compose_on_saved, data_options, diff_keys, finetune_levels, load_saved
+from samora_pl.config import compose_on_saved, data_options, diff_keys, finetune_levels, load_saved
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import CaseMetricsPool, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
@@ -27,6 +27,7 @@ from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.factory import SAMED_EXPERT, base_fingerprint, build_segmenter, log_trainable
 from samora_pl.models.lora import read_expert_metadata
 from samora_pl.progress import track
+from samora_pl.reuse import changed_settings
 from samora_pl.runs import (
     StageRecord,
     is_rank_zero,
@@ -41,8 +42,6 @@ from samora_pl.stages.finetune_module import FinetuneModule
 from samora_pl.trainer import build_trainer, strategy_for, world_size
 
 log = logging.getLogger(__name__)
-# settings that change what a fine-tune makes; data.cache, under data., does not (same slices, same augmentation)
-RESULT_KEYS = ("model.", "data.", "optim.", "loss.", "mode", "seed", "finetune.")
 FINAL = "final.safetensors"
 MASK_TOKENS = "mask_decoder.mask_tokens.weight"  # (K + 1, C): background and one token per class
 TAG_KEYS = ("mode", "model.fusion", "finetune.levels", "finetune.zero_experts", "data.fraction")  # make tag_of
@@ -236,8 +235,7 @@ def _resume_checkpoint(cfg: DictConfig, folder: Path):
     last = folder / "checkpoints" / "last.ckpt"
     if cfg.overwrite or not last.exists():
         return None
-    ignore = ("finetune.evaluate", "trainer.", "data.cache")
-    changed = changed_since(folder / "config.yaml", cfg, RESULT_KEYS, ignore=ignore)
+    changed = changed_settings("finetune", folder.name, cfg, folder)
     if changed:
         raise SamoraError(
             f"{folder} holds an interrupted fine-tune made with other settings ({', '.join(changed)}); "
