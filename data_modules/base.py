@@ -48,12 +48,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from samora_pl.atomic import atomic_write_json, atomic_write_text
+from samora_pl.choices import FRACTION_MODES
 from samora_pl.errors import SamoraError
 from samora_pl.runs import is_rank_zero
 
 from .transforms import SegmentationTransform
 
-FRACTION_MODES = ("slice", "case", "list")
 VAL_READ_FACTOR = 4  # training slices read to find `val_slices` monitoring slices with foreground
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,27 @@ class Volume:
     label: np.ndarray
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     meta: dict = field(default_factory=dict)
+
+
+def label_problems(label: np.ndarray, class_names: Sequence[str], hint: str = "") -> list[str]:
+    """What is wrong with a label array's values for classes 0..K (empty when nothing is); `hint` says how
+    the dataset's own preprocessing maps raw ids to class ids. min/max run first: they are one pass each,
+    propagate NaN, and settle the common case (a valid label) without np.unique."""
+    if label.size == 0:
+        return ["label is empty"]
+    lo, hi = label.min(), label.max()
+    if np.issubdtype(label.dtype, np.floating):
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            return ["label contains NaN or Inf"]
+        if not np.array_equal(label, np.rint(label)):
+            return ["label has non-integer values (expected class ids)"]
+    k = len(class_names)
+    if lo >= 0 and hi <= k:
+        return []
+    bad = [f"{v:g}" for v in np.unique(label) if not 0 <= v <= k][:10]
+    ids = ", ".join(f"{i} {name}" for i, name in enumerate(class_names, start=1))
+    message = f"label has values {', '.join(bad)} that are not class ids: expected 0 (background) to {k} ({ids})"
+    return [f"{message}; {hint}" if hint else message]
 
 
 def as_label_map(label: np.ndarray, num_classes: int) -> np.ndarray:

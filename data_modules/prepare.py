@@ -39,8 +39,9 @@ import numpy as np
 from samora_pl.atomic import atomic_path, atomic_write_text
 from samora_pl.errors import SamoraError
 
-from .la import LA_FILE, LA_FOLDER
-from .promise12 import CASE_FILE, PROMISE12_TEST
+from .base import label_problems
+from .la import LA_FILE, LA_FOLDER, LADataModule
+from .promise12 import CASE_FILE, PROMISE12_TEST, Promise12DataModule
 from .synapse import SYNAPSE_TEST_CASES
 from .unlabeled_io import intensity as scale_intensity
 from .volume_io import read_image, read_shape, write_image
@@ -51,9 +52,25 @@ MANIFEST = "prepare.json"
 VERSION = 1
 # BTCV organ ids -> TransUNet's 8 classes; 5 oesophagus, 9 IVC, 10 portal/splenic vein, 12, 13 adrenals -> 0
 SYNAPSE_LABELS = {1: 1, 2: 2, 3: 3, 4: 4, 6: 5, 7: 6, 8: 7, 11: 8}
-SYNAPSE_RAW_IDS = 13
+# the 13 organ ids of the raw release (BTCV), 1..13 in this order
+SYNAPSE_RAW_NAMES = (
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "gallbladder",
+    "esophagus",
+    "liver",
+    "stomach",
+    "aorta",
+    "inferior vena cava",
+    "portal and splenic veins",
+    "pancreas",
+    "right adrenal gland",
+    "left adrenal gland",
+)
 SYNAPSE_IMAGE = re.compile(r"img(\d+)\.nii(\.gz)?")
 SYNAPSE_LABEL = re.compile(r"label(\d+)\.nii(\.gz)?")
+BINARY_HINT = "this dataset's masks must be 0 (background) or 1"
 
 
 @dataclass
@@ -83,10 +100,11 @@ def _walk(root: Path, skip: Path) -> Iterator[tuple[Path, list, list]]:
         yield Path(folder), dirs, sorted(f for f in files if not f.startswith("."))
 
 
-def _binary_label(label: np.ndarray, path: Path) -> None:
-    if label.size and (label.min() < 0 or label.max() > 1 or not np.array_equal(label, np.rint(label))):
-        values = ", ".join(f"{v:g}" for v in np.unique(label)[:10])
-        raise SamoraError(f"{path}: label values {values}; this dataset's masks must be 0 (background) or 1")
+def _check_label(label: np.ndarray, path: Path, class_names, hint: str) -> None:
+    """The data modules' label check, on the raw label (an empty one is left to the data module)."""
+    problems = label_problems(label, class_names, hint) if label.size else []
+    if problems:
+        raise SamoraError(f"{path}: " + "; ".join(problems))
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -117,10 +135,8 @@ def _link_or_copy(source: Path, path: Path) -> None:
 
 def synapse_labels(label: np.ndarray, path: Path) -> np.ndarray:
     """Raw organ ids 0..13 -> TransUNet's 0..8 (float32); any other value is an error naming the file."""
-    if label.size and (label.min() < 0 or label.max() > SYNAPSE_RAW_IDS or not np.array_equal(label, np.rint(label))):
-        values = ", ".join(f"{v:g}" for v in np.unique(label)[:20])
-        raise SamoraError(f"{path}: label values {values}; Synapse's raw labels are organ ids 0..{SYNAPSE_RAW_IDS}")
-    table = np.zeros(SYNAPSE_RAW_IDS + 1, np.float32)
+    _check_label(label, path, SYNAPSE_RAW_NAMES, f"Synapse's raw labels are organ ids 0..{len(SYNAPSE_RAW_NAMES)}")
+    table = np.zeros(len(SYNAPSE_RAW_NAMES) + 1, np.float32)
     for raw_id, class_id in SYNAPSE_LABELS.items():
         table[raw_id] = class_id
     return table[np.rint(label).astype(np.int64)]
@@ -226,7 +242,7 @@ def _write_promise12(image_path: Path, label_path: Path, case: str) -> Callable[
     def write(out: Path) -> None:
         image, geometry = read_image(image_path, "image")
         label, label_geometry = read_image(label_path, "label")
-        _binary_label(label, label_path)
+        _check_label(label, label_path, Promise12DataModule.class_names, BINARY_HINT)
         write_image(out / f"{case}.mhd", image, geometry)
         write_image(out / f"{case}_segmentation.mhd", label, label_geometry)
 
@@ -314,7 +330,7 @@ def _write_la(source: Path, relative: str) -> Callable[[Path], None]:
             raise SamoraError(f"{source}: reading failed ({err}): the file is corrupt") from None
         if not np.isfinite(image).all():
             raise SamoraError(f"{source}: image contains NaN or Inf values")
-        _binary_label(label, source)
+        _check_label(label, source, LADataModule.class_names, BINARY_HINT)
         _link_or_copy(source, out / relative)
 
     return write

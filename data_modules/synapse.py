@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from samora_pl.errors import SamoraError
 
-from .base import SegmentationDataModule, Volume, as_label_map, read_name_list
+from .base import SegmentationDataModule, Volume, as_label_map, label_problems, read_name_list
 
 SYNAPSE_CLASS_NAMES = [
     "spleen",
@@ -42,26 +42,11 @@ SYNAPSE_CLASS_NAMES = [
 SYNAPSE_TEST_CASES = tuple(f"case{n:04d}" for n in (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38))
 
 
-def _label_problems(label: np.ndarray, num_classes: int) -> list[str]:
-    """Problems with a label array's values (empty list when it is fine)."""
-    problems = []
-    if label.size == 0:
-        return ["label is empty"]
-    lo, hi = label.min(), label.max()  # NaN propagates through min/max, so they also detect NaN and Inf
-    if np.issubdtype(label.dtype, np.floating):
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            return ["label contains NaN or Inf"]
-        if not np.array_equal(label, np.rint(label)):
-            problems.append("label has non-integer values (expected class ids 0..K)")
-    if lo < 0 or hi > num_classes:
-        problems.append(
-            f"label values span {lo:g}..{hi:g} but must be in 0..{num_classes} "
-            f"(map the raw organ ids to 0..{num_classes} as TransUNet's preprocessing does)"
-        )
-    return problems
+# how TransUNet's preprocessing maps Synapse's raw organ ids (data_modules/prepare.py does the same)
+LABEL_HINT = f"map the raw organ ids to 0..{len(SYNAPSE_CLASS_NAMES)} as TransUNet's preprocessing does"
 
 
-def _array_problems(image: np.ndarray, label: np.ndarray, ndim: int, num_classes: int) -> list[str]:
+def _array_problems(image: np.ndarray, label: np.ndarray, ndim: int, class_names: Sequence[str]) -> list[str]:
     problems = []
     if image.ndim != ndim:
         problems.append(f"image has shape {image.shape}, expected {ndim}-D")
@@ -75,7 +60,7 @@ def _array_problems(image: np.ndarray, label: np.ndarray, ndim: int, num_classes
             f"image values span {lo:.4g}..{hi:.4g} but must be in [0, 1]: apply the Synapse "
             "windowing (clip HU to [-125, 275], then (x + 125) / 400) as TransUNet's preprocessing does"
         )
-    problems += _label_problems(label, num_classes)
+    problems += label_problems(label, class_names, LABEL_HINT)
     return problems
 
 
@@ -107,24 +92,24 @@ def load_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
-def read_npz_slice(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def read_npz_slice(path: Path, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Read and check one training slice (SamoraError with the file name for any problem)."""
     image, label = load_npz_arrays(path)
-    problems = _array_problems(image, label, 2, num_classes)
+    problems = _array_problems(image, label, 2, class_names)
     if problems:
         raise SamoraError(f"{path}: " + "; ".join(problems))
-    return image, as_label_map(label, num_classes)
+    return image, as_label_map(label, len(class_names))
 
 
 class SynapseSliceReader:
     """Picklable `name -> (image, label)` for `<folder>/<name>.npz` slices."""
 
-    def __init__(self, folder: Path, num_classes: int):
+    def __init__(self, folder: Path, class_names: Sequence[str]):
         self.folder = Path(folder)
-        self.num_classes = int(num_classes)
+        self.class_names = list(class_names)
 
     def __call__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return read_npz_slice(self.folder / f"{name}.npz", self.num_classes)
+        return read_npz_slice(self.folder / f"{name}.npz", self.class_names)
 
 
 def _open_h5(path: Path):
@@ -220,14 +205,14 @@ class SynapseDataModule(SegmentationDataModule):
             raise SamoraError(
                 f"{self.train_dir} does not exist: Synapse training slices go there as caseXXXX_sliceYYY.npz"
             )
-        return SynapseSliceReader(self.train_dir, self.num_classes)
+        return SynapseSliceReader(self.train_dir, self.class_names)
 
     def load_volume(self, case: str) -> Volume:
         path = self.volume_path(case)
         with _open_h5(path) as f:
             image = np.asarray(_read_h5(f, "image"), dtype=np.float32)
             label = np.asarray(_read_h5(f, "label"))
-        problems = _array_problems(image, label, 3, self.num_classes)
+        problems = _array_problems(image, label, 3, self.class_names)
         if problems:
             raise SamoraError(f"{path}: " + "; ".join(problems))
         return Volume(
@@ -290,7 +275,7 @@ class SynapseDataModule(SegmentationDataModule):
             except SamoraError as e:
                 problems.append(str(e))
                 continue
-            msgs = _array_problems(image, label, 2, self.num_classes)
+            msgs = _array_problems(image, label, 2, self.class_names)
             for msg in msgs:
                 add(path, msg)
             if not msgs:
@@ -312,7 +297,7 @@ class SynapseDataModule(SegmentationDataModule):
             except SamoraError as e:
                 problems.append(str(e))
                 continue
-            msgs = _array_problems(image, label, 3, self.num_classes)
+            msgs = _array_problems(image, label, 3, self.class_names)
             for msg in msgs:
                 add(path, msg)
             if not msgs:

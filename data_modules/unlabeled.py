@@ -45,7 +45,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_modules.unlabeled_io import (
     DEFAULT_AXIS,
-    INTENSITIES,
     ReadError,
     Volume,
     VolumeCache,
@@ -57,13 +56,13 @@ from data_modules.unlabeled_io import (
     volume_stats,
 )
 from samora_pl.atomic import atomic_write_text
+from samora_pl.choices import INTENSITY_OPTIONS
 from samora_pl.errors import SamoraError
 from samora_pl.runs import is_rank_zero
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "npz", "h5", "nifti", "mhd", "dicom", "png", "synapse", "la", "promise12")
-SOURCE_INTENSITIES = ("auto",) + INTENSITIES
 INDEX_VERSION = 1
 AUTO_INTENSITY = {
     "npz": "none",
@@ -117,10 +116,8 @@ def source_dict(source, position: int = 0) -> dict:
         raise SamoraError(f"{where}.path is not set; give the folder or file of unlabeled images.")
     if out["format"] not in FORMATS:
         raise SamoraError(f"{where}.format is {out['format']!r}; allowed values: {', '.join(FORMATS)}.")
-    if out["intensity"] not in SOURCE_INTENSITIES:
-        raise SamoraError(
-            f"{where}.intensity is {out['intensity']!r}; allowed values: {', '.join(SOURCE_INTENSITIES)}."
-        )
+    if out["intensity"] not in INTENSITY_OPTIONS:
+        raise SamoraError(f"{where}.intensity is {out['intensity']!r}; allowed values: {', '.join(INTENSITY_OPTIONS)}.")
     if out["axis"] is not None and out["axis"] not in (0, 1, 2):
         raise SamoraError(
             f"{where}.axis is {out['axis']!r}; allowed values: 0, 1, 2 (or null for the format's default)."

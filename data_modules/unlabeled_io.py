@@ -23,8 +23,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from samora_pl.choices import INTENSITIES
+
 READERS = ("npz", "h5", "nifti", "mhd", "dicom", "png")
-INTENSITIES = ("none", "ct_window", "mr_percentile")
 CT_WINDOW = (-125.0, 275.0)  # Synapse / TransUNet abdominal window
 MR_PERCENTILES = (0.5, 99.5)
 DEFAULT_AXIS = {"npz": 0, "h5": 0, "nifti": 2, "mhd": 0, "dicom": 0, "png": 0}

@@ -33,7 +33,7 @@ import numpy as np
 from samora_pl.atomic import atomic_write_text
 from samora_pl.errors import SamoraError
 
-from .base import SegmentationDataModule, Volume, as_label_map, read_name_list
+from .base import SegmentationDataModule, Volume, as_label_map, label_problems, read_name_list
 from .unlabeled_io import INTENSITIES, MR_PERCENTILES, VolumeCache
 from .unlabeled_io import intensity as scale_intensity
 from .volume_io import Geometry, read_image, read_shape, strip_image_suffix
@@ -135,24 +135,6 @@ class FilePairReader(CaseReader):
 
 
 # ------------------------------------------------------------------------------------------------ checks
-
-
-def label_problems(label: np.ndarray, class_names: list) -> list[str]:
-    """What is wrong with a label array's values for classes 0..K (empty when nothing is)."""
-    if label.size == 0:
-        return ["label is empty"]
-    if np.issubdtype(label.dtype, np.floating):
-        if not np.isfinite(label).all():
-            return ["label contains NaN or Inf"]
-        if not np.array_equal(label, np.rint(label)):
-            return ["label has non-integer values (expected class ids)"]
-    k = len(class_names)
-    if label.min() >= 0 and label.max() <= k:
-        return []
-    values = np.unique(label)
-    bad = [f"{v:g}" for v in values if not 0 <= v <= k][:10]
-    ids = ", ".join(f"{i} {name}" for i, name in enumerate(class_names, start=1))
-    return [f"label has values {', '.join(bad)} that are not class ids: expected 0 (background) to {k} ({ids})"]
 
 
 def array_problems(image, label, image_path: Path, label_path: Path, class_names: list) -> list[str]:

@@ -12,29 +12,27 @@ from typing import Iterable, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from samora_pl import choices
+from samora_pl.choices import LEVELS
 from samora_pl.errors import SamoraError
-from samora_pl.models.fusion import FUSION_NAMES
 from samora_pl.schema import RootConfig
 
 STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict")
-LEVELS = ("image", "patch", "pixel")
-ORDERS = tuple(f"{a}-{b}-{c}" for a in LEVELS for b in LEVELS for c in LEVELS if len({a, b, c}) == 3)
-
 CHOICES = {
-    "data.fraction_by": ("slice", "case", "list"),
-    "data.intensity": ("auto", "none", "ct_window", "mr_percentile"),
-    "model.variant": ("tiny", "vit_b", "vit_l", "vit_h"),
-    "model.fusion": FUSION_NAMES + tuple(f"single:{lv}" for lv in LEVELS),
-    "model.hl_order": ORDERS,
-    "model.hl_init": ("residual_mean", "zero", "paper"),
-    "mode": ("samora", "samed"),
-    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
-    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
-    "eval.resize": ("direct", "two_step"),
-    "cpt.teacher": ("all", "simclr", "mae"),
+    "data.fraction_by": choices.FRACTION_MODES,
+    "data.intensity": choices.INTENSITY_OPTIONS,
+    "model.variant": choices.VARIANTS,
+    "model.fusion": choices.FUSIONS,
+    "model.hl_order": choices.HL_ORDERS,
+    "model.hl_init": choices.HL_INITS,
+    "mode": choices.MODES,
+    "trainer.precision": choices.PRECISIONS,
+    "trainer.accelerator": choices.ACCELERATORS,
+    "eval.resize": choices.RESIZE_MODES,
+    "cpt.teacher": ("all",) + choices.TEACHERS,
     "distill.level": ("all",) + LEVELS,
-    "finetune.lorahub.start": ("uniform", "zero"),
-    "predict.intensity": ("auto", "none", "ct_window", "mr_percentile"),
+    "finetune.lorahub.start": choices.LORAHUB_STARTS,
+    "predict.intensity": choices.INTENSITY_OPTIONS,
 }
 
 PROFILE_FOR_DATA = {"demo": "tiny"}

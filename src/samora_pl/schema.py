@@ -16,29 +16,29 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     fraction: float = 1.0  # labelled fraction, in (0, 1]
-    fraction_by: str = "slice"  # slice | case | list
+    fraction_by: str = "slice"  # one of choices.FRACTION_MODES
     fraction_list: Optional[str] = None  # file of slice names, with fraction_by=list
     val_slices: int = 32  # monitoring only (TensorBoard), from training slices; the final model is the last epoch
     augment: bool = True
     cache: bool = False  # hold the labelled training slices in memory after one read (Synapse 10 %: 0.3 GB per rank)
     # Dataset options; set for a dataset that lacks them, they are refused by name.
-    intensity: str = "auto"  # la, promise12, generic: auto (the dataset's default) | none | ct_window | mr_percentile
+    intensity: str = "auto"  # la, promise12, generic: one of choices.INTENSITY_OPTIONS (auto: the dataset's)
     list_dir: Optional[str] = None  # folder of the dataset's train/test list files; none -> the dataset's own place
     split_seed: Optional[int] = None  # la, generic without lists: seeds the split by case (none -> 0; not the run seed)
 
 
 @dataclass
 class ModelConfig:
-    variant: str = "tiny"  # tiny | vit_b | vit_l | vit_h
+    variant: str = "tiny"  # one of choices.VARIANTS
     img_size: int = 128
     checkpoint: Optional[str] = None  # official SAM .pth; unset -> random init from init_seed ("none": on purpose)
     init_seed: int = 0  # seeds the frozen encoder's random init only (trainable parts follow the run seed)
     lora_rank: int = 4
-    fusion: str = "hl_attn"  # hl_attn | sum | lac | mole | lorahub | single:<level> (docs/baselines.md)
-    hl_order: str = "pixel-patch-image"
+    fusion: str = "hl_attn"  # one of choices.FUSIONS (docs/baselines.md)
+    hl_order: str = "pixel-patch-image"  # one of choices.HL_ORDERS
     hl_width: Optional[int] = None  # HL-Attn inner width; none -> encoder width (authors')
     hl_heads: Optional[int] = None  # none -> encoder heads
-    hl_init: str = "residual_mean"  # residual_mean | zero | paper
+    hl_init: str = "residual_mean"  # one of choices.HL_INITS
     lac_weights: Optional[List[float]] = None  # fusion=lac: one fixed weight per expert, summing to 1; none -> 1/N
     mole_balance_weight: float = 0.5  # fusion=mole: alpha of MoLE's gate-balance loss (0.5 as published)
     grad_checkpoint: bool = False
@@ -51,7 +51,7 @@ class TrainerConfig:
     devices: Any = 1  # GPUs, or CPU processes where there is no GPU; >1 means DDP
     num_nodes: int = 1
     strategy: str = "auto"  # auto picks ddp when devices * num_nodes > 1
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    precision: str = "32-true"  # one of choices.PRECISIONS
     log_every_n_steps: int = 10
     check_val_every_n_epoch: int = 1
     limit_train_batches: Any = None  # int batches or float fraction; for smoke runs
@@ -105,7 +105,7 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    resize: str = "direct"  # direct | two_step (the reference code's 512 -> 224 -> 512)
+    resize: str = "direct"  # one of choices.RESIZE_MODES (two_step: the reference code's 512 -> 224 -> 512)
     two_step_size: int = 224
     batch_size: int = 8
     workers: int = 1  # processes for the Dice/HD95 computation
@@ -126,7 +126,7 @@ class PredictConfig:
 
     input: Optional[str] = None  # a volume (.nii.gz, .nii, .mhd, .mha, .h5) or a folder searched recursively
     output: Optional[str] = None  # folder for <case>_pred.nii.gz (and <case>_overlay.png)
-    intensity: str = "auto"  # auto (the run's dataset rule, see stages/predict.py) | none | ct_window | mr_percentile
+    intensity: str = "auto"  # one of choices.INTENSITY_OPTIONS (auto: the run's dataset rule, stages/predict.py)
     overlay: bool = False  # also a PNG montage of a few slices with the predicted labels
     overlay_slices: int = 6
 
@@ -186,14 +186,14 @@ class MaeConfig:
 class UnlabeledSource:
     path: str = "???"
     format: str = "auto"  # auto | npz | h5 | nifti | mhd | dicom | png | synapse | la | promise12
-    intensity: str = "auto"  # auto (the format's usual) | none | ct_window | mr_percentile
+    intensity: str = "auto"  # one of choices.INTENSITY_OPTIONS (auto: the format's usual)
     axis: Optional[int] = None  # slicing axis for volumes; none -> the format's (nifti 2, la 2, others 0)
     key: str = "image"  # array key inside npz/h5
 
 
 @dataclass
 class CptConfig:
-    teacher: str = "all"  # all | simclr | mae
+    teacher: str = "all"  # all or one of choices.TEACHERS
     sources: List[UnlabeledSource] = field(default_factory=list)  # empty -> the dataset's unlabeled pool
     # the dataset's test cases are left out of the pool (wherever it reads data.dir); true: transductive
     include_test_cases: bool = False
@@ -206,7 +206,7 @@ class CptConfig:
 
 @dataclass
 class DistillConfig:
-    level: str = "all"  # all | image | patch | pixel
+    level: str = "all"  # all or one of choices.LEVELS
     teacher: Optional[str] = None  # teacher.pt; none -> runs/<run>/cpt/<simclr|mae>/teacher.pt
     lr: float = 0.001
     weight_decay: float = 0.1  # matrices only; biases, norms and per-block LoRA scales are not decayed
@@ -246,7 +246,7 @@ class RootConfig:
     deterministic: bool = False
     overwrite: bool = False
     skip_nonfinite: bool = False  # skip batches with a NaN/inf training loss (counted) instead of stopping
-    mode: str = "samora"  # samora | samed (one LoRA + decoder + prompt encoder, no experts needed)
+    mode: str = "samora"  # one of choices.MODES (samed: one LoRA + decoder + prompt encoder, no experts needed)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

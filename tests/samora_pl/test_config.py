@@ -2,8 +2,9 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
+from samora_pl.choices import HL_ORDERS
 from samora_pl.cli import main
-from samora_pl.config import ORDERS, compose, diff_keys, experiments_dir, finetune_levels
+from samora_pl.config import compose, diff_keys, experiments_dir, finetune_levels
 from samora_pl.errors import SamoraError
 
 
@@ -81,7 +82,7 @@ def test_unknown_stage():
 
 
 def test_six_orders():
-    assert len(ORDERS) == 6 and "pixel-patch-image" in ORDERS
+    assert len(HL_ORDERS) == 6 and "pixel-patch-image" in HL_ORDERS
 
 
 def test_values_are_not_evaluated():

@@ -35,11 +35,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from samora_pl.choices import RESIZE_MODES
 from samora_pl.errors import SamoraError
 
 __all__ = ["predict_volume", "resize_slice", "RESIZE_MODES"]
-
-RESIZE_MODES = ("direct", "two_step")
 
 
 def _zoom_to(array: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray:

@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 from samora_pl.config import sam_checkpoint
 from samora_pl.models.segmenter import SAMoraSegmenter
 
-LEVELS = ("image", "patch", "pixel")
 SAMED_EXPERT = "samed"
 log = logging.getLogger(__name__)
 

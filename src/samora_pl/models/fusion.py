@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samora_pl.choices import FUSION_NAMES, HL_INITS
 from samora_pl.errors import SamoraError
 
 __all__ = [
@@ -54,10 +55,7 @@ __all__ = [
     "build_fusion",
 ]
 
-#: every ``model.fusion`` value besides ``single:<level>`` (the config validates against this tuple)
-FUSION_NAMES = ("hl_attn", "sum", "lac", "mole", "lorahub")
-FUSIONS = FUSION_NAMES + ("single:<level>",)
-HL_INITS = ("residual_mean", "zero", "paper")
+FUSIONS = FUSION_NAMES + ("single:<level>",)  # as error messages name them
 MOLE_MIN_TEMPERATURE = 0.05  # the learnable tau is used as max(tau, this), so weight decay cannot drive it to 0
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samora_pl.callbacks import tensorboard
+from samora_pl.choices import LEVELS
 from samora_pl.distillation import degrade, visible_mask, visible_student_tokens
 from samora_pl.errors import SamoraError
 from samora_pl.guards import guard_loss
@@ -51,7 +52,6 @@ from samora_pl.losses.distillation import denoise_loss, normalized_mse
 from samora_pl.models.heads import ImageProjection, PixelDecoder, TokenProjection
 from samora_pl.schedules import lightning_scheduler, warmup_poly
 
-LEVELS = ("image", "patch", "pixel")
 TEACHER_KIND = {"image": "simclr", "patch": "mae", "pixel": None}
 PAIRINGS = ("same", "cross")
 EPOCH_METRICS = {"image": ("loss", "cosine"), "patch": ("loss", "cosine"), "pixel": ("loss", "overlap", "mse", "psnr")}

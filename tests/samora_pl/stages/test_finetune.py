@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from samora_pl.choices import LEVELS
 from samora_pl.cli import main
 from samora_pl.config import compose
 from samora_pl.errors import SamoraError
-from samora_pl.models.factory import LEVELS, build_segmenter
+from samora_pl.models.factory import build_segmenter
 from samora_pl.stages import finetune
 from tests.data_modules.volume_writers import LA_IDS, finetune_folder, finetune_overrides, write_la
 from tests.samora_pl.models.conftest import tiny_sam_state_dict

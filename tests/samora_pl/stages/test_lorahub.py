@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 from test_finetune import _write_experts, quick
 
 from data_modules.base import SliceDataset
+from samora_pl.choices import LEVELS
 from samora_pl.cli import main
 from samora_pl.config import compose
 from samora_pl.errors import SamoraError
-from samora_pl.models.factory import LEVELS
 from samora_pl.stages import finetune, lorahub
 
 

@@ -1,0 +1,29 @@
+"""The allowed values of every option that takes one of a fixed set.
+
+Config validation (`config.CHOICES`), the error messages and the modules that act on an option all read
+these tuples, so a value added in one place is known everywhere. Plain tuples, no imports: cheap to load.
+"""
+
+from itertools import permutations
+
+LEVELS = ("image", "patch", "pixel")  # the three LoRA experts, in canonical order
+HL_ORDERS = tuple("-".join(order) for order in permutations(LEVELS))
+
+# models/fusion.py builds all but lorahub, which the fine-tuning stage composes (stages/lorahub.py);
+# single:<level> keeps one expert's residual
+FUSION_NAMES = ("hl_attn", "sum", "lac", "mole", "lorahub")
+FUSIONS = FUSION_NAMES + tuple(f"single:{level}" for level in LEVELS)
+LORAHUB_STARTS = ("uniform", "zero")
+HL_INITS = ("residual_mean", "zero", "paper")
+
+VARIANTS = ("tiny", "vit_b", "vit_l", "vit_h")  # models/sam.py holds their sizes
+MODES = ("samora", "samed")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+INTENSITIES = ("none", "ct_window", "mr_percentile")
+INTENSITY_OPTIONS = ("auto",) + INTENSITIES  # auto: the dataset's own default
+FRACTION_MODES = ("slice", "case", "list")
+RESIZE_MODES = ("direct", "two_step")
+
+TEACHERS = ("simclr", "mae")
