@@ -5,7 +5,6 @@ rotting unnoticed. Nothing here checks a time: tiny sizes say nothing about spee
 the benchmarks assert themselves (evaluation against medpy, worker results against inline) do run.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,12 +48,16 @@ def test_every_benchmark_is_covered():
     assert scripts == set(TINY_RUNS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(TINY_RUNS))
-def test_benchmark_runs_at_a_tiny_size(script):
+def test_benchmark_runs_at_a_tiny_size(script, subprocess_env):
     args, expected = TINY_RUNS[script]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     printed = figures(done.stdout)

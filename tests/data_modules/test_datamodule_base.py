@@ -160,23 +160,20 @@ def test_cache_reads_each_slice_once(root, monkeypatch):
     assert sorted(c for c in calls if c in selected) == sorted(selected)  # the others: the monitoring set
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction, count", [(0.2, 12), (0.25, 15)])
-def test_ddp_ranks_share_the_selected_slices(root, tmp_path, fraction, count):
+def test_ddp_ranks_share_the_selected_slices(root, tmp_path, fraction, count, repo_root, subprocess_env):
     """Under Lightning's DDP each epoch gives every selected slice to a rank: disjoint shards when the count
     divides evenly; otherwise Lightning's DistributedSampler repeats (world - 1) slices at most so that every
     rank runs the same number of steps (uneven steps would hang the gradient all-reduce)."""
     import math
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo / "src"), str(repo)]), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "tests.data_modules.ddp_record_slices", str(root), str(tmp_path), str(fraction)],
-        cwd=repo,
-        env=env,
+        cwd=repo_root,
+        env=subprocess_env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,11 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,32 +23,28 @@ from samora_pl.models.mae import MaeTeacher
 from samora_pl.stages import distill_module
 
 TAG = "samed-lora-f0.1"
-_DEMO = {}
 
 
-def demo_dir() -> Path:
-    if "dir" not in _DEMO:
-        from data_modules.demo import ensure_demo
+@pytest.fixture
+def finetune_args(demo_dir):
+    """``finetune_args(runs, *extra)``: a seconds-long SAMed fine-tune on the demo data (2 batches an epoch)."""
 
-        _DEMO["dir"] = ensure_demo(Path(tempfile.mkdtemp(prefix="samora-demo-")) / "demo")
-    return _DEMO["dir"]
+    def args(runs: Path, *extra):
+        return [
+            "finetune",
+            f"runs_dir={runs}",
+            f"data.dir={demo_dir}",
+            "run=t",
+            "mode=samed",
+            "data.fraction=0.1",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "data.val_slices=4",
+            "trainer.log_every_n_steps=1",
+            *extra,
+        ]
 
-
-def finetune_args(runs: Path, *extra):
-    """A seconds-long SAMed fine-tune on the demo data (2 batches an epoch)."""
-    return [
-        "finetune",
-        f"runs_dir={runs}",
-        f"data.dir={demo_dir()}",
-        "run=t",
-        "mode=samed",
-        "data.fraction=0.1",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        "data.val_slices=4",
-        "trainer.log_every_n_steps=1",
-        *extra,
-    ]
+    return args
 
 
 def nan_from(monkeypatch, owner, name, first: int, last: int = 10**9, pick=lambda out: out, put=None):
@@ -74,7 +68,7 @@ def nan_from(monkeypatch, owner, name, first: int, last: int = 10**9, pick=lambd
 # ------------------------------------------------------------------------------------- numerical guard
 
 
-def test_nan_loss_stops_finetune_and_keeps_the_previous_model(tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_finetune_and_keeps_the_previous_model(tmp_path, monkeypatch, capsys, finetune_args):
     runs = tmp_path / "runs"
     assert main(finetune_args(runs, "finetune.evaluate=false")) == 0
     folder = runs / "t" / "finetune" / TAG
@@ -91,7 +85,7 @@ def test_nan_loss_stops_finetune_and_keeps_the_previous_model(tmp_path, monkeypa
     assert (folder / "manifest.json").read_bytes() == manifest
 
 
-def test_skip_nonfinite_finishes_and_counts_the_skipped_batches(tmp_path, monkeypatch):
+def test_skip_nonfinite_finishes_and_counts_the_skipped_batches(tmp_path, monkeypatch, finetune_args):
     runs = tmp_path / "runs"
     nan_from(monkeypatch, SegmentationLoss, "forward", first=2, last=2)
     assert main(finetune_args(runs, "finetune.evaluate=false", "skip_nonfinite=true", "trainer.max_epochs=2")) == 0
@@ -101,16 +95,7 @@ def test_skip_nonfinite_finishes_and_counts_the_skipped_batches(tmp_path, monkey
     assert all(torch.isfinite(v).all() for v in load_file(str(folder / "final.safetensors")).values())
 
 
-def pool(tmp_path: Path, count: int = 16, size: int = 40) -> Path:
-    folder = tmp_path / "pool"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for k in range(count):
-        np.savez(folder / f"s{k:03d}.npz", image=rng.random((size, size), dtype=np.float32))
-    return folder
-
-
-def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch, capsys, npz_pool):
     runs = tmp_path / "runs"
     args = [
         "distill",
@@ -125,7 +110,7 @@ def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch,
         "trainer.limit_train_batches=2",
         "distill.pixel_width=16",
         "trainer.accelerator=cpu",
-        f"cpt.sources=[{{path: '{pool(tmp_path, size=64)}', format: npz}}]",
+        f"cpt.sources=[{{path: '{npz_pool(tmp_path / 'pool', size=64)}', format: npz}}]",
     ]
     nan_from(
         monkeypatch,
@@ -143,7 +128,7 @@ def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch,
     assert not (folder / "expert.safetensors").exists() and not (folder / "manifest.json").exists()
 
 
-def test_nan_loss_stops_cpt_and_keeps_the_previous_teacher(tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_cpt_and_keeps_the_previous_teacher(tmp_path, monkeypatch, capsys, npz_pool):
     runs = tmp_path / "runs"
     args = [
         "cpt",
@@ -151,7 +136,7 @@ def test_nan_loss_stops_cpt_and_keeps_the_previous_teacher(tmp_path, monkeypatch
         "run=t",
         f"data.dir={tmp_path / 'demo'}",
         "cpt.teacher=mae",
-        f"cpt.sources=[{{path: '{pool(tmp_path)}', format: npz}}]",
+        f"cpt.sources=[{{path: '{npz_pool(tmp_path / 'pool')}', format: npz}}]",
         "cpt.mae.embed_dim=32",
         "cpt.mae.depth=1",
         "cpt.mae.num_heads=2",
@@ -190,7 +175,7 @@ def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_deterministic_finetunes_give_identical_metrics(tmp_path):
+def test_deterministic_finetunes_give_identical_metrics(tmp_path, finetune_args):
     """Same seed: the same metrics.json and bit-identical weights (the tiny run's Dice is 0, so the weights are
     the sensitive part); another seed gives other weights, so the comparison is not vacuous."""
     metrics, weights = [], []
@@ -203,11 +188,13 @@ def test_deterministic_finetunes_give_identical_metrics(tmp_path):
     assert not same_tensors(weights[2], weights[0])
 
 
-def test_sigkilled_finetune_resumes_to_the_uninterrupted_result(tmp_path, caplog):
+@pytest.mark.slow
+def test_sigkilled_finetune_resumes_to_the_uninterrupted_result(
+    tmp_path, caplog, repo_root, subprocess_env, finetune_args
+):
     """With a data worker and validation every epoch: the augmenting worker is re-seeded every epoch from the
     checkpointed generator, and the validation loader draws its worker seed from a generator of its own."""
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]), OMP_NUM_THREADS="1")
+    root, env = repo_root, subprocess_env
     same = ["deterministic=true", "trainer.max_epochs=4", "trainer.accelerator=cpu", "data.num_workers=1"]
     same.append("trainer.check_val_every_n_epoch=1")
     args = finetune_args(tmp_path / "killed", *same)
@@ -241,11 +228,11 @@ def test_sigkilled_finetune_resumes_to_the_uninterrupted_result(tmp_path, caplog
     assert same_tensors(load_file(str(killed / "final.safetensors")), load_file(str(whole / "final.safetensors")))
 
 
-def test_sigkilled_ddp_finetune_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.slow
+def test_sigkilled_ddp_finetune_resumes_to_the_uninterrupted_result(tmp_path, repo_root, subprocess_env, finetune_args):
     """Two CPU processes (gloo), both killed after a checkpoint, then the same command again: it continues
     from the last.ckpt rank zero wrote and ends bit-identical to a run that was never interrupted."""
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]), OMP_NUM_THREADS="1")
+    root, env = repo_root, subprocess_env
 
     def command(runs: Path) -> list:
         return [
@@ -291,7 +278,7 @@ def test_sigkilled_ddp_finetune_resumes_to_the_uninterrupted_result(tmp_path):
 # ------------------------------------------------------------------------------ unwritable run folder
 
 
-def test_read_only_runs_folder_is_one_clear_error(tmp_path, monkeypatch, capsys):
+def test_read_only_runs_folder_is_one_clear_error(tmp_path, monkeypatch, capsys, finetune_args):
     # chmod cannot stop root (CI runs as root), so the file system's refusal is simulated where folders are made
     runs = tmp_path / "runs"
     real_mkdir = Path.mkdir
@@ -307,7 +294,7 @@ def test_read_only_runs_folder_is_one_clear_error(tmp_path, monkeypatch, capsys)
     assert "Permission denied" in err and str(runs) in err and "runs_dir=" in err and "Traceback" not in err
 
 
-def test_runs_folder_under_a_file_is_one_clear_error(tmp_path, capsys):
+def test_runs_folder_under_a_file_is_one_clear_error(tmp_path, capsys, finetune_args):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
     assert main(finetune_args(blocker / "runs", "finetune.evaluate=false")) == 1

@@ -78,6 +78,7 @@ def test_gather_rows_without_process_group_sorts_and_deduplicates():
         gather_rows(rows + [clash])
 
 
+@pytest.mark.slow
 def test_two_process_gloo_gathers_every_case_once(tmp_path):
     expected = gather_rows(evaluate_shard(0, 1))
     assert len(expected) == NUM_CASES * NUM_CLASSES

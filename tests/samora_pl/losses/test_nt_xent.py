@@ -68,6 +68,7 @@ def _worker(rank: int, world: int, z1_full, z2_full, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gathered_negatives_equal_one_process(tmp_path):
     """2 ranks x 4 pairs == 1 process x 8 pairs: the mean of the rank losses is the full loss, and each
     rank's gradient divided by the world size (DDP's gradient averaging) is the full-batch gradient."""

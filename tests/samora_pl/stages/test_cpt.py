@@ -37,29 +37,27 @@ FAST = [
 ]
 
 
-def write_pool(folder: Path, count: int = 16, size: int = 40) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for k in range(count):
-        np.savez(folder / f"s{k:03d}.npz", image=rng.random((size, size), dtype=np.float32))
-    return folder
+@pytest.fixture
+def config(npz_pool):
+    """``config(tmp_path, *extra)``: the cpt config of a tiny run on a 16-slice pool (written on first use)."""
 
+    def compose_cpt(tmp_path: Path, *extra):
+        pool = tmp_path / "pool"
+        if not pool.exists():
+            npz_pool(pool)
+        return compose(
+            "cpt",
+            [
+                f"runs_dir={tmp_path / 'runs'}",
+                "run=t",
+                f"data.dir={tmp_path / 'demo'}",
+                f"cpt.sources=[{{path: '{pool}', format: npz}}]",
+                *FAST,
+                *extra,
+            ],
+        )
 
-def config(tmp_path: Path, *extra):
-    pool = tmp_path / "pool"
-    if not pool.exists():
-        write_pool(pool)
-    return compose(
-        "cpt",
-        [
-            f"runs_dir={tmp_path / 'runs'}",
-            "run=t",
-            f"data.dir={tmp_path / 'demo'}",
-            f"cpt.sources=[{{path: '{pool}', format: npz}}]",
-            *FAST,
-            *extra,
-        ],
-    )
+    return compose_cpt
 
 
 def test_tiny_profile_composes():
@@ -71,7 +69,7 @@ def test_tiny_profile_composes():
     assert paper.cpt.mae.variant == "vit_large_patch16_224" and paper.cpt.mae.decoder_dim == 512
 
 
-def test_both_teachers_end_to_end_and_rerun(tmp_path):
+def test_both_teachers_end_to_end_and_rerun(tmp_path, config):
     cfg = config(tmp_path)
     metrics = run(cfg)
     assert set(metrics) == {"simclr", "mae"}
@@ -125,7 +123,7 @@ def test_default_pool_of_a_dataset_leaves_out_its_test_volumes(tmp_path):
     assert pool["excluded_cases"] == [] and pool["include_test_cases"] is True
 
 
-def test_interrupted_run_resumes_and_more_epochs_continue(tmp_path):
+def test_interrupted_run_resumes_and_more_epochs_continue(tmp_path, config):
     first = run(config(tmp_path, "cpt.teacher=mae"))["mae"]
     folder = tmp_path / "runs" / "t" / "cpt" / "mae"
     (folder / "manifest.json").unlink()  # as if the process died after the last checkpoint
@@ -136,8 +134,8 @@ def test_interrupted_run_resumes_and_more_epochs_continue(tmp_path):
     assert longer["epoch_losses"][0] == first["epoch_losses"][0]
 
 
-def test_bad_pool_stops_before_training(tmp_path):
-    write_pool(tmp_path / "pool")
+def test_bad_pool_stops_before_training(tmp_path, config, npz_pool):
+    npz_pool(tmp_path / "pool")
     (tmp_path / "pool" / "zz_broken.npz").write_bytes(b"truncated")
     with pytest.raises(SamoraError, match="zz_broken.npz"):
         run(config(tmp_path))
@@ -146,13 +144,13 @@ def test_bad_pool_stops_before_training(tmp_path):
     assert metrics["simclr"]["pool_slices"] == 16
 
 
-def test_empty_pool(tmp_path):
+def test_empty_pool(tmp_path, config):
     (tmp_path / "pool").mkdir()
     with pytest.raises(SamoraError, match="empty"):
         run(config(tmp_path))
 
 
-def test_checkpoint_of_another_architecture(tmp_path):
+def test_checkpoint_of_another_architecture(tmp_path, config):
     from samora_pl.models.mae import MaeTeacher
 
     wrong = tmp_path / "mae_pretrain.pth"
@@ -177,7 +175,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
     assert not (folder / "teacher.pt").exists() and not (folder / "manifest.json").exists()
 
 
-def test_public_mae_checkpoint_is_the_starting_point(tmp_path):
+def test_public_mae_checkpoint_is_the_starting_point(tmp_path, config):
     from samora_pl.models.mae import MaeTeacher
 
     torch.manual_seed(3)
@@ -195,7 +193,7 @@ def test_public_mae_checkpoint_is_the_starting_point(tmp_path):
     assert torch.equal(trained.blocks[0].attn.qkv.weight, donor.blocks[0].attn.qkv.weight)  # lr 0: unchanged
 
 
-def test_zero_epochs_keep_the_starting_weights_and_more_epochs_train_them(tmp_path):
+def test_zero_epochs_keep_the_starting_weights_and_more_epochs_train_them(tmp_path, config):
     from samora_pl.models.mae import MaeTeacher
 
     torch.manual_seed(3)
@@ -216,7 +214,7 @@ def test_zero_epochs_keep_the_starting_weights_and_more_epochs_train_them(tmp_pa
     assert not torch.equal(weight, donor.blocks[0].attn.qkv.weight)
 
 
-def test_bad_cpt_settings(tmp_path):
+def test_bad_cpt_settings(tmp_path, config):
     with pytest.raises(SamoraError, match="cpt.simclr.depth"):
         run(config(tmp_path, "cpt.simclr.depth=20"))
     with pytest.raises(SamoraError, match=r"cpt.sources\[0\].format"):
@@ -225,12 +223,12 @@ def test_bad_cpt_settings(tmp_path):
         run(compose("cpt", [f"runs_dir={tmp_path}", "cpt.sources=[{format: la}]"]))
 
 
-def test_demo_pool_is_the_default(tmp_path, monkeypatch):
+def test_demo_pool_is_the_default(tmp_path, monkeypatch, npz_pool):
     import data_modules.demo as demo
     from data_modules.unlabeled import sources_from_config
 
     def fake_demo(root, **_):
-        write_pool(Path(root) / "unlabeled", count=2)
+        npz_pool(Path(root) / "unlabeled", count=2)
         return Path(root)
 
     monkeypatch.setattr(demo, "ensure_demo", fake_demo)
@@ -247,7 +245,7 @@ def test_demo_pool_is_the_default(tmp_path, monkeypatch):
     ]
 
 
-def test_both_teachers_train_in_bf16_mixed(tmp_path):
+def test_both_teachers_train_in_bf16_mixed(tmp_path, config):
     """PRECISION=bf16-mixed on CPU: a few steps of each teacher, finite losses, float32 teacher weights."""
     metrics = run(config(tmp_path, "trainer.precision=bf16-mixed"))
     for kind in ("simclr", "mae"):

@@ -347,16 +347,13 @@ def test_bad_settings_are_refused(workspace):
         run(make_cfg(workspace, f"distill.teacher={workspace['simclr']}"))
 
 
-def test_ddp_two_cpu_processes_through_the_cli(workspace):
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_through_the_cli(workspace, subprocess_env):
     """`samora distill` with 2 CPU processes (gloo): every rank issues the same collectives; rank zero writes."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     root = workspace["root"]
-    repo = Path(__file__).resolve().parents[3]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo / "src"), str(repo)]))
     args = [
         sys.executable,
         "-m",
@@ -376,7 +373,7 @@ def test_ddp_two_cpu_processes_through_the_cli(workspace):
         "trainer.devices=2",
         f"cpt.sources=[{{path: {workspace['pool']}, format: npz, intensity: none}}]",
     ]
-    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args, cwd=root, env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((root / "runs" / "ddp" / "distill" / "pixel" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["epochs"] == 2

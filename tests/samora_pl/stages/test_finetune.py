@@ -2,7 +2,6 @@
 
 import csv
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -17,42 +16,32 @@ from samora_pl.errors import SamoraError
 from samora_pl.models.factory import build_segmenter
 from samora_pl.stages import finetune
 from tests.data_modules.volume_writers import LA_IDS, finetune_folder, finetune_overrides, write_la
-from tests.samora_pl.models.conftest import tiny_sam_state_dict
 
 
-def quick(tmp_path, *extra):
-    """Overrides for a seconds-long fine-tune on the shared demo data."""
-    return [
-        f"runs_dir={tmp_path / 'runs'}",
-        f"data.dir={demo_dir()}",
-        "run=t",
-        "data.fraction=0.1",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        "trainer.check_val_every_n_epoch=1",
-        "trainer.image_log_every_n_epochs=1",
-        "data.val_slices=4",
-        "trainer.log_every_n_steps=1",
-        *extra,
-    ]
+@pytest.fixture
+def quick(tmp_path, demo_dir):
+    """``quick(*extra)``: overrides for a seconds-long fine-tune on the session's demo data."""
+
+    def overrides(*extra):
+        return [
+            f"runs_dir={tmp_path / 'runs'}",
+            f"data.dir={demo_dir}",
+            "run=t",
+            "data.fraction=0.1",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.check_val_every_n_epoch=1",
+            "trainer.image_log_every_n_epochs=1",
+            "data.val_slices=4",
+            "trainer.log_every_n_steps=1",
+            *extra,
+        ]
+
+    return overrides
 
 
-_DEMO = {}
-
-
-def demo_dir() -> Path:
-    """One demo dataset for the whole session (written in ~2 s on first use)."""
-    if "dir" not in _DEMO:
-        import tempfile
-
-        from data_modules.demo import ensure_demo
-
-        _DEMO["dir"] = ensure_demo(Path(tempfile.mkdtemp(prefix="samora-demo-")) / "demo")
-    return _DEMO["dir"]
-
-
-def test_samed_finetune_writes_results_and_dashboards(tmp_path):
-    assert main(["finetune", *quick(tmp_path, "mode=samed")]) == 0
+def test_samed_finetune_writes_results_and_dashboards(tmp_path, quick):
+    assert main(["finetune", *quick("mode=samed")]) == 0
     folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
     rows = list(csv.DictReader(open(folder / "results.csv")))
     organs = {"spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"}
@@ -70,11 +59,11 @@ def test_samed_finetune_writes_results_and_dashboards(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["samed", "samora"])
-def test_validation_every_few_epochs_still_draws_pictures(tmp_path, mode):
+def test_validation_every_few_epochs_still_draws_pictures(tmp_path, mode, quick):
     """The tiny profile validates and draws every 20 epochs; validation then runs at epochs 19, 39, ..., so a
     picture rule of `epoch % 20 == 0` never drew one. Here: 2 epochs, validation and pictures every 2."""
     every = ["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2", "trainer.image_log_every_n_epochs=2"]
-    args = quick(tmp_path, f"mode={mode}", "finetune.zero_experts=true", "finetune.evaluate=false", *every)
+    args = quick(f"mode={mode}", "finetune.zero_experts=true", "finetune.evaluate=false", *every)
     assert main(["finetune", *args]) == 0
     (tb,) = (tmp_path / "runs" / "t" / "tb" / "finetune").iterdir()
     events = EventAccumulator(str(tb))
@@ -83,8 +72,8 @@ def test_validation_every_few_epochs_still_draws_pictures(tmp_path, mode):
     assert "val/slice_truth_prediction" in events.Tags()["images"]
 
 
-def test_evaluate_reproduces_the_metrics(tmp_path):
-    overrides = quick(tmp_path, "mode=samed")
+def test_evaluate_reproduces_the_metrics(tmp_path, quick):
+    overrides = quick("mode=samed")
     assert main(["finetune", *overrides]) == 0
     folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
     first = json.loads((folder / "metrics.json").read_text())
@@ -96,9 +85,9 @@ def test_evaluate_reproduces_the_metrics(tmp_path):
     assert (folder / "results.csv").read_text() == results
 
 
-def test_evaluate_reads_the_runs_only_finetune_as_it_was_made(tmp_path, capsys):
+def test_evaluate_reads_the_runs_only_finetune_as_it_was_made(tmp_path, capsys, quick):
     """`make finetune ARGS=mode=samed` then `make evaluate RUN=t`: no tag, no mode, same metrics."""
-    assert main(["finetune", *quick(tmp_path, "mode=samed")]) == 0
+    assert main(["finetune", *quick("mode=samed")]) == 0
     folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
     first = json.loads((folder / "metrics.json").read_text())
     (folder / "metrics.json").unlink()
@@ -109,7 +98,7 @@ def test_evaluate_reads_the_runs_only_finetune_as_it_was_made(tmp_path, capsys):
     assert main(["evaluate", *where, "model.lora_rank=8"]) == 1
     assert "model.lora_rank" in capsys.readouterr().err
     # a second fine-tune: without finetune.tag the choice is the user's, and the message lists both
-    assert main(["finetune", *quick(tmp_path, "mode=samed", "finetune.tag=second", "finetune.evaluate=false")]) == 0
+    assert main(["finetune", *quick("mode=samed", "finetune.tag=second", "finetune.evaluate=false")]) == 0
     assert main(["evaluate", *where]) == 1
     err = capsys.readouterr().err
     assert "samed-lora-f0.1" in err and "second" in err and "finetune.tag=" in err
@@ -118,27 +107,27 @@ def test_evaluate_reads_the_runs_only_finetune_as_it_was_made(tmp_path, capsys):
     assert main(["evaluate", *where, "mode=samed", "data.fraction=0.1"]) == 0  # the settings name the first
 
 
-def test_finished_run_is_not_redone_without_overwrite(tmp_path, capsys):
-    overrides = quick(tmp_path, "mode=samed")
+def test_finished_run_is_not_redone_without_overwrite(tmp_path, capsys, quick):
+    overrides = quick("mode=samed")
     assert main(["finetune", *overrides]) == 0
     assert main(["finetune", *overrides]) == 1
     assert "overwrite=true" in capsys.readouterr().err
 
 
-def test_missing_experts_name_the_files_and_the_command(tmp_path, capsys):
-    assert main(["finetune", *quick(tmp_path)]) == 1
+def test_missing_experts_name_the_files_and_the_command(tmp_path, capsys, quick):
+    assert main(["finetune", *quick()]) == 1
     err = capsys.readouterr().err
     assert "distill/image/expert.safetensors" in err and "make distill LEVEL=all" in err
     assert "Traceback" not in err
 
 
-def test_bad_fraction_is_one_clear_error(tmp_path, capsys):
-    assert main(["finetune", *quick(tmp_path, "data.fraction=1.5")]) == 1
+def test_bad_fraction_is_one_clear_error(tmp_path, capsys, quick):
+    assert main(["finetune", *quick("data.fraction=1.5")]) == 1
     assert "(0, 1]" in capsys.readouterr().err
 
 
 def _write_experts(tmp_path, rank, random_b=False):
-    cfg = compose("finetune", quick(tmp_path, f"model.lora_rank={rank}"))
+    cfg = compose("finetune", quick(f"model.lora_rank={rank}"))
     model = build_segmenter(cfg, 8, LEVELS, "hl_attn")
     if random_b:  # as if distilled: B != 0, so every expert changes the encoder
         with torch.no_grad():
@@ -153,27 +142,27 @@ def _write_experts(tmp_path, rank, random_b=False):
     return paths
 
 
-def test_experts_of_another_rank_are_refused(tmp_path, capsys):
+def test_experts_of_another_rank_are_refused(tmp_path, capsys, quick):
     paths = _write_experts(tmp_path, rank=2)
-    assert main(["finetune", *quick(tmp_path, *paths)]) == 1
+    assert main(["finetune", *quick(*paths)]) == 1
     err = capsys.readouterr().err
     assert "rank" in err.lower() and "Traceback" not in err
 
 
-def test_given_experts_are_loaded_and_recorded(tmp_path):
+def test_given_experts_are_loaded_and_recorded(tmp_path, quick):
     paths = _write_experts(tmp_path, rank=4)
-    assert main(["finetune", *quick(tmp_path, *paths, "finetune.tag=given")]) == 0
+    assert main(["finetune", *quick(*paths, "finetune.tag=given")]) == 0
     manifest = json.loads((tmp_path / "runs" / "t" / "finetune" / "given" / "manifest.json").read_text())
     assert {"expert_image", "expert_patch", "expert_pixel"} <= set(manifest["inputs"])
 
 
 @pytest.mark.parametrize("fusion", ["hl_attn", "mole"])
-def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion):
+def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion, quick):
     """Validation switches to eval and back: training must go on changing the trainable weights."""
     experts = _write_experts(tmp_path, rank=4, random_b=True)
     cfg = compose(
         "finetune",
-        quick(tmp_path, *experts, f"model.fusion={fusion}", "trainer.max_epochs=2", "finetune.evaluate=false"),
+        quick(*experts, f"model.fusion={fusion}", "trainer.max_epochs=2", "finetune.evaluate=false"),
     )
     snapshots = []
 
@@ -199,7 +188,7 @@ def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion):
     assert any(n.startswith("encoder.fusion") for n in changed) and any(n.startswith("mask_decoder") for n in changed)
 
 
-def test_samed_lora_keeps_training_after_validation(tmp_path):
+def test_samed_lora_keeps_training_after_validation(tmp_path, quick):
     """The SAMed baseline's LoRA (no merge-on-eval) must go on changing after a validation epoch."""
     snapshots = []
 
@@ -215,9 +204,7 @@ def test_samed_lora_keeps_training_after_validation(tmp_path):
 
     finetune.build_trainer = with_snapshot
     try:
-        finetune.run(
-            compose("finetune", quick(tmp_path, "mode=samed", "trainer.max_epochs=2", "finetune.evaluate=false"))
-        )
+        finetune.run(compose("finetune", quick("mode=samed", "trainer.max_epochs=2", "finetune.evaluate=false")))
     finally:
         finetune.build_trainer = original
     first, second = snapshots
@@ -225,21 +212,21 @@ def test_samed_lora_keeps_training_after_validation(tmp_path):
     assert lora and all(not torch.equal(first[n], second[n]) for n in lora)
 
 
-def test_bf16_mixed_precision_runs(tmp_path):
-    assert main(["finetune", *quick(tmp_path, "mode=samed", "trainer.precision=bf16-mixed")]) == 0
+def test_bf16_mixed_precision_runs(tmp_path, quick):
+    assert main(["finetune", *quick("mode=samed", "trainer.precision=bf16-mixed")]) == 0
     metrics = json.loads((tmp_path / "runs/t/finetune/samed-lora-f0.1/metrics.json").read_text())
     assert 0.0 <= metrics["mean_dice"] <= 1.0
 
 
-def test_ddp_two_cpu_processes_evaluate_every_case_once(tmp_path):
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_evaluate_every_case_once(tmp_path, quick, subprocess_env):
     """Lightning's DDP (gloo) re-launches the CLI for rank 1; each test case is evaluated exactly once."""
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path("src").resolve()), str(Path(".").resolve())]))
+    env = subprocess_env
     cmd = [sys.executable, "-m", "samora_pl", "finetune", "mode=samed", "trainer.devices=2", "trainer.accelerator=cpu"]
-    done = subprocess.run(cmd + quick(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd + quick(), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "runs/t/finetune/samed-lora-f0.1/results.csv")))
     pairs = [(r["case"], r["class_id"]) for r in rows]
@@ -247,23 +234,23 @@ def test_ddp_two_cpu_processes_evaluate_every_case_once(tmp_path):
     assert len((tmp_path / "runs/t/finetune/samed-lora-f0.1/splits/train_selected.txt").read_text().split()) > 0
 
 
-def test_experts_distilled_on_another_encoder_are_refused(tmp_path, capsys):
+def test_experts_distilled_on_another_encoder_are_refused(tmp_path, capsys, quick):
     from samora_pl.models.factory import base_fingerprint
 
-    cfg = compose("finetune", quick(tmp_path, "model.init_seed=1"))
+    cfg = compose("finetune", quick("model.init_seed=1"))
     model = build_segmenter(cfg, 8, LEVELS, "hl_attn")
     paths = []
     for level in LEVELS:
         path = tmp_path / f"{level}.safetensors"
         model.save_expert(level, path, base_fingerprint=base_fingerprint(model))
         paths.append(f"finetune.experts.{level}={path}")
-    assert main(["finetune", *quick(tmp_path, *paths)]) == 1
+    assert main(["finetune", *quick(*paths)]) == 1
     assert "another SAM encoder" in capsys.readouterr().err
 
 
-def test_interrupted_finetune_resumes_from_last_checkpoint(tmp_path):
+def test_interrupted_finetune_resumes_from_last_checkpoint(tmp_path, quick):
     """A run killed after its first epoch (manifest never written) continues from last.ckpt."""
-    assert main(["finetune", *quick(tmp_path, "mode=samed", "finetune.evaluate=false")]) == 0
+    assert main(["finetune", *quick("mode=samed", "finetune.evaluate=false")]) == 0
     folder = tmp_path / "runs/t/finetune/samed-lora-f0.1"
     (folder / "manifest.json").unlink()  # as if the process died before the stage finished
     epochs = []
@@ -279,32 +266,32 @@ def test_interrupted_finetune_resumes_from_last_checkpoint(tmp_path):
 
     finetune.build_trainer = recording
     try:
-        assert main(["finetune", *quick(tmp_path, "mode=samed", "trainer.max_epochs=2")]) == 0
+        assert main(["finetune", *quick("mode=samed", "trainer.max_epochs=2")]) == 0
     finally:
         finetune.build_trainer = original
     assert epochs == [1]  # epoch 0 came from the checkpoint
     assert json.loads((folder / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_interrupted_finetune_with_other_settings_is_refused(tmp_path, capsys):
-    assert main(["finetune", *quick(tmp_path, "mode=samed", "finetune.evaluate=false")]) == 0
+def test_interrupted_finetune_with_other_settings_is_refused(tmp_path, capsys, quick):
+    assert main(["finetune", *quick("mode=samed", "finetune.evaluate=false")]) == 0
     (tmp_path / "runs/t/finetune/samed-lora-f0.1/manifest.json").unlink()
-    assert main(["finetune", *quick(tmp_path, "mode=samed", "optim.lr=0.1")]) == 1
+    assert main(["finetune", *quick("mode=samed", "optim.lr=0.1")]) == 1
     assert "optim.lr" in capsys.readouterr().err
 
 
-def test_evaluate_with_two_processes_equals_one(tmp_path):
+@pytest.mark.slow
+def test_evaluate_with_two_processes_equals_one(tmp_path, quick, subprocess_env):
     """`make evaluate DEVICES=2` rewrites results identical to DEVICES=1 (cases sharded, gathered once)."""
-    import os
     import subprocess
     import sys
 
-    overrides = quick(tmp_path, "mode=samed")
+    overrides = quick("mode=samed")
     assert main(["finetune", *overrides]) == 0
     folder = tmp_path / "runs/t/finetune/samed-lora-f0.1"
     single = (folder / "results.csv").read_text()
     (folder / "results.csv").unlink()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path("src").resolve()), str(Path(".").resolve())]))
+    env = subprocess_env
     cmd = [sys.executable, "-m", "samora_pl", "evaluate", "trainer.devices=2", "trainer.accelerator=cpu", *overrides]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -327,11 +314,11 @@ def test_evaluate_tests_the_cases_of_the_runs_split(tmp_path):
     assert {r["case"] for r in rows} == {LA_IDS[4]}
 
 
-def test_a_finished_finetune_loads_without_its_sam_checkpoint(tmp_path):
+def test_a_finished_finetune_loads_without_its_sam_checkpoint(tmp_path, quick, tiny_sam_state_dict):
     """evaluate / predict rebuild the model from the saved weights alone: the SAM .pth may have moved."""
     ckpt = tmp_path / "sam_tiny_1024.pth"
     torch.save(tiny_sam_state_dict(), ckpt)
-    cfg = compose("finetune", quick(tmp_path, f"model.checkpoint={ckpt}"))
+    cfg = compose("finetune", quick(f"model.checkpoint={ckpt}"))
     trained = build_segmenter(cfg, 8, LEVELS, "hl_attn")
     state = {k: v.detach().contiguous() for k, v in trained.state_dict().items()}
     save_file(state, str(tmp_path / finetune.FINAL))
