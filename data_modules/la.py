@@ -24,13 +24,16 @@ import numpy as np
 
 from samora_pl.errors import SamoraError
 
-from .volume_io import Geometry
+from .volume_io import Geometry, open_h5, read_h5
 from .volumes import CaseReader, CaseSplit, RawCase, VolumeDataModule
 
 log = logging.getLogger(__name__)
 
 LA_FOLDER = "2018LA_Seg_Training Set"
 LA_FILE = "mri_norm2.h5"
+
+
+FIX = "copy it again"  # a damaged LA file: the release is the only source
 
 
 class LAReader(CaseReader):
@@ -44,25 +47,10 @@ class LAReader(CaseReader):
         return self.folder / case / LA_FILE
 
     def _open(self, case: str):
-        import h5py
-
         path = self.path(case)
-        if not path.is_file():
-            raise SamoraError(f"{path} does not exist: LA case {case} should be there (UA-MT layout)")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as err:
-            raise SamoraError(
-                f"{path} cannot be opened as HDF5 ({err}): the file is truncated or corrupt; copy it again"
-            ) from None
+        f = open_h5(path, f": LA case {case} should be there (UA-MT layout)", "LA cases need 'image' and 'label'", FIX)
         problem = None
-        missing = [k for k in ("image", "label") if k not in f]
-        if missing:
-            problem = (
-                f"has no {' or '.join(repr(k) for k in missing)} dataset (it has: "
-                f"{', '.join(sorted(f.keys())) or 'nothing'}); LA cases need 'image' and 'label'"
-            )
-        elif len(f["image"].shape) != 3:
+        if len(f["image"].shape) != 3:
             problem = f"image has shape {f['image'].shape}, expected (W, H, D)"
         elif f["image"].shape != f["label"].shape:
             problem = f"image shape {f['image'].shape} and label shape {f['label'].shape} differ"
@@ -75,24 +63,16 @@ class LAReader(CaseReader):
         with self._open(case) as f:
             return int(f["image"].shape[-1])
 
-    def _get(self, f, key: str, sel=()) -> np.ndarray:
-        try:
-            return np.asarray(f[key][sel])
-        except (OSError, ValueError, TypeError) as err:
-            raise SamoraError(
-                f"{f.filename}: reading '{key}' failed ({err}): the file is corrupt; copy it again"
-            ) from None
-
     def read(self, case: str) -> RawCase:
         with self._open(case) as f:
-            image, label = self._get(f, "image"), self._get(f, "label")
+            image, label = read_h5(f, "image", fix=FIX), read_h5(f, "label", fix=FIX)
         path = self.path(case)
         return RawCase(image.transpose(2, 1, 0), label.transpose(2, 1, 0), Geometry(), path, path)
 
     def read_slice(self, case: str, z: int) -> tuple[np.ndarray, np.ndarray]:
         sel = (slice(None), slice(None), int(z))
         with self._open(case) as f:
-            return self._get(f, "image", sel).T, self._get(f, "label", sel).T
+            return read_h5(f, "image", sel, FIX).T, read_h5(f, "label", sel, FIX).T
 
 
 class LADataModule(VolumeDataModule):

@@ -26,6 +26,7 @@ import numpy as np
 from samora_pl.errors import SamoraError
 
 from .base import SegmentationDataModule, Volume, as_label_map, label_problems, read_name_list
+from .volume_io import open_h5, read_h5
 
 SYNAPSE_CLASS_NAMES = [
     "spleen",
@@ -113,36 +114,19 @@ class SynapseSliceReader:
 
 
 def _open_h5(path: Path):
-    import h5py
-
-    if not path.is_file():
-        raise SamoraError(
-            f"{path} does not exist but is named in the test list: restore the file or remove its name "
-            "from test_vol.txt"
-        )
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise SamoraError(
-            f"{path} cannot be opened as HDF5 ({e}): the file is truncated or corrupt; re-create it"
-        ) from None
-    missing = [k for k in ("image", "label") if k not in f]
-    if missing:
-        keys = ", ".join(sorted(f.keys())) or "nothing"
-        f.close()
-        raise SamoraError(
-            f"{path} has no {' or '.join(repr(k) for k in missing)} dataset (it has: {keys}): "
-            "test volumes need datasets 'image' and 'label' of shape (D, H, W)"
-        )
-    return f
+    return open_h5(
+        path,
+        " but is named in the test list: restore the file or remove its name from test_vol.txt",
+        "test volumes need datasets 'image' and 'label' of shape (D, H, W)",
+        "re-create it",
+    )
 
 
-def _read_h5(f, what: str) -> np.ndarray:
-    """Read dataset `what` of an open h5 file; SamoraError if damaged."""
-    try:
-        return f[what][()]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SamoraError(f"{f.filename}: reading '{what}' failed ({e}): the file is corrupt; re-create it") from None
+def load_h5_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, raw label) of a test volume; SamoraError naming the file if it is missing, unreadable
+    or lacks a dataset. Values are not checked."""
+    with _open_h5(path) as f:
+        return np.asarray(read_h5(f, "image"), dtype=np.float32), np.asarray(read_h5(f, "label"))
 
 
 class SynapseDataModule(SegmentationDataModule):
@@ -209,9 +193,7 @@ class SynapseDataModule(SegmentationDataModule):
 
     def load_volume(self, case: str) -> Volume:
         path = self.volume_path(case)
-        with _open_h5(path) as f:
-            image = np.asarray(_read_h5(f, "image"), dtype=np.float32)
-            label = np.asarray(_read_h5(f, "label"))
+        image, label = load_h5_arrays(path)
         problems = _array_problems(image, label, 3, self.class_names)
         if problems:
             raise SamoraError(f"{path}: " + "; ".join(problems))
@@ -263,47 +245,32 @@ class SynapseDataModule(SegmentationDataModule):
                 add(folder, f"folder missing ({len(listed)} listed {what} should be there)")
                 listed.clear()
 
-        iterator = train
-        if progress:
-            from samora_pl.progress import track
+        def checked(items, path_of, read, ndim: int, desc: str, unit: str):
+            """(image, label) of every item that reads and passes the checks; the others' problems added."""
+            if progress:
+                from samora_pl.progress import track
 
-            iterator = track(train, "train slices", "slice")
-        for name in iterator:
-            path = self.slice_path(name)
-            try:
-                image, label = load_npz_arrays(path)
-            except SamoraError as e:
-                problems.append(str(e))
-                continue
-            msgs = _array_problems(image, label, 2, self.class_names)
-            for msg in msgs:
-                add(path, msg)
-            if not msgs:
-                summary["train_slices"] += 1
-                summary["slice_shapes"].add(tuple(image.shape))
-                summary["labels_seen"].update(np.unique(label).astype(int).tolist())
+                items = track(items, desc, unit)
+            for item in items:
+                path = path_of(item)
+                try:
+                    image, label = read(path)
+                except SamoraError as e:
+                    problems.append(str(e))
+                    continue
+                msgs = _array_problems(image, label, ndim, self.class_names)
+                for msg in msgs:
+                    add(path, msg)
+                if not msgs:
+                    summary["labels_seen"].update(np.unique(label).astype(int).tolist())
+                    yield image, label
 
-        iterator = test
-        if progress:
-            from samora_pl.progress import track
-
-            iterator = track(test, "test volumes", "volume")
-        for case in iterator:
-            path = self.volume_path(case)
-            try:
-                with _open_h5(path) as f:
-                    image = np.asarray(_read_h5(f, "image"), dtype=np.float32)
-                    label = np.asarray(_read_h5(f, "label"))
-            except SamoraError as e:
-                problems.append(str(e))
-                continue
-            msgs = _array_problems(image, label, 3, self.class_names)
-            for msg in msgs:
-                add(path, msg)
-            if not msgs:
-                summary["test_volumes"] += 1
-                summary["volume_shapes"].append(tuple(image.shape))
-                summary["labels_seen"].update(np.unique(label).astype(int).tolist())
+        for image, _ in checked(train, self.slice_path, load_npz_arrays, 2, "train slices", "slice"):
+            summary["train_slices"] += 1
+            summary["slice_shapes"].add(tuple(image.shape))
+        for image, _ in checked(test, self.volume_path, load_h5_arrays, 3, "test volumes", "volume"):
+            summary["test_volumes"] += 1
+            summary["volume_shapes"].append(tuple(image.shape))
 
         if problems:
             raise SamoraError(

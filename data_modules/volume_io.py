@@ -142,3 +142,30 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) 
             if tmp.with_suffix(".raw").exists():
                 tmp.with_suffix(".raw").unlink()
     return path
+
+
+def open_h5(path: Path, not_found: str, need: str, fix: str):
+    """An HDF5 file with datasets 'image' and 'label', open for reading. Each SamoraError names the file:
+    `not_found` says where it should come from, `need` what it must hold, `fix` how to replace a corrupt one."""
+    import h5py
+
+    if not path.is_file():
+        raise SamoraError(f"{path} does not exist{not_found}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise SamoraError(f"{path} cannot be opened as HDF5 ({err}): the file is truncated or corrupt; {fix}") from None
+    missing = [k for k in ("image", "label") if k not in f]
+    if missing:
+        keys = ", ".join(sorted(f.keys())) or "nothing"
+        f.close()
+        raise SamoraError(f"{path} has no {' or '.join(repr(k) for k in missing)} dataset (it has: {keys}): {need}")
+    return f
+
+
+def read_h5(f, key: str, sel=(), fix: str = "re-create it") -> np.ndarray:
+    """Dataset `key` of an open HDF5 file (optionally the selection `sel`); SamoraError if it is damaged."""
+    try:
+        return np.asarray(f[key][sel])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SamoraError(f"{f.filename}: reading '{key}' failed ({err}): the file is corrupt; {fix}") from None

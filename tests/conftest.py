@@ -1,5 +1,6 @@
-"""Fixtures shared across the test tree: the session's demo dataset, a pool of unlabeled slices, the
-environment of a child `python -m ...` that imports this checkout, and a tiny SAM state dict."""
+"""Fixtures shared across the test tree: the session's demo dataset and quick fine-tune overrides on it,
+tiny expert files, a pool of unlabeled slices, the environment of a child `python -m ...` that imports this
+checkout, and a tiny SAM state dict."""
 
 import os
 from pathlib import Path
@@ -29,6 +30,53 @@ def demo_dir(tmp_path_factory) -> Path:
     from data_modules.demo import ensure_demo
 
     return ensure_demo(tmp_path_factory.mktemp("samora-demo") / "demo")
+
+
+@pytest.fixture
+def quick(tmp_path, demo_dir):
+    """``quick(*extra)``: overrides for a seconds-long fine-tune on the session's demo data."""
+
+    def overrides(*extra):
+        return [
+            f"runs_dir={tmp_path / 'runs'}",
+            f"data.dir={demo_dir}",
+            "run=t",
+            "data.fraction=0.1",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.check_val_every_n_epoch=1",
+            "trainer.image_log_every_n_epochs=1",
+            "data.val_slices=4",
+            "trainer.log_every_n_steps=1",
+            *extra,
+        ]
+
+    return overrides
+
+
+@pytest.fixture
+def write_experts(quick):
+    """``write_experts(folder, rank, random_b=False)``: three tiny LoRA expert files made with `quick`'s
+    settings (B != 0 with random_b, as if distilled), as `finetune.experts.<level>=...` overrides."""
+    from samora_pl.choices import LEVELS
+    from samora_pl.config import compose
+    from samora_pl.models.factory import build_segmenter
+
+    def write(folder: Path, rank: int, random_b: bool = False) -> list:
+        model = build_segmenter(compose("finetune", quick(f"model.lora_rank={rank}")), 8, LEVELS, "hl_attn")
+        if random_b:
+            with torch.no_grad():
+                for name, param in model.lora.named_parameters():
+                    if "lora_B" in name:
+                        param.normal_(0, 0.05)
+        paths = []
+        for level in LEVELS:
+            path = folder / f"{level}-r{rank}.safetensors"
+            model.save_expert(level, path)
+            paths.append(f"finetune.experts.{level}={path}")
+        return paths
+
+    return write
 
 
 def _write_npz_pool(folder: Path, count: int = 16, size: int = 40) -> Path:
@@ -67,6 +115,37 @@ def _tiny_sam_state_dict(img_size=1024, num_multimask_outputs=3, seed=0):
         "mask_decoder": build_mask_decoder("tiny", num_multimask_outputs),
     }
     return {f"{p}.{k}": v for p, m in parts.items() for k, v in m.state_dict().items()}
+
+
+# the smallest teachers of each kind; tests change one size with keyword arguments
+TINY_MAE = dict(
+    variant="vit_base_patch16_224",
+    img_size=64,
+    patch_size=16,
+    embed_dim=32,
+    depth=2,
+    num_heads=4,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=4,
+)
+TINY_SIMCLR = dict(depth=18, width=0.25, proj_dim=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_mae():
+    """``tiny_mae(**sizes)``: a one-to-two-block MAE teacher (TINY_MAE, overridden by `sizes`)."""
+    from samora_pl.models.mae import MaeTeacher
+
+    return lambda **kw: MaeTeacher(**{**TINY_MAE, **kw})
+
+
+@pytest.fixture(scope="session")
+def tiny_simclr():
+    """``tiny_simclr(**sizes)``: a ResNet-18 SimCLR teacher at 1/4 width (TINY_SIMCLR, overridden by `sizes`)."""
+    from samora_pl.models.simclr import SimclrTeacher
+
+    return lambda **kw: SimclrTeacher(**{**TINY_SIMCLR, **kw})
 
 
 @pytest.fixture

@@ -1,40 +1,52 @@
-"""Learning-rate schedules used by every stage: linear warm-up followed by poly or cosine decay.
+"""Learning-rate schedules used by every stage (linear warm-up, then poly or cosine decay) and AdamW's
+weight-decay groups.
 
 They are step-based multipliers for `torch.optim.lr_scheduler.LambdaLR`, so Lightning steps them with
 `interval="step"` and their state resumes with the optimiser's.
 """
 
 import math
+from typing import Callable, Iterable, List
 
 import torch
 
 
-def warmup_poly(total_steps: int, warmup_steps: int, power: float = 0.9):
-    """Multiplier: linear ramp to 1 over `warmup_steps`, then (1 - progress) ** power down to 0."""
+def _warmup_then(total_steps: int, warmup_steps: int, decay: Callable[[float], float]):
+    """Multiplier: linear ramp to 1 over `warmup_steps`, then `decay(progress)` as progress goes 0 -> 1."""
     total_steps = max(int(total_steps), 1)
     warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return max(1.0 - progress, 0.0) ** power
+        return decay(min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0))
 
     return factor
+
+
+def warmup_poly(total_steps: int, warmup_steps: int, power: float = 0.9):
+    """Linear warm-up, then (1 - progress) ** power down to 0."""
+    return _warmup_then(total_steps, warmup_steps, lambda progress: (1.0 - progress) ** power)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.0):
-    """Multiplier: linear ramp to 1 over `warmup_steps`, then half a cosine down to `min_factor`."""
-    total_steps = max(int(total_steps), 1)
-    warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
+    """Linear warm-up, then half a cosine down to `min_factor`."""
+    return _warmup_then(
+        total_steps,
+        warmup_steps,
+        lambda progress: min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress)),
+    )
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return factor
+def decay_groups(named_parameters: Iterable[tuple], weight_decay: float, no_decay_names=()) -> List[dict]:
+    """AdamW parameter groups of the trainable `(name, parameter)` pairs: weight decay on matrices and
+    kernels; none on biases, norm weights, per-block LoRA scales (<= 1-D) and the named tokens."""
+    decay, rest = [], []
+    for name, param in named_parameters:
+        if param.requires_grad:
+            (rest if param.ndim <= 1 or name in no_decay_names else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    return groups + [{"params": rest, "weight_decay": 0.0}] if rest else groups
 
 
 def lightning_scheduler(optimizer, factor) -> dict:

@@ -127,6 +127,7 @@ def test_list_naming_a_missing_case(tmp_path, msd_root):
         dm_for(msd_root, list_dir=tmp_path / "lists").test_cases()
 
 
+@pytest.mark.slow
 def test_cli_finetune_and_options(tmp_path, msd_root, capsys):
     overrides = finetune_overrides(tmp_path, "generic", msd_root)
     assert main(["finetune", *overrides, "data.intensity=mr_percentile"]) == 0

@@ -139,6 +139,7 @@ def test_validate_summary(la_root):
     assert summary["volume_shapes"] == [(6, 24, 20)] and summary["labels_seen"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_cli_check_and_finetune(tmp_path, la_root):
     overrides = finetune_overrides(tmp_path, "la", la_root)
     assert main(["check", *overrides[:2]]) == 0

@@ -82,6 +82,7 @@ def test_synapse_layout_window_and_label_map(synapse_raw, tmp_path):
     assert build_datamodule("synapse", root=out, img_size=32).validate()["test_volumes"] == 1
 
 
+@pytest.mark.slow
 def test_prepared_synapse_fine_tunes_through_the_cli(synapse_raw, tmp_path):
     out = tmp_path / "synapse"
     assert main(["prepare", "data.name=synapse", f"prepare.raw={synapse_raw}", f"prepare.out={out}"]) == 0

@@ -104,6 +104,7 @@ def test_bad_files_name_the_file(promise_root):
     assert all(f"Case{n}" in str(err.value) for n in (13, 16, 20))
 
 
+@pytest.mark.slow
 def test_cli_finetune(tmp_path, promise_root):
     assert main(["finetune", *finetune_overrides(tmp_path, "promise12", promise_root)]) == 0
     rows = list(csv.DictReader(open(finetune_folder(tmp_path) / "results.csv")))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_modules.transforms import SegmentationTransform, _rotation_grid, resize_label, rot90_flip, rotate
-from tests.data_modules.conftest import phantom_slice
+from tests.data_modules.volume_writers import phantom_slice
 
 
 def _agreement(out) -> float:

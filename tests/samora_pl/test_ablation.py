@@ -58,6 +58,7 @@ def _fake_finetune(calls, fail_on=None, seen=None):
     return fake_run
 
 
+@pytest.mark.slow
 def test_runs_variants_writes_table_and_reuses_finished(tmp_path, experiments, monkeypatch):
     calls = []
     monkeypatch.setattr(finetune, "run", _fake_finetune(calls))
@@ -73,6 +74,7 @@ def test_runs_variants_writes_table_and_reuses_finished(tmp_path, experiments, m
     assert calls == ["pair-a-s0", "pair-b-s0"]
 
 
+@pytest.mark.slow
 def test_seeds_give_per_seed_tags_spread_and_per_class(tmp_path, experiments, monkeypatch):
     calls = []
     monkeypatch.setattr(finetune, "run", _fake_finetune(calls))
@@ -149,6 +151,7 @@ def test_reference_must_name_a_variant(experiments):
     assert ablation.load_ablation("fusion")["reference"] == "hl_attn"
 
 
+@pytest.mark.slow
 def test_killed_ablation_resumes_and_more_seeds_run_only_new_ones(tmp_path, experiments, monkeypatch):
     calls = []
     overrides = [f"runs_dir={tmp_path / 'runs'}", "run=r"]
@@ -196,6 +199,7 @@ def test_unknown_ablation_lists_known(experiments):
         ablation.load_ablation("nope")
 
 
+@pytest.mark.slow
 def test_shipped_ablations_compose():
     for name in SHIPPED:
         for extra in ablation.load_ablation(name)["variants"].values():
@@ -252,6 +256,7 @@ def _expert(cfg, level, run_folder):
     return Path(given) if given else run_folder / "distill" / level / "expert.safetensors"
 
 
+@pytest.mark.slow
 def test_variants_sharing_experts_distil_once(tmp_path, experiments, stages):
     root = tmp_path / "runs" / "r"
     ablation.run_ablation("share", [f"runs_dir={tmp_path / 'runs'}", "run=r"], seeds=2)
@@ -277,6 +282,7 @@ def test_variants_sharing_experts_distil_once(tmp_path, experiments, stages):
         assert seen["share-c-s0"].finetune.experts[level] is None  # plain: the run's own, config as before
 
 
+@pytest.mark.slow
 def test_rank_variants_distil_once_per_rank_and_finetune_with_them(tmp_path, experiments, stages):
     root = tmp_path / "runs" / "r"
     ablation.run_ablation("rank", [f"runs_dir={tmp_path / 'runs'}", "run=r"])
@@ -293,6 +299,7 @@ def test_rank_variants_distil_once_per_rank_and_finetune_with_them(tmp_path, exp
             assert ("/upstream/" in str(path)) == (rank != 4)  # rank 4 is the run's own (the default)
 
 
+@pytest.mark.slow
 def test_the_runs_own_stage1_made_with_other_settings_is_refused(tmp_path, experiments, stages):
     """A finished expert or teacher in the run's own folders is reused only if its saved settings agree."""
     overrides = [f"runs_dir={tmp_path / 'runs'}", "run=r"]
@@ -304,6 +311,7 @@ def test_the_runs_own_stage1_made_with_other_settings_is_refused(tmp_path, exper
         ablation.run_ablation("share", overrides + ["cpt.simclr.temperature=0.5"], seeds=2)
 
 
+@pytest.mark.slow
 def test_a_finished_finetune_made_with_other_settings_is_refused(tmp_path, experiments, stages):
     overrides = [f"runs_dir={tmp_path / 'runs'}", "run=r"]
     ablation.run_ablation("pair", overrides)
@@ -315,6 +323,7 @@ def test_a_finished_finetune_made_with_other_settings_is_refused(tmp_path, exper
     assert stages["finetune"] == ["pair-a-s0", "pair-b-s0"] * 2
 
 
+@pytest.mark.slow
 def test_killed_ablation_resumes_without_redoing_upstream_or_finetunes(tmp_path, experiments, stages):
     overrides = [f"runs_dir={tmp_path / 'runs'}", "run=r"]
     stages["install"](fail_stage=("distill", "patch"))
@@ -333,6 +342,7 @@ def test_killed_ablation_resumes_without_redoing_upstream_or_finetunes(tmp_path,
     assert len(stages["upstream"]) == 8 and len(stages["finetune"]) == 6
 
 
+@pytest.mark.slow
 def test_cpt_ablation_distils_from_untrained_teachers_and_shares_pixel(tmp_path, experiments, stages):
     root = tmp_path / "runs" / "r"
     ablation.run_ablation("cpt", [f"runs_dir={tmp_path / 'runs'}", "run=r"])
@@ -352,6 +362,7 @@ def test_cpt_ablation_distils_from_untrained_teachers_and_shares_pixel(tmp_path,
     assert without.finetune.experts.pixel is None and stages["seen"]["cpt-with-s0"].finetune.experts.image is None
 
 
+@pytest.mark.slow
 def test_level_variants_make_only_the_experts_they_fuse(tmp_path, experiments, stages):
     root = tmp_path / "runs" / "r"
     ablation.run_ablation("level", [f"runs_dir={tmp_path / 'runs'}", "run=r"])
@@ -366,6 +377,7 @@ def test_level_variants_make_only_the_experts_they_fuse(tmp_path, experiments, s
     assert list(pair.finetune.levels) == ["image", "patch"] and pair.model.fusion == "hl_attn"
 
 
+@pytest.mark.slow
 def test_real_rank_ablation_on_the_pixel_expert(tmp_path, experiments, monkeypatch):
     """Real distillation and fine-tuning (tiny sizes, seconds): a rank-2 pixel expert is distilled under
     upstream/, the rank-4 one in the run, each fine-tune loads its own, and a second pass makes nothing."""

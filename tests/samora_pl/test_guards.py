@@ -68,6 +68,7 @@ def nan_from(monkeypatch, owner, name, first: int, last: int = 10**9, pick=lambd
 # ------------------------------------------------------------------------------------- numerical guard
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_finetune_and_keeps_the_previous_model(tmp_path, monkeypatch, capsys, finetune_args):
     runs = tmp_path / "runs"
     assert main(finetune_args(runs, "finetune.evaluate=false")) == 0
@@ -85,6 +86,7 @@ def test_nan_loss_stops_finetune_and_keeps_the_previous_model(tmp_path, monkeypa
     assert (folder / "manifest.json").read_bytes() == manifest
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_finishes_and_counts_the_skipped_batches(tmp_path, monkeypatch, finetune_args):
     runs = tmp_path / "runs"
     nan_from(monkeypatch, SegmentationLoss, "forward", first=2, last=2)
@@ -95,6 +97,7 @@ def test_skip_nonfinite_finishes_and_counts_the_skipped_batches(tmp_path, monkey
     assert all(torch.isfinite(v).all() for v in load_file(str(folder / "final.safetensors")).values())
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch, capsys, npz_pool):
     runs = tmp_path / "runs"
     args = [
@@ -128,6 +131,7 @@ def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch,
     assert not (folder / "expert.safetensors").exists() and not (folder / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_cpt_and_keeps_the_previous_teacher(tmp_path, monkeypatch, capsys, npz_pool):
     runs = tmp_path / "runs"
     args = [
@@ -175,6 +179,7 @@ def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_deterministic_finetunes_give_identical_metrics(tmp_path, finetune_args):
     """Same seed: the same metrics.json and bit-identical weights (the tiny run's Dice is 0, so the weights are
     the sensitive part); another seed gives other weights, so the comparison is not vacuous."""

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from samora_pl.schedules import warmup_cosine, warmup_poly
+from samora_pl.schedules import decay_groups, warmup_cosine, warmup_poly
 
 
 def test_warmup_poly_shape():
@@ -20,3 +21,14 @@ def test_warmup_cosine_shape():
 
 def test_no_warmup_when_too_few_steps():
     assert warmup_poly(total_steps=1, warmup_steps=5)(0) == pytest.approx(1.0)
+
+
+def test_decay_groups_split_by_shape_name_and_trainability():
+
+    weight, bias, token, frozen = (torch.nn.Parameter(torch.ones(*s)) for s in ((3, 2), (3,), (1, 1, 4), (2, 2)))
+    frozen.requires_grad_(False)
+    named = [("w", weight), ("b", bias), ("cls_token", token), ("f", frozen)]
+    decay, rest = decay_groups(named, 0.05, no_decay_names=("cls_token",))
+    assert decay["params"] == [weight] and decay["weight_decay"] == 0.05
+    assert rest["params"] == [bias, token] and rest["weight_decay"] == 0.0
+    assert decay_groups([("w", weight)], 0.1) == [{"params": [weight], "weight_decay": 0.1}]

@@ -50,7 +50,7 @@ from samora_pl.guards import guard_loss
 from samora_pl.image_cadence import ImageCadence
 from samora_pl.losses.distillation import denoise_loss, normalized_mse
 from samora_pl.models.heads import ImageProjection, PixelDecoder, TokenProjection
-from samora_pl.schedules import lightning_scheduler, warmup_poly
+from samora_pl.schedules import decay_groups, lightning_scheduler, warmup_poly
 
 TEACHER_KIND = {"image": "simclr", "patch": "mae", "pixel": None}
 PAIRINGS = ("same", "cross")
@@ -107,16 +107,6 @@ def build_head(
     if level == "pixel":
         return PixelDecoder(widths["neck"], width=pixel_width, factor=widths["patch"])
     raise SamoraError(f"unknown distillation level {level!r}; choose one of {', '.join(LEVELS)}")
-
-
-def _decay_groups(params: Sequence[tuple], weight_decay: float) -> List[dict]:
-    """AdamW groups: matrices decay; biases, norm weights and per-block LoRA scales (<= 1-D) do not."""
-    decay = [p for _, p in params if p.dim() >= 2]
-    rest = [p for _, p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
-    return groups
 
 
 class DistillModule(L.LightningModule):
@@ -311,7 +301,7 @@ class DistillModule(L.LightningModule):
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if not params:
             raise SamoraError(f"nothing to train at the {self.level} level (no parameter requires grad)")
-        optimizer = torch.optim.AdamW(_decay_groups(params, self.weight_decay), **self.optim)
+        optimizer = torch.optim.AdamW(decay_groups(params, self.weight_decay), **self.optim)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise SamoraError("distillation needs a finite number of steps (set distill.max_epochs)")

@@ -222,6 +222,7 @@ def test_user_errors():
         case_metrics(a, a, 0)
 
 
+@pytest.mark.slow
 def test_workers_give_identical_rows_in_any_order():
     cases = [(f"case{i:04d}", *random_case(200 + i, shape=(16, 28, 28)), (2.0, 0.75, 0.75)) for i in range(5)]
     serial = evaluate_cases(cases, 5, workers=1)
@@ -233,6 +234,7 @@ def test_workers_give_identical_rows_in_any_order():
         assert_rows_identical(mine, reference_case(pred, label, 5, spacing=spacing))
 
 
+@pytest.mark.slow
 def test_workers_with_shared_memory_transport(monkeypatch):
     from samora_pl.evaluation import pool as pool_mod
 

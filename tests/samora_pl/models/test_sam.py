@@ -163,6 +163,7 @@ def test_segmenter_loads_tiny_checkpoint(tiny_ckpt):
     assert m(torch.rand(1, 1, 224, 224)).shape == (1, 9, 56, 56)
 
 
+@pytest.mark.slow
 def test_official_vit_b_checkpoint_layout(tmp_path):
     """A checkpoint written from segment-anything's own vit_b builder loads at 224 and 512."""
     import segment_anything

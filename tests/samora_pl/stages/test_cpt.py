@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from samora_pl.config import compose
 from samora_pl.errors import SamoraError
 from samora_pl.stages.cpt import load_teacher, run, teacher_file
-from tests.data_modules.conftest import write_synapse_tree
+from tests.data_modules.volume_writers import write_synapse_tree
 
 # Minimal sizes: one epoch of 2 steps per teacher.
 FAST = [
@@ -69,6 +69,7 @@ def test_tiny_profile_composes():
     assert paper.cpt.mae.variant == "vit_large_patch16_224" and paper.cpt.mae.decoder_dim == 512
 
 
+@pytest.mark.slow
 def test_both_teachers_end_to_end_and_rerun(tmp_path, config):
     cfg = config(tmp_path)
     metrics = run(cfg)
@@ -106,6 +107,7 @@ def test_both_teachers_end_to_end_and_rerun(tmp_path, config):
     assert set(redone) == {"mae"} and teacher_file(cfg, "mae").stat().st_mtime_ns != stamp
 
 
+@pytest.mark.slow
 def test_default_pool_of_a_dataset_leaves_out_its_test_volumes(tmp_path):
     root = write_synapse_tree(tmp_path / "synapse")  # 3 training cases x 4 slices; test case0001, case0002 x 5
     base = [f"runs_dir={tmp_path / 'runs'}", "run=t", "data.name=synapse", f"data.dir={root}", "profile=tiny"]
@@ -123,6 +125,7 @@ def test_default_pool_of_a_dataset_leaves_out_its_test_volumes(tmp_path):
     assert pool["excluded_cases"] == [] and pool["include_test_cases"] is True
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_and_more_epochs_continue(tmp_path, config):
     first = run(config(tmp_path, "cpt.teacher=mae"))["mae"]
     folder = tmp_path / "runs" / "t" / "cpt" / "mae"
@@ -193,6 +196,7 @@ def test_public_mae_checkpoint_is_the_starting_point(tmp_path, config):
     assert torch.equal(trained.blocks[0].attn.qkv.weight, donor.blocks[0].attn.qkv.weight)  # lr 0: unchanged
 
 
+@pytest.mark.slow
 def test_zero_epochs_keep_the_starting_weights_and_more_epochs_train_them(tmp_path, config):
     from samora_pl.models.mae import MaeTeacher
 
@@ -245,6 +249,7 @@ def test_demo_pool_is_the_default(tmp_path, monkeypatch, npz_pool):
     ]
 
 
+@pytest.mark.slow
 def test_both_teachers_train_in_bf16_mixed(tmp_path, config):
     """PRECISION=bf16-mixed on CPU: a few steps of each teacher, finite losses, float32 teacher weights."""
     metrics = run(config(tmp_path, "trainer.precision=bf16-mixed"))

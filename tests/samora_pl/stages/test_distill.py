@@ -17,8 +17,6 @@ from torch.utils.data import DataLoader
 
 from samora_pl.config import compose
 from samora_pl.errors import SamoraError
-from samora_pl.models.mae import MaeTeacher
-from samora_pl.models.simclr import SimclrTeacher
 from samora_pl.models.teacher_io import load_teacher, save_teacher
 from samora_pl.runs import sha256
 from samora_pl.stages import distill_module
@@ -30,28 +28,13 @@ IMG = 64
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*")
 
 
-def tiny_simclr():
-    torch.manual_seed(1)
-    return SimclrTeacher(depth=18, width=0.125, proj_dim=16, proj_hidden_dim=16, normalize="none", img_size=32)
-
-
-def tiny_mae(img_size=IMG):
-    torch.manual_seed(2)
-    return MaeTeacher(
-        variant="vit_base_patch16_224",
-        img_size=img_size,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        decoder_dim=32,
-        decoder_depth=1,
-        decoder_heads=2,
-        normalize="none",
-    )
+# distillation's teachers: the shared tiny ones, smaller still and without input normalisation
+SIMCLR = dict(width=0.125, proj_hidden_dim=16, normalize="none", img_size=32)
+MAE = dict(img_size=IMG, depth=1, num_heads=2, decoder_heads=2, normalize="none")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, tiny_simclr, tiny_mae):
     """A pool of unlabeled slices (one npz volume) and the two teachers in the real teacher.pt format."""
     root = tmp_path_factory.mktemp("distill")
     pool = root / "pool"
@@ -64,8 +47,10 @@ def workspace(tmp_path_factory):
     ]
     np.savez(pool / "vol.npz", image=np.stack(slices).astype(np.float32))
     teachers = root / "teachers"
-    simclr = save_teacher(tiny_simclr(), teachers / "simclr" / "teacher.pt")
-    mae = save_teacher(tiny_mae(), teachers / "mae" / "teacher.pt")
+    torch.manual_seed(1)
+    simclr = save_teacher(tiny_simclr(**SIMCLR), teachers / "simclr" / "teacher.pt")
+    torch.manual_seed(2)
+    mae = save_teacher(tiny_mae(**MAE), teachers / "mae" / "teacher.pt")
     return {"root": root, "pool": pool, "simclr": simclr, "mae": mae}
 
 
@@ -207,10 +192,11 @@ def test_patch_positions_are_the_teachers_visible_ones(workspace, monkeypatch):
         torch.testing.assert_close(tokens, module.student.encoder.forward_tokens(images))
 
 
-def test_patch_level_maps_a_coarser_teacher_grid(workspace):
+def test_patch_level_maps_a_coarser_teacher_grid(workspace, tiny_mae):
     """Teacher at 32 px (2x2 patches) vs student at 64 px (4x4 tokens): area mean of 2x2 student tokens."""
     cfg = make_cfg(workspace)
-    teacher = tiny_mae(img_size=32).eval()
+    torch.manual_seed(2)
+    teacher = tiny_mae(**{**MAE, "img_size": 32}).eval()
     student = build_student(cfg, "patch")
     module = DistillModule(student, "patch", build_head("patch", student, teacher), teacher)
     images = torch.rand(2, 1, IMG, IMG)
@@ -271,6 +257,7 @@ PICTURES = {
 }
 
 
+@pytest.mark.slow
 def test_run_all_levels_writes_experts_and_manifests(workspace):
     cfg = make_cfg(workspace, "distill.level=all", run_name="full")
     cpt = workspace["root"] / "runs" / "full" / "cpt"
@@ -380,6 +367,7 @@ def test_ddp_two_cpu_processes_through_the_cli(workspace, subprocess_env):
     assert manifest["outputs"][EXPERT]["sha256"] == sha256(root / "runs" / "ddp" / "distill" / "pixel" / EXPERT)
 
 
+@pytest.mark.slow
 def test_every_level_distils_in_bf16_mixed(workspace):
     """PRECISION=bf16-mixed on CPU: each level trains a few steps with a finite loss and writes its expert."""
     cpt = workspace["root"] / "runs" / "bf16" / "cpt"

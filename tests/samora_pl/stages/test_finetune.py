@@ -18,28 +18,7 @@ from samora_pl.stages import finetune
 from tests.data_modules.volume_writers import LA_IDS, finetune_folder, finetune_overrides, write_la
 
 
-@pytest.fixture
-def quick(tmp_path, demo_dir):
-    """``quick(*extra)``: overrides for a seconds-long fine-tune on the session's demo data."""
-
-    def overrides(*extra):
-        return [
-            f"runs_dir={tmp_path / 'runs'}",
-            f"data.dir={demo_dir}",
-            "run=t",
-            "data.fraction=0.1",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2",
-            "trainer.check_val_every_n_epoch=1",
-            "trainer.image_log_every_n_epochs=1",
-            "data.val_slices=4",
-            "trainer.log_every_n_steps=1",
-            *extra,
-        ]
-
-    return overrides
-
-
+@pytest.mark.slow
 def test_samed_finetune_writes_results_and_dashboards(tmp_path, quick):
     assert main(["finetune", *quick("mode=samed")]) == 0
     folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
@@ -58,6 +37,7 @@ def test_samed_finetune_writes_results_and_dashboards(tmp_path, quick):
     assert "val/slice_truth_prediction" in events.Tags()["images"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["samed", "samora"])
 def test_validation_every_few_epochs_still_draws_pictures(tmp_path, mode, quick):
     """The tiny profile validates and draws every 20 epochs; validation then runs at epochs 19, 39, ..., so a
@@ -72,6 +52,7 @@ def test_validation_every_few_epochs_still_draws_pictures(tmp_path, mode, quick)
     assert "val/slice_truth_prediction" in events.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_metrics(tmp_path, quick):
     overrides = quick("mode=samed")
     assert main(["finetune", *overrides]) == 0
@@ -85,6 +66,7 @@ def test_evaluate_reproduces_the_metrics(tmp_path, quick):
     assert (folder / "results.csv").read_text() == results
 
 
+@pytest.mark.slow
 def test_evaluate_reads_the_runs_only_finetune_as_it_was_made(tmp_path, capsys, quick):
     """`make finetune ARGS=mode=samed` then `make evaluate RUN=t`: no tag, no mode, same metrics."""
     assert main(["finetune", *quick("mode=samed")]) == 0
@@ -107,6 +89,7 @@ def test_evaluate_reads_the_runs_only_finetune_as_it_was_made(tmp_path, capsys, 
     assert main(["evaluate", *where, "mode=samed", "data.fraction=0.1"]) == 0  # the settings name the first
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_redone_without_overwrite(tmp_path, capsys, quick):
     overrides = quick("mode=samed")
     assert main(["finetune", *overrides]) == 0
@@ -126,40 +109,26 @@ def test_bad_fraction_is_one_clear_error(tmp_path, capsys, quick):
     assert "(0, 1]" in capsys.readouterr().err
 
 
-def _write_experts(tmp_path, rank, random_b=False):
-    cfg = compose("finetune", quick(f"model.lora_rank={rank}"))
-    model = build_segmenter(cfg, 8, LEVELS, "hl_attn")
-    if random_b:  # as if distilled: B != 0, so every expert changes the encoder
-        with torch.no_grad():
-            for name, param in model.lora.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.05)
-    paths = []
-    for level in LEVELS:
-        path = tmp_path / f"{level}-r{rank}.safetensors"
-        model.save_expert(level, path)
-        paths.append(f"finetune.experts.{level}={path}")
-    return paths
-
-
-def test_experts_of_another_rank_are_refused(tmp_path, capsys, quick):
-    paths = _write_experts(tmp_path, rank=2)
+def test_experts_of_another_rank_are_refused(tmp_path, capsys, quick, write_experts):
+    paths = write_experts(tmp_path, rank=2)
     assert main(["finetune", *quick(*paths)]) == 1
     err = capsys.readouterr().err
     assert "rank" in err.lower() and "Traceback" not in err
 
 
-def test_given_experts_are_loaded_and_recorded(tmp_path, quick):
-    paths = _write_experts(tmp_path, rank=4)
+@pytest.mark.slow
+def test_given_experts_are_loaded_and_recorded(tmp_path, quick, write_experts):
+    paths = write_experts(tmp_path, rank=4)
     assert main(["finetune", *quick(*paths, "finetune.tag=given")]) == 0
     manifest = json.loads((tmp_path / "runs" / "t" / "finetune" / "given" / "manifest.json").read_text())
     assert {"expert_image", "expert_patch", "expert_pixel"} <= set(manifest["inputs"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["hl_attn", "mole"])
-def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion, quick):
+def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion, quick, write_experts):
     """Validation switches to eval and back: training must go on changing the trainable weights."""
-    experts = _write_experts(tmp_path, rank=4, random_b=True)
+    experts = write_experts(tmp_path, rank=4, random_b=True)
     cfg = compose(
         "finetune",
         quick(*experts, f"model.fusion={fusion}", "trainer.max_epochs=2", "finetune.evaluate=false"),
@@ -188,6 +157,7 @@ def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion, qui
     assert any(n.startswith("encoder.fusion") for n in changed) and any(n.startswith("mask_decoder") for n in changed)
 
 
+@pytest.mark.slow
 def test_samed_lora_keeps_training_after_validation(tmp_path, quick):
     """The SAMed baseline's LoRA (no merge-on-eval) must go on changing after a validation epoch."""
     snapshots = []
@@ -212,6 +182,7 @@ def test_samed_lora_keeps_training_after_validation(tmp_path, quick):
     assert lora and all(not torch.equal(first[n], second[n]) for n in lora)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_runs(tmp_path, quick):
     assert main(["finetune", *quick("mode=samed", "trainer.precision=bf16-mixed")]) == 0
     metrics = json.loads((tmp_path / "runs/t/finetune/samed-lora-f0.1/metrics.json").read_text())
@@ -248,6 +219,7 @@ def test_experts_distilled_on_another_encoder_are_refused(tmp_path, capsys, quic
     assert "another SAM encoder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_interrupted_finetune_resumes_from_last_checkpoint(tmp_path, quick):
     """A run killed after its first epoch (manifest never written) continues from last.ckpt."""
     assert main(["finetune", *quick("mode=samed", "finetune.evaluate=false")]) == 0
@@ -273,6 +245,7 @@ def test_interrupted_finetune_resumes_from_last_checkpoint(tmp_path, quick):
     assert json.loads((folder / "manifest.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_interrupted_finetune_with_other_settings_is_refused(tmp_path, capsys, quick):
     assert main(["finetune", *quick("mode=samed", "finetune.evaluate=false")]) == 0
     (tmp_path / "runs/t/finetune/samed-lora-f0.1/manifest.json").unlink()
@@ -299,6 +272,7 @@ def test_evaluate_with_two_processes_equals_one(tmp_path, quick, subprocess_env)
     assert (folder / "results.csv").read_text() == single
 
 
+@pytest.mark.slow
 def test_evaluate_tests_the_cases_of_the_runs_split(tmp_path):
     """Re-evaluation reads the case split the fine-tune wrote, not the dataset's lists as they are now."""
     root = write_la(tmp_path / "la")

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune import _write_experts, quick
 
 from data_modules.base import SliceDataset
 from samora_pl.choices import LEVELS
@@ -50,11 +49,12 @@ def test_holdout_is_a_seeded_bounded_share():
         lorahub.holdout_names(names, 0.0, 16, seed=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", [True, False])
-def test_decoder_trains_on_exactly_the_non_held_out_slices(tmp_path, cache):
+def test_decoder_trains_on_exactly_the_non_held_out_slices(tmp_path, cache, quick):
     """The held-out few-shot slices leave the decoder's training set by index, so under data.cache=true (slices
     held in memory) every kept name still comes with its own image and label."""
-    args = quick(tmp_path, "model.fusion=lorahub", "finetune.zero_experts=true", f"data.cache={str(cache).lower()}")
+    args = quick("model.fusion=lorahub", "finetune.zero_experts=true", f"data.cache={str(cache).lower()}")
     cfg = compose("finetune", [*args, "data.augment=false", "data.fraction=0.3", "finetune.lorahub.max_slices=5"])
     folder = tmp_path / "f"
     data = finetune.build_data(cfg, folder)
@@ -72,8 +72,9 @@ def test_decoder_trains_on_exactly_the_non_held_out_slices(tmp_path, cache):
     assert search.settings["decoder_train_slices"] == len(items)
 
 
-def test_lorahub_finetune_warms_up_searches_and_freezes(tmp_path, monkeypatch):
-    experts = _write_experts(tmp_path, rank=4, random_b=True)
+@pytest.mark.slow
+def test_lorahub_finetune_warms_up_searches_and_freezes(tmp_path, monkeypatch, write_experts, quick):
+    experts = write_experts(tmp_path, rank=4, random_b=True)
     seen = {}
     search = lorahub.search_weights
 
@@ -86,7 +87,7 @@ def test_lorahub_finetune_warms_up_searches_and_freezes(tmp_path, monkeypatch):
         return search(probe, names, **kwargs)
 
     monkeypatch.setattr(lorahub, "search_weights", watched)
-    args = quick(tmp_path, *experts, "model.fusion=lorahub", "finetune.lorahub.budget=6", "trainer.max_epochs=2")
+    args = quick(*experts, "model.fusion=lorahub", "finetune.lorahub.budget=6", "trainer.max_epochs=2")
     assert main(["finetune", *args]) == 0
     assert seen == {"grad": False, "start": [pytest.approx(1 / 3)] * 3}
     folder = tmp_path / "runs" / "t" / "finetune" / "samora-lorahub-f0.1"
@@ -116,8 +117,8 @@ def test_lorahub_finetune_warms_up_searches_and_freezes(tmp_path, monkeypatch):
     assert main(["evaluate", *args]) == 0  # a lorahub run re-evaluates from its final weights
 
 
-def test_bad_lorahub_settings_are_one_clear_error(tmp_path):
+def test_bad_lorahub_settings_are_one_clear_error(tmp_path, quick):
     with pytest.raises(SamoraError, match="finetune.lorahub.warmup"):
-        compose("finetune", quick(tmp_path, "finetune.lorahub.warmup=1.0"))
+        compose("finetune", quick("finetune.lorahub.warmup=1.0"))
     with pytest.raises(SamoraError, match="finetune.lorahub.start.*uniform, zero"):
-        compose("finetune", quick(tmp_path, "finetune.lorahub.start=best"))
+        compose("finetune", quick("finetune.lorahub.start=best"))

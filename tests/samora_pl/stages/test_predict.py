@@ -44,6 +44,7 @@ def direct_prediction(root, image: np.ndarray, mode: str) -> np.ndarray:
     return predict_volume(model, scale_intensity(image, mode), saved.model.img_size, resize=saved.eval.resize)
 
 
+@pytest.mark.slow
 def test_nifti_and_mhd_predictions_keep_the_source_frame(run_root, tmp_path):
     rng = np.random.default_rng(0)
     ct = rng.uniform(-300.0, 400.0, (5, 40, 36)).astype(np.float32)  # raw HU: auto applies the CT window
@@ -64,6 +65,7 @@ def test_nifti_and_mhd_predictions_keep_the_source_frame(run_root, tmp_path):
         assert np.array_equal(label, direct_prediction(run_root, image, "ct_window"))
 
 
+@pytest.mark.slow
 def test_h5_volume_with_overlay_and_a_forced_intensity(run_root, tmp_path):
     image = np.random.default_rng(1).uniform(0.0, 1.0, (4, 32, 32)).astype(np.float32)
     with h5py.File(tmp_path / "case0099.npy.h5", "w") as f:
@@ -99,6 +101,7 @@ def test_bad_inputs_are_one_clear_error(run_root, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_la_h5_is_transposed_and_auto_intensity_follows_the_dataset(tmp_path):
     stored = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # LA's (W, H, D)
     with h5py.File(tmp_path / "mri_norm2.h5", "w") as f:
