@@ -148,6 +148,32 @@ def tiny_simclr():
     return lambda **kw: SimclrTeacher(**{**TINY_SIMCLR, **kw})
 
 
+@pytest.fixture(scope="session")
+def tiny_cpt() -> list:
+    """CPT overrides at minimal sizes: one epoch of 2 steps per teacher, on the CPU."""
+    return [
+        "cpt.simclr.depth=18",
+        "cpt.simclr.width=0.125",
+        "cpt.simclr.img_size=32",
+        "cpt.simclr.batch_size=8",
+        "cpt.simclr.max_epochs=1",
+        "cpt.simclr.proj_dim=16",
+        "cpt.mae.embed_dim=32",
+        "cpt.mae.depth=1",
+        "cpt.mae.num_heads=2",
+        "cpt.mae.patch_size=16",
+        "cpt.mae.img_size=32",
+        "cpt.mae.decoder_dim=32",
+        "cpt.mae.decoder_depth=1",
+        "cpt.mae.decoder_heads=2",
+        "cpt.mae.batch_size=8",
+        "cpt.mae.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.log_every_n_steps=1",
+        "data.num_workers=0",
+    ]
+
+
 @pytest.fixture
 def randomize_encoder():
     """``randomize_encoder(image_encoder, seed=0)``: non-zero pos_embed and rel-pos tables (in place)."""

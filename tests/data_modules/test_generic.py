@@ -3,6 +3,7 @@ dataset.json, splits, intensity defaults, geometry, bad inputs, CLI fine-tune.""
 
 import csv
 import json
+from functools import partial
 
 import nibabel
 import numpy as np
@@ -13,16 +14,18 @@ from data_modules.generic import GenericDataModule
 from data_modules.volume_io import Geometry, write_image
 from samora_pl.cli import main
 from samora_pl.errors import SamoraError
-from tests.data_modules.volume_writers import GEOMETRY, finetune_folder, finetune_overrides, write_generic
+from tests.data_modules.volume_writers import (
+    GEOMETRY,
+    finetune_folder,
+    finetune_overrides,
+    small_datamodule,
+    write_generic,
+)
 
 TRAIN = ["liver_0", "liver_1", "liver_2", "liver_3", "liver_4"]
 
 
-def dm_for(root, **kw):
-    kw.setdefault("img_size", 32)
-    kw.setdefault("batch_size", 4)
-    kw.setdefault("val_slices", 4)
-    return GenericDataModule(root=root, **kw)
+dm_for = partial(small_datamodule, GenericDataModule)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ intensity, bad inputs, and a CLI fine-tune."""
 
 import csv
 import pickle
+from functools import partial
 
 import h5py
 import numpy as np
@@ -13,14 +14,9 @@ from data_modules import build_datamodule
 from data_modules.la import LADataModule
 from samora_pl.cli import main
 from samora_pl.errors import SamoraError
-from tests.data_modules.volume_writers import LA_IDS, finetune_folder, finetune_overrides, write_la
+from tests.data_modules.volume_writers import LA_IDS, finetune_folder, finetune_overrides, small_datamodule, write_la
 
-
-def dm_for(root, **kw):
-    kw.setdefault("img_size", 32)
-    kw.setdefault("batch_size", 4)
-    kw.setdefault("val_slices", 4)
-    return LADataModule(root=root, **kw)
+dm_for = partial(small_datamodule, LADataModule)
 
 
 def h5_path(root, case):

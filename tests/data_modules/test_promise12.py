@@ -1,6 +1,7 @@
 """Promise12DataModule on tiny mhd/raw pairs written with SimpleITK: split, geometry, bad inputs, CLI fine-tune."""
 
 import csv
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,17 +17,14 @@ from tests.data_modules.volume_writers import (
     PROMISE12_TEST,
     finetune_folder,
     finetune_overrides,
+    small_datamodule,
     write_promise12,
 )
 
 TEST_CASES = [f"Case{n:02d}" for n in PROMISE12_TEST]
 
 
-def dm_for(root, **kw):
-    kw.setdefault("img_size", 32)
-    kw.setdefault("batch_size", 4)
-    kw.setdefault("val_slices", 4)
-    return Promise12DataModule(root=root, **kw)
+dm_for = partial(small_datamodule, Promise12DataModule)
 
 
 @pytest.fixture

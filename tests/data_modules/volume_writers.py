@@ -172,3 +172,8 @@ def write_synapse_tree(
     (root / "lists" / "lists_Synapse" / "train.txt").write_text("".join(f"{n}\n" for n in names))
     (root / "lists" / "lists_Synapse" / "test_vol.txt").write_text("".join(f"{c}\n" for c in test_cases))
     return root
+
+
+def small_datamodule(cls, root: Path, **kw):
+    """`cls` at test sizes: 32 px, batches of 4, 4 monitoring slices (each overridable by `kw`)."""
+    return cls(root=root, **{"img_size": 32, "batch_size": 4, "val_slices": 4, **kw})

@@ -132,7 +132,7 @@ def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch,
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_cpt_and_keeps_the_previous_teacher(tmp_path, monkeypatch, capsys, npz_pool):
+def test_nan_loss_stops_cpt_and_keeps_the_previous_teacher(tmp_path, monkeypatch, capsys, npz_pool, tiny_cpt):
     runs = tmp_path / "runs"
     args = [
         "cpt",
@@ -141,16 +141,7 @@ def test_nan_loss_stops_cpt_and_keeps_the_previous_teacher(tmp_path, monkeypatch
         f"data.dir={tmp_path / 'demo'}",
         "cpt.teacher=mae",
         f"cpt.sources=[{{path: '{npz_pool(tmp_path / 'pool')}', format: npz}}]",
-        "cpt.mae.embed_dim=32",
-        "cpt.mae.depth=1",
-        "cpt.mae.num_heads=2",
-        "cpt.mae.patch_size=16",
-        "cpt.mae.img_size=32",
-        "cpt.mae.decoder_dim=32",
-        "cpt.mae.decoder_depth=1",
-        "cpt.mae.decoder_heads=2",
-        "cpt.mae.batch_size=8",
-        "trainer.accelerator=cpu",
+        *tiny_cpt,
     ]
     assert main(args + ["cpt.mae.max_epochs=1"]) == 0
     teacher = runs / "t" / "cpt" / "mae" / "teacher.pt"

@@ -13,32 +13,11 @@ from samora_pl.errors import SamoraError
 from samora_pl.stages.cpt import load_teacher, run, teacher_file
 from tests.data_modules.volume_writers import write_synapse_tree
 
-# Minimal sizes: one epoch of 2 steps per teacher.
-FAST = [
-    "cpt.simclr.depth=18",
-    "cpt.simclr.width=0.125",
-    "cpt.simclr.img_size=32",
-    "cpt.simclr.batch_size=8",
-    "cpt.simclr.max_epochs=1",
-    "cpt.simclr.proj_dim=16",
-    "cpt.mae.embed_dim=32",
-    "cpt.mae.depth=1",
-    "cpt.mae.num_heads=2",
-    "cpt.mae.patch_size=16",
-    "cpt.mae.img_size=32",
-    "cpt.mae.decoder_dim=32",
-    "cpt.mae.decoder_depth=1",
-    "cpt.mae.decoder_heads=2",
-    "cpt.mae.batch_size=8",
-    "cpt.mae.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "trainer.log_every_n_steps=1",
-    "data.num_workers=0",
-]
+FAST_MAE = dict(img_size=32, depth=1, num_heads=2, decoder_heads=2)  # the MAE of tiny_cpt, for checkpoints
 
 
 @pytest.fixture
-def config(npz_pool):
+def config(npz_pool, tiny_cpt):
     """``config(tmp_path, *extra)``: the cpt config of a tiny run on a 16-slice pool (written on first use)."""
 
     def compose_cpt(tmp_path: Path, *extra):
@@ -52,7 +31,7 @@ def config(npz_pool):
                 "run=t",
                 f"data.dir={tmp_path / 'demo'}",
                 f"cpt.sources=[{{path: '{pool}', format: npz}}]",
-                *FAST,
+                *tiny_cpt,
                 *extra,
             ],
         )
@@ -153,23 +132,10 @@ def test_empty_pool(tmp_path, config):
         run(config(tmp_path))
 
 
-def test_checkpoint_of_another_architecture(tmp_path, config):
-    from samora_pl.models.mae import MaeTeacher
-
+def test_checkpoint_of_another_architecture(tmp_path, config, tiny_mae):
     wrong = tmp_path / "mae_pretrain.pth"
     torch.save(
-        {
-            "model": MaeTeacher(
-                img_size=32,
-                patch_size=16,
-                embed_dim=32,
-                depth=1,
-                num_heads=2,
-                decoder_dim=32,
-                decoder_depth=1,
-                decoder_heads=2,
-            ).state_dict()
-        },
+        {"model": tiny_mae(**FAST_MAE).state_dict()},
         wrong,
     )
     with pytest.raises(SamoraError, match="none of the layouts the teacher reads"):
@@ -178,13 +144,9 @@ def test_checkpoint_of_another_architecture(tmp_path, config):
     assert not (folder / "teacher.pt").exists() and not (folder / "manifest.json").exists()
 
 
-def test_public_mae_checkpoint_is_the_starting_point(tmp_path, config):
-    from samora_pl.models.mae import MaeTeacher
-
+def test_public_mae_checkpoint_is_the_starting_point(tmp_path, config, tiny_mae):
     torch.manual_seed(3)
-    donor = MaeTeacher(
-        img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
-    )
+    donor = tiny_mae(**FAST_MAE)
     path = tmp_path / "mae_pretrain_vit_tiny_full.pth"
     torch.save({"model": donor.state_dict()}, path)
     run(config(tmp_path, f"cpt.mae.checkpoint={path}", "cpt.teacher=mae", "cpt.mae.base_lr=0"))
@@ -197,13 +159,9 @@ def test_public_mae_checkpoint_is_the_starting_point(tmp_path, config):
 
 
 @pytest.mark.slow
-def test_zero_epochs_keep_the_starting_weights_and_more_epochs_train_them(tmp_path, config):
-    from samora_pl.models.mae import MaeTeacher
-
+def test_zero_epochs_keep_the_starting_weights_and_more_epochs_train_them(tmp_path, config, tiny_mae):
     torch.manual_seed(3)
-    donor = MaeTeacher(
-        img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
-    )
+    donor = tiny_mae(**FAST_MAE)
     path = tmp_path / "mae_pretrain_vit_tiny_full.pth"
     torch.save({"model": donor.state_dict()}, path)
     start = [f"cpt.mae.checkpoint={path}", "cpt.teacher=mae"]

@@ -97,14 +97,7 @@ def loader(level, n=8, batch=4):
     return DataLoader(samples, batch_size=batch)
 
 
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-@pytest.mark.parametrize("level", ["image", "patch", "pixel"])
-def test_only_the_expert_and_head_change(workspace, level):
-    module = build(workspace, level)
-    before = snapshot(module)
+def fit_three_steps(module, level):
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -115,6 +108,17 @@ def test_only_the_expert_and_head_change(workspace, level):
         enable_model_summary=False,
     )
     trainer.fit(module, loader(level, n=12))
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("level", ["image", "patch", "pixel"])
+def test_only_the_expert_and_head_change(workspace, level):
+    module = build(workspace, level)
+    before = snapshot(module)
+    fit_three_steps(module, level)
     after = snapshot(module)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     expert = f"student.encoder.lora.experts.{level}."
@@ -209,16 +213,7 @@ def test_patch_level_maps_a_coarser_teacher_grid(workspace, tiny_mae):
 
 def test_expert_file_round_trip_gives_identical_encoder_outputs(workspace, tmp_path):
     module = build(workspace, "patch")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, loader("patch", n=12))
+    fit_three_steps(module, "patch")
     student = module.student.eval()
     path = tmp_path / "expert.safetensors"
     student.save_expert("patch", path, base_fingerprint="abc")

@@ -124,15 +124,8 @@ def test_given_experts_are_loaded_and_recorded(tmp_path, quick, write_experts):
     assert {"expert_image", "expert_patch", "expert_pixel"} <= set(manifest["inputs"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fusion", ["hl_attn", "mole"])
-def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion, quick, write_experts):
-    """Validation switches to eval and back: training must go on changing the trainable weights."""
-    experts = write_experts(tmp_path, rank=4, random_b=True)
-    cfg = compose(
-        "finetune",
-        quick(*experts, f"model.fusion={fusion}", "trainer.max_epochs=2", "finetune.evaluate=false"),
-    )
+def trainable_after_each_validation(cfg, monkeypatch) -> list:
+    """Run the fine-tune of `cfg`; the trainable weights as they are at the end of each validation."""
     snapshots = []
 
     class Keep(L.Callback):
@@ -145,12 +138,21 @@ def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion, qui
         kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [Keep()]
         return original(*args, **kwargs)
 
-    finetune.build_trainer = with_snapshot
-    try:
-        finetune.run(cfg)
-    finally:
-        finetune.build_trainer = original
-    first, second = snapshots
+    monkeypatch.setattr(finetune, "build_trainer", with_snapshot)
+    finetune.run(cfg)
+    return snapshots
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", ["hl_attn", "mole"])
+def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion, quick, write_experts, monkeypatch):
+    """Validation switches to eval and back: training must go on changing the trainable weights."""
+    experts = write_experts(tmp_path, rank=4, random_b=True)
+    cfg = compose(
+        "finetune",
+        quick(*experts, f"model.fusion={fusion}", "trainer.max_epochs=2", "finetune.evaluate=false"),
+    )
+    first, second = trainable_after_each_validation(cfg, monkeypatch)
     assert any(n.startswith("encoder.fusion") for n in first)
     assert all(not n.startswith(("encoder.lora", "encoder.image_encoder")) for n in first)
     changed = [n for n in first if not torch.equal(first[n], second[n])]
@@ -158,26 +160,10 @@ def test_fusion_and_decoder_keep_training_after_validation(tmp_path, fusion, qui
 
 
 @pytest.mark.slow
-def test_samed_lora_keeps_training_after_validation(tmp_path, quick):
+def test_samed_lora_keeps_training_after_validation(tmp_path, quick, monkeypatch):
     """The SAMed baseline's LoRA (no merge-on-eval) must go on changing after a validation epoch."""
-    snapshots = []
-
-    class Keep(L.Callback):
-        def on_validation_end(self, trainer, module):
-            snapshots.append({n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad})
-
-    original = finetune.build_trainer
-
-    def with_snapshot(*args, **kwargs):
-        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [Keep()]
-        return original(*args, **kwargs)
-
-    finetune.build_trainer = with_snapshot
-    try:
-        finetune.run(compose("finetune", quick("mode=samed", "trainer.max_epochs=2", "finetune.evaluate=false")))
-    finally:
-        finetune.build_trainer = original
-    first, second = snapshots
+    cfg = compose("finetune", quick("mode=samed", "trainer.max_epochs=2", "finetune.evaluate=false"))
+    first, second = trainable_after_each_validation(cfg, monkeypatch)
     lora = [n for n in first if n.startswith("encoder.lora") and "lora_B" in n]
     assert lora and all(not torch.equal(first[n], second[n]) for n in lora)
 
