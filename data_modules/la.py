@@ -33,7 +33,8 @@ LA_FOLDER = "2018LA_Seg_Training Set"
 LA_FILE = "mri_norm2.h5"
 
 
-FIX = "copy it again"  # a damaged LA file: the release is the only source
+# what an LA h5 file must hold, and how to replace a damaged one (the release is the only source)
+LA_NEEDS, LA_FIX = "LA cases need 'image' and 'label'", "copy it again"
 
 
 class LAReader(CaseReader):
@@ -48,7 +49,7 @@ class LAReader(CaseReader):
 
     def _open(self, case: str):
         path = self.path(case)
-        f = open_h5(path, f": LA case {case} should be there (UA-MT layout)", "LA cases need 'image' and 'label'", FIX)
+        f = open_h5(path, f": LA case {case} should be there (UA-MT layout)", LA_NEEDS, LA_FIX)
         problem = None
         if len(f["image"].shape) != 3:
             problem = f"image has shape {f['image'].shape}, expected (W, H, D)"
@@ -65,14 +66,14 @@ class LAReader(CaseReader):
 
     def read(self, case: str) -> RawCase:
         with self._open(case) as f:
-            image, label = read_h5(f, "image", fix=FIX), read_h5(f, "label", fix=FIX)
+            image, label = read_h5(f, "image", fix=LA_FIX), read_h5(f, "label", fix=LA_FIX)
         path = self.path(case)
         return RawCase(image.transpose(2, 1, 0), label.transpose(2, 1, 0), Geometry(), path, path)
 
     def read_slice(self, case: str, z: int) -> tuple[np.ndarray, np.ndarray]:
         sel = (slice(None), slice(None), int(z))
         with self._open(case) as f:
-            return read_h5(f, "image", sel, FIX).T, read_h5(f, "label", sel, FIX).T
+            return read_h5(f, "image", sel, LA_FIX).T, read_h5(f, "label", sel, LA_FIX).T
 
 
 class LADataModule(VolumeDataModule):

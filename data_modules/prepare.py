@@ -40,11 +40,11 @@ from samora_pl.atomic import atomic_path, atomic_write_text
 from samora_pl.errors import SamoraError
 
 from .base import label_problems
-from .la import LA_FILE, LA_FOLDER, LADataModule
+from .la import LA_FILE, LA_FIX, LA_FOLDER, LA_NEEDS, LADataModule
 from .promise12 import CASE_FILE, PROMISE12_TEST, Promise12DataModule
 from .synapse import SYNAPSE_TEST_CASES
 from .unlabeled_io import intensity as scale_intensity
-from .volume_io import read_image, read_shape, write_image
+from .volume_io import open_h5, read_h5, read_image, read_shape, write_image
 
 log = logging.getLogger(__name__)
 
@@ -298,20 +298,8 @@ def plan_promise12(raw: Path, skip: Path) -> Plan:
 
 def _la_shape(path: Path) -> tuple:
     """Shape of a case from its h5 header, after checking keys and shapes."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as handle:
-            missing = [k for k in ("image", "label") if k not in handle]
-            if missing:
-                keys = ", ".join(sorted(handle.keys())) or "nothing"
-                raise SamoraError(
-                    f"{path}: no {' or '.join(repr(k) for k in missing)} dataset (it has: {keys}); "
-                    "LA cases need 'image' and 'label'"
-                )
-            shape, label_shape = handle["image"].shape, handle["label"].shape
-    except OSError as err:
-        raise SamoraError(f"{path} cannot be opened as HDF5 ({err}): the file is truncated or corrupt") from None
+    with open_h5(path, "", LA_NEEDS, LA_FIX) as handle:
+        shape, label_shape = handle["image"].shape, handle["label"].shape
     if len(shape) != 3 or shape != label_shape:
         raise SamoraError(
             f"{path}: image shape {shape} and label shape {label_shape}; both must be the same 3-D (W, H, D) shape"
@@ -321,13 +309,8 @@ def _la_shape(path: Path) -> tuple:
 
 def _write_la(source: Path, relative: str) -> Callable[[Path], None]:
     def write(out: Path) -> None:
-        import h5py
-
-        try:
-            with h5py.File(source, "r") as handle:
-                image, label = handle["image"][()], handle["label"][()]
-        except OSError as err:
-            raise SamoraError(f"{source}: reading failed ({err}): the file is corrupt") from None
+        with open_h5(source, "", LA_NEEDS, LA_FIX) as handle:
+            image, label = read_h5(handle, "image", fix=LA_FIX), read_h5(handle, "label", fix=LA_FIX)
         if not np.isfinite(image).all():
             raise SamoraError(f"{source}: image contains NaN or Inf values")
         _check_label(label, source, LADataModule.class_names, BINARY_HINT)

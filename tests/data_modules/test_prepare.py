@@ -218,5 +218,5 @@ def test_la_without_lists_writes_none_and_bad_labels_are_refused(tmp_path):
         prepare("la", raw, tmp_path / "out2", progress=False)
     with h5py.File(path, "w") as f:
         f["image"] = np.zeros((4, 4, 2), np.float32)
-    with pytest.raises(SamoraError, match=f"{path}: no 'label' dataset"):
+    with pytest.raises(SamoraError, match=f"{path} has no 'label' dataset"):
         prepare("la", raw, tmp_path / "out3", progress=False)

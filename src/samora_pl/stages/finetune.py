@@ -256,7 +256,7 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
     def predict(batch: torch.Tensor) -> torch.Tensor:
         return model(batch.to(device)).float().cpu()
 
-    cases = shard_cases(list(data.test_cases()), *_rank_and_world())
+    cases = shard_cases(list(data.test_cases()))  # this rank's share
     # eval.workers > 1: each case's Dice/HD95 runs in a worker process while the model predicts the next
     with CaseMetricsPool(data.num_classes, workers=cfg.eval.workers) as pool:
         for case in track(cases, "evaluate", "volume"):
@@ -284,12 +284,6 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
         write_results(rows, data.class_names, folder, extra=extra, notes=[TRANSDUCTIVE_NOTE] if transductive else [])
         print(format_table(summary, data.class_names, title=f"{cfg.run}/{folder.name}"))
     return {"mean_dice": summary["mean_dice"], "mean_hd95": summary["mean_hd95"]}
-
-
-def _rank_and_world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def finished_folder(cfg: DictConfig, overrides=()) -> Path:
