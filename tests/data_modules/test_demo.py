@@ -14,42 +14,37 @@ from samora_pl.errors import SamoraError
 SMALL = dict(n_train=2, n_test=1, size=48, min_slices=12, max_slices=14, n_unlabeled=10)
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo(tmp_path_factory.mktemp("demo") / "data")  # default parameters
-
-
-def test_exact_synapse_layout(demo_root):
-    lists = demo_root / "lists" / "lists_Synapse"
+def test_exact_synapse_layout(demo_dir):
+    lists = demo_dir / "lists" / "lists_Synapse"
     train = (lists / "train.txt").read_text().split()
     test = (lists / "test_vol.txt").read_text().split()
     assert len(test) == 12 and all(c.startswith("case") and len(c) == 8 for c in test)  # as Synapse
     assert len({n.split("_slice")[0] for n in train}) == 8
     assert 8 * 16 <= len(train) <= 8 * 24
-    assert sorted(p.stem for p in (demo_root / "train_npz").glob("*.npz")) == sorted(train)
-    with np.load(demo_root / "train_npz" / f"{train[0]}.npz") as d:
+    assert sorted(p.stem for p in (demo_dir / "train_npz").glob("*.npz")) == sorted(train)
+    with np.load(demo_dir / "train_npz" / f"{train[0]}.npz") as d:
         assert set(d.files) == {"image", "label"}
         assert d["image"].shape == (128, 128) and d["image"].dtype == np.float32
         assert d["label"].dtype == np.float32
     for case in test:
-        with h5py.File(demo_root / "test_vol_h5" / f"{case}.npy.h5", "r") as f:
+        with h5py.File(demo_dir / "test_vol_h5" / f"{case}.npy.h5", "r") as f:
             assert set(f.keys()) == {"image", "label"}
             assert f["image"].shape == f["label"].shape
             assert 16 <= f["image"].shape[0] <= 24 and f["image"].shape[1:] == (128, 128)
-    unl = sorted((demo_root / "unlabeled").glob("*.npz"))
+    unl = sorted((demo_dir / "unlabeled").glob("*.npz"))
     assert len(unl) == 200
     with np.load(unl[0]) as d:
         assert d.files == ["image"] and d["image"].shape == (128, 128)
-    info = json.loads((demo_root / "demo.json").read_text())
+    info = json.loads((demo_dir / "demo.json").read_text())
     assert info["counts"]["train_slices"] == len(train)
 
 
-def test_all_classes_in_train_and_test_and_plausible_intensities(demo_root):
-    dm = SynapseDataModule(demo_root, img_size=32)
+def test_all_classes_in_train_and_test_and_plausible_intensities(demo_dir):
+    dm = SynapseDataModule(demo_dir, img_size=32)
     summary = dm.validate()
     assert summary["labels_seen"] == list(range(9))
     train_labels = set()
-    for p in (demo_root / "train_npz").glob("*.npz"):
+    for p in (demo_dir / "train_npz").glob("*.npz"):
         with np.load(p) as d:
             train_labels.update(np.unique(d["label"]).astype(int).tolist())
     assert train_labels == set(range(9))
