@@ -378,18 +378,15 @@ def test_level_variants_make_only_the_experts_they_fuse(tmp_path, experiments, s
 
 
 @pytest.mark.slow
-def test_real_rank_ablation_on_the_pixel_expert(tmp_path, experiments, monkeypatch):
+def test_real_rank_ablation_on_the_pixel_expert(tmp_path, experiments, monkeypatch, quick):
     """Real distillation and fine-tuning (tiny sizes, seconds): a rank-2 pixel expert is distilled under
     upstream/, the rank-4 one in the run, each fine-tune loads its own, and a second pass makes nothing."""
-    from tests.samora_pl.stages.test_finetune import quick
-
     (experiments / "ablations" / "pix.yaml").write_text(
         "description: pixel rank\nreference: r4\nvariants:\n"
         '  r2: ["finetune.levels=[pixel]", model.fusion=single:pixel, model.lora_rank=2]\n'
         '  r4: ["finetune.levels=[pixel]", model.fusion=single:pixel]\n'
     )
     overrides = quick(
-        tmp_path,
         "run=r",
         "trainer.check_val_every_n_epoch=5",
         "distill.max_epochs=1",
