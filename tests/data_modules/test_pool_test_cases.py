@@ -9,8 +9,7 @@ from data_modules import build_datamodule
 from data_modules.unlabeled import build_pool, held_out_cases, sources_from_config
 from samora_pl.cli import main
 from samora_pl.config import compose
-from tests.data_modules.conftest import write_synapse_tree
-from tests.data_modules.volume_writers import write_generic, write_la, write_promise12
+from tests.data_modules.volume_writers import write_generic, write_la, write_promise12, write_synapse_tree
 
 WRITERS = {
     "synapse": write_synapse_tree,

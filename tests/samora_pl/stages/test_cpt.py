@@ -87,15 +87,15 @@ def test_both_teachers_end_to_end_and_rerun(tmp_path, config):
 
 
 @pytest.mark.slow
-def test_default_pool_of_a_dataset_leaves_out_its_test_volumes(tmp_path):
+def test_default_pool_of_a_dataset_leaves_out_its_test_volumes(tmp_path, tiny_cpt):
     root = write_synapse_tree(tmp_path / "synapse")  # 3 training cases x 4 slices; test case0001, case0002 x 5
     base = [f"runs_dir={tmp_path / 'runs'}", "run=t", "data.name=synapse", f"data.dir={root}", "profile=tiny"]
-    run(compose("cpt", [*base, *FAST, "cpt.teacher=mae"]))
+    run(compose("cpt", [*base, *tiny_cpt, "cpt.teacher=mae"]))
     manifest = json.loads((tmp_path / "runs" / "t" / "cpt" / "mae" / "manifest.json").read_text())
     pool = manifest["inputs"]["pool"]
     assert pool["cases"] == ["case0005", "case0006", "case0007"] and pool["slices"] == 12
     assert pool["excluded_cases"] == ["case0001", "case0002"] and pool["include_test_cases"] is False
-    opted = [*base, *FAST, "cpt.teacher=mae", "cpt.include_test_cases=true"]
+    opted = [*base, *tiny_cpt, "cpt.teacher=mae", "cpt.include_test_cases=true"]
     with pytest.raises(SamoraError, match="cpt.include_test_cases"):  # another pool: not mixed into the folder
         run(compose("cpt", opted))
     run(compose("cpt", [*opted, "overwrite=true"]))
