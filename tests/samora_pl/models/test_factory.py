@@ -3,8 +3,9 @@ expert's A), `model.init_seed` only the frozen random encoder."""
 
 import torch
 
+from samora_pl.choices import LEVELS
 from samora_pl.config import compose
-from samora_pl.models.factory import LEVELS, base_fingerprint, build_segmenter
+from samora_pl.models.factory import base_fingerprint, build_segmenter
 
 
 def build(seed: int, init_seed: int = 0, experts=LEVELS, fusion="hl_attn"):
