@@ -175,6 +175,30 @@ def tiny_cpt() -> list:
 
 
 @pytest.fixture
+def config(npz_pool, tiny_cpt):
+    """``config(tmp_path, *extra)``: the cpt config of a tiny run on a 16-slice pool (written on first use)."""
+    from samora_pl.config import compose
+
+    def compose_cpt(tmp_path: Path, *extra):
+        pool = tmp_path / "pool"
+        if not pool.exists():
+            npz_pool(pool)
+        return compose(
+            "cpt",
+            [
+                f"runs_dir={tmp_path / 'runs'}",
+                "run=t",
+                f"data.dir={tmp_path / 'demo'}",
+                f"cpt.sources=[{{path: '{pool}', format: npz}}]",
+                *tiny_cpt,
+                *extra,
+            ],
+        )
+
+    return compose_cpt
+
+
+@pytest.fixture
 def randomize_encoder():
     """``randomize_encoder(image_encoder, seed=0)``: non-zero pos_embed and rel-pos tables (in place)."""
     return _randomize_encoder

@@ -11,7 +11,6 @@ from samora_pl.cli import main
 from samora_pl.errors import SamoraError
 from samora_pl.models.simclr import SimclrTeacher
 from samora_pl.models.teacher_io import load_simclr_checkpoint
-from tests.samora_pl.stages.test_cpt import config
 
 LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 WIDTH = 0.25  # stage widths 16, 32, 64, 128: a tiny R50 in the real layout
@@ -146,7 +145,7 @@ def test_conversion_layout_gives_the_teachers_keys_shapes_and_outputs(tmp_path, 
         assert torch.allclose(model.eval()(images), reference(data, images), atol=1e-4, rtol=1e-4)
 
 
-def test_a_file_of_another_layout_is_one_clear_error_and_cpt_writes_nothing(tmp_path, capsys):
+def test_a_file_of_another_layout_is_one_clear_error_and_cpt_writes_nothing(tmp_path, capsys, config):
     other = tmp_path / "other.pth"
     torch.save({"encoder": {"stem.conv.weight": torch.zeros(8, 3, 3, 3), "stages.0.weight": torch.zeros(8)}}, other)
     model = SimclrTeacher(depth=50, width=WIDTH, selective_kernel=True, proj_dim=16)

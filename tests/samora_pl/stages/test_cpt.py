@@ -16,29 +16,6 @@ from tests.data_modules.volume_writers import write_synapse_tree
 FAST_MAE = dict(img_size=32, depth=1, num_heads=2, decoder_heads=2)  # the MAE of tiny_cpt, for checkpoints
 
 
-@pytest.fixture
-def config(npz_pool, tiny_cpt):
-    """``config(tmp_path, *extra)``: the cpt config of a tiny run on a 16-slice pool (written on first use)."""
-
-    def compose_cpt(tmp_path: Path, *extra):
-        pool = tmp_path / "pool"
-        if not pool.exists():
-            npz_pool(pool)
-        return compose(
-            "cpt",
-            [
-                f"runs_dir={tmp_path / 'runs'}",
-                "run=t",
-                f"data.dir={tmp_path / 'demo'}",
-                f"cpt.sources=[{{path: '{pool}', format: npz}}]",
-                *tiny_cpt,
-                *extra,
-            ],
-        )
-
-    return compose_cpt
-
-
 def test_tiny_profile_composes():
     cfg = compose("cpt", ["data.name=demo"])
     assert cfg.profile == "tiny"
