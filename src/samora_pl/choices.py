@@ -17,6 +17,11 @@ LORAHUB_STARTS = ("uniform", "zero")
 HL_INITS = ("residual_mean", "zero", "paper")
 
 VARIANTS = ("tiny", "vit_b", "vit_l", "vit_h")  # models/sam.py holds their sizes
+DECODERS = ("sam", "hsam")  # SAM's one-stage mask decoder, H-SAM's two-stage one (models/hsam_decoder.py)
+HSAM_CMATTN = ("released", "working")  # H-SAM's class-wise attention: inert as released, or a working map
+HSAM_INFERENCE = ("mean", "stage2")  # H-SAM's prediction: mean of both stages' logits, or stage 2 alone
+POS_EMBED_RESIZE = ("bilinear", "bicubic")  # SAM's 64x64 position embedding to the image's grid
+POLY_HORIZONS = ("after_warmup", "total")  # schedules.warmup_poly
 MODES = ("samora", "samed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")

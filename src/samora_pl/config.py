@@ -25,6 +25,11 @@ CHOICES = {
     "model.fusion": choices.FUSIONS,
     "model.hl_order": choices.HL_ORDERS,
     "model.hl_init": choices.HL_INITS,
+    "model.decoder": choices.DECODERS,
+    "model.hsam_cmattn": choices.HSAM_CMATTN,
+    "model.hsam_inference": choices.HSAM_INFERENCE,
+    "model.pos_embed_resize": choices.POS_EMBED_RESIZE,
+    "optim.poly_horizon": choices.POLY_HORIZONS,
     "mode": choices.MODES,
     "trainer.precision": choices.PRECISIONS,
     "trainer.accelerator": choices.ACCELERATORS,
@@ -119,6 +124,7 @@ def validate(cfg: DictConfig) -> None:
             raise SamoraError(f"Config key '{key}' is {value}; it must be a positive integer.")
     if cfg.model.img_size % 16:
         raise SamoraError(f"Config key 'model.img_size' is {cfg.model.img_size}; it must be a multiple of 16.")
+    _check_hsam(cfg)
     if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
     _check_devices(cfg.trainer.devices)
@@ -188,6 +194,19 @@ def check_checkpoints(cfg: DictConfig) -> None:
                     f"teacher weights: give {OFFICIAL_TEACHERS[kind]} as cpt.{kind}.checkpoint=<its path>, or set "
                     f"cpt.{kind}.from_scratch=true to pre-train that teacher from random weights on purpose."
                 )
+
+
+def _check_hsam(cfg: DictConfig) -> None:
+    """H-SAM's class-wise attention runs over the N = (img_size/16)^2 positions: its heads must divide N."""
+    heads = cfg.model.hsam_cmattn_heads
+    tokens = (cfg.model.img_size // 16) ** 2
+    if cfg.model.decoder == "hsam" and heads is not None and (heads < 1 or tokens % heads):
+        raise SamoraError(
+            f"Config key 'model.hsam_cmattn_heads' is {heads}; it must divide the token count N = {tokens} "
+            f"((model.img_size/16)^2 at img_size {cfg.model.img_size}); choose a divisor or leave it unset."
+        )
+    if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps < 0:
+        raise SamoraError(f"Config key 'optim.warmup_steps' is {cfg.optim.warmup_steps}; it must be >= 0.")
 
 
 def finetune_levels(cfg: DictConfig) -> tuple:

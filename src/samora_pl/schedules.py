@@ -11,22 +11,29 @@ from typing import Callable, Iterable, List
 import torch
 
 
-def _warmup_then(total_steps: int, warmup_steps: int, decay: Callable[[float], float]):
-    """Multiplier: linear ramp to 1 over `warmup_steps`, then `decay(progress)` as progress goes 0 -> 1."""
+def _warmup_then(total_steps: int, warmup_steps: int, decay: Callable[[float], float], horizon: str = "after_warmup"):
+    """Multiplier: linear ramp to 1 over `warmup_steps` (step 0 at 1/warmup), then `decay(progress)`.
+
+    horizon="after_warmup": progress = (step - warmup) / (total - warmup), 0 -> 1 after the warm-up.
+    horizon="total": progress = (step - warmup) / total, as SAMed's and H-SAM's trainers compute it, so
+    progress ends below 1 (a poly LR stays above 0)."""
+    if horizon not in ("after_warmup", "total"):
+        raise ValueError(f"horizon must be after_warmup or total, got {horizon!r}")
     total_steps = max(int(total_steps), 1)
     warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
+    span = total_steps if horizon == "total" else max(total_steps - warmup_steps, 1)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        return decay(min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0))
+        return decay(min((step - warmup_steps) / span, 1.0))
 
     return factor
 
 
-def warmup_poly(total_steps: int, warmup_steps: int, power: float = 0.9):
-    """Linear warm-up, then (1 - progress) ** power down to 0."""
-    return _warmup_then(total_steps, warmup_steps, lambda progress: (1.0 - progress) ** power)
+def warmup_poly(total_steps: int, warmup_steps: int, power: float = 0.9, horizon: str = "after_warmup"):
+    """Linear warm-up, then (1 - progress) ** power (down to 0 with horizon="after_warmup")."""
+    return _warmup_then(total_steps, warmup_steps, lambda progress: (1.0 - progress) ** power, horizon)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.0):

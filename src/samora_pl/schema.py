@@ -42,6 +42,12 @@ class ModelConfig:
     lac_weights: Optional[List[float]] = None  # fusion=lac: one fixed weight per expert, summing to 1; none -> 1/N
     mole_balance_weight: float = 0.5  # fusion=mole: alpha of MoLE's gate-balance loss (0.5 as published)
     grad_checkpoint: bool = False
+    pos_embed_resize: str = "bilinear"  # bilinear (SAMed, H-SAM) | bicubic: SAM's 64x64 position embedding to S/16
+    decoder: str = "sam"  # sam | hsam (H-SAM's two-stage decoder, docs/hsam.md)
+    hsam_cmattn: str = "released"  # released (inert, X' = 2X, as the authors' code) | working (sigmoid map)
+    hsam_cmattn_heads: Optional[int] = None  # class-wise attention heads, must divide (img_size/16)^2; none -> <= 8
+    hsam_noise: float = 0.2  # training-only embedding noise before stage 2, times the batch's embedding range
+    hsam_inference: str = "mean"  # mean (of both upsampled stages, released default) | stage2
 
 
 @dataclass
@@ -64,7 +70,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_epochs: float = 1.0
+    warmup_steps: Optional[int] = None  # iterations; overrides warmup_epochs (SAMed, H-SAM: 250)
     poly_power: float = 0.9
+    # poly decay (1 - t/T)^p: T counted after the warm-up (after_warmup), or SAMed's/H-SAM's
+    # (1 - (step - warmup)/total)^p over all steps (total; the LR then ends above 0)
+    poly_horizon: str = "after_warmup"
 
 
 @dataclass

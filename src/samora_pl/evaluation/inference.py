@@ -11,7 +11,8 @@ For every slice ``image[d]`` of a (D, H, W) volume:
    the slice keeps its dtype between the steps (float32 for Synapse), as in the reference;
 2. batch slices and call ``predict_fn`` on a float32 tensor [B, 1, S, S];
 3. upsample the logits [B, K+1, s, s] bilinearly to S (``align_corners=False``, as SAM's
-   ``postprocess_masks``), softmax, argmax over classes;
+   ``postprocess_masks``), softmax, argmax over classes; an H-SAM model (``model.decoder=hsam``) already
+   returns its combined prediction at S (the mean of both stages' upsampled logits, or stage 2 alone);
 4. resize the label map back to (H, W) with nearest neighbour, ``scipy.ndimage.zoom(order=0)``.
 
 No test-time augmentation. Everything runs under ``torch.no_grad``; nothing is stateful.

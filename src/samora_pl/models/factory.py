@@ -48,6 +48,12 @@ def build_segmenter(
             grad_checkpoint=m.grad_checkpoint,
             encoder_seed=m.init_seed,
             seed=cfg.seed,
+            pos_embed_resize=m.pos_embed_resize,
+            decoder=m.decoder,
+            hsam_cmattn=m.hsam_cmattn,
+            hsam_cmattn_heads=m.hsam_cmattn_heads,
+            hsam_noise=m.hsam_noise,
+            hsam_inference=m.hsam_inference,
         )
 
 

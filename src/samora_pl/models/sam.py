@@ -5,7 +5,9 @@ segment-anything's own builders (`build_sam_vit_b` ...) hard-code a 1024-pixel i
 `MaskDecoder` with a `TwoWayTransformer`, all imported from segment-anything, not copied) at any
 ``img_size`` and adapts a 1024 checkpoint on load:
 
-* ``image_encoder.pos_embed`` [1, 64, 64, C] is resized bicubically to the new patch grid;
+* ``image_encoder.pos_embed`` [1, 64, 64, C] is resized to the new patch grid, bilinearly by default as
+  SAMed's and H-SAM's loaders do (``F.interpolate(..., mode="bilinear")``), bicubically on request
+  (``pos_embed_resize="bicubic"``, config ``model.pos_embed_resize``);
 * ``rel_pos_h`` / ``rel_pos_w`` of the *global* attention blocks ([2*64-1, head_dim] at 1024) are
   resized along the length axis with linear interpolation, which is exactly what segment-anything's
   ``get_rel_pos`` would do at run time if the table had the wrong length; windowed blocks keep their
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from samora_pl import choices
 from samora_pl.errors import SamoraError
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,10 @@ __all__ = [
     "LoadReport",
     "load_sam_checkpoint",
     "adapt_sam_state_dict",
+    "POS_EMBED_RESIZE",
 ]
+
+POS_EMBED_RESIZE = choices.POS_EMBED_RESIZE
 
 
 @dataclass(frozen=True)
@@ -196,10 +202,12 @@ class LoadReport:
         )
 
 
-def _resize_pos_embed(t: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    # [1, H, W, C] -> [1, C, H, W] -> bicubic -> back
+def _resize_pos_embed(t: torch.Tensor, grid: Tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    # [1, H, W, C] -> [1, C, H, W] -> bilinear | bicubic -> back
+    if mode not in POS_EMBED_RESIZE:
+        raise SamoraError(f"model.pos_embed_resize={mode!r}; choose one of {', '.join(POS_EMBED_RESIZE)}")
     x = t.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=grid, mode="bicubic", align_corners=False)
+    x = F.interpolate(x, size=grid, mode=mode, align_corners=False)
     return x.permute(0, 2, 3, 1).to(t.dtype).contiguous()
 
 
@@ -226,6 +234,7 @@ def adapt_sam_state_dict(
     *,
     path: str = "<state_dict>",
     reuse_hypernetworks: bool = False,
+    pos_embed_resize: str = "bilinear",
 ) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
     """Adapt a full SAM state dict (prefixed keys) to ``model_state`` (same prefixes, wanted shapes).
 
@@ -262,7 +271,7 @@ def adapt_sam_state_dict(
             out[key] = value
             continue
         if key == "image_encoder.pos_embed" and len(have) == 4 and have[3] == want[3] and have[0] == 1:
-            out[key] = _resize_pos_embed(value, (want[1], want[2]))
+            out[key] = _resize_pos_embed(value, (want[1], want[2]), pos_embed_resize)
             report.resized[key] = (have, want)
             continue
         if key in global_rel and len(have) == 2 and have[1] == want[1]:
@@ -316,6 +325,7 @@ def load_sam_checkpoint(
     mask_decoder: Optional[MaskDecoder] = None,
     *,
     reuse_hypernetworks: bool = False,
+    pos_embed_resize: str = "bilinear",
 ) -> LoadReport:
     """Load an official SAM checkpoint (any variant-matching one, trained at any size) into the modules.
 
@@ -323,6 +333,7 @@ def load_sam_checkpoint(
     checkpoint: False (default; docs/method.md, section Decoder and what trains) leaves mask tokens, all
     hypernetwork MLPs and the IoU head's last layer freshly initialised; True keeps the checkpoint's hypernetwork MLPs
     for the indices that exist in both (as SAMed's loader does).
+    ``pos_embed_resize``: bilinear (SAMed, H-SAM) or bicubic.
     Keys for modules that are not passed (e.g. ``prompt_encoder=None``) are skipped silently.
     """
     sd = _read_checkpoint(path)
@@ -338,7 +349,12 @@ def load_sam_checkpoint(
     }
     global_blocks = tuple(i for i, blk in enumerate(image_encoder.blocks) if getattr(blk, "window_size", 0) == 0)
     new_sd, report = adapt_sam_state_dict(
-        wanted, model_state, global_blocks, path=os.fspath(path), reuse_hypernetworks=reuse_hypernetworks
+        wanted,
+        model_state,
+        global_blocks,
+        path=os.fspath(path),
+        reuse_hypernetworks=reuse_hypernetworks,
+        pos_embed_resize=pos_embed_resize,
     )
     for prefix, mod in modules.items():
         if mod is None:

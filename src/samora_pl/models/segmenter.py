@@ -9,10 +9,12 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from samora_pl.choices import DECODERS
 from samora_pl.errors import SamoraError
 from samora_pl.models import lora as lora_mod
 from samora_pl.models.encoder import SAMoraEncoder, prepare_images
 from samora_pl.models.fusion import SingleFusion, build_fusion
+from samora_pl.models.hsam_decoder import HSAMDecoder, HSAMOutput
 from samora_pl.models.lora import DEFAULT_EXPERTS, MultiExpertLoRA
 from samora_pl.models.sam import (
     LoadReport,
@@ -35,12 +37,16 @@ class SAMoraSegmenter(nn.Module):
 
     ``forward(images)``: images [B, 1|3, S, S] in [0, 1] (grey repeated to 3 channels, no
     normalisation) -> logits [B, K+1, S/4, S/4] (channel 0 = background; 4x the embedding grid).
+    With ``decoder="hsam"`` (H-SAM's two-stage decoder, ``models/hsam_decoder.py``) the logits are
+    [B, K+1, S, S], both stages combined as ``hsam_inference`` says; :meth:`forward_stages` gives each.
 
     Keyword args: ``variant`` (vit_b, vit_l, vit_h, tiny), ``img_size``, ``num_classes`` (K, background
     excluded), ``experts``, ``lora_rank``, ``fusion`` (hl_attn, sum, lac, mole, single:<level>),
     ``hl_order``, ``hl_width``, ``hl_heads``, ``hl_init``, ``lac_weights``, ``checkpoint`` (official SAM .pth
     or None for random init), ``grad_checkpoint``, ``trainable`` (initial :meth:`set_trainable` mode; None leaves
-    every parameter trainable), ``reuse_hypernetworks`` (see ``sam.load_sam_checkpoint``).
+    every parameter trainable), ``reuse_hypernetworks`` (see ``sam.load_sam_checkpoint``),
+    ``pos_embed_resize`` (bilinear or bicubic), ``decoder`` (sam or hsam) and, for hsam, ``hsam_cmattn``,
+    ``hsam_cmattn_heads``, ``hsam_noise`` and ``hsam_inference`` (see ``HSAMDecoder``).
 
     Seeds: ``encoder_seed`` seeds only the (frozen) image encoder's random init, so every stage and every
     run seed sees the same encoder; ``seed`` seeds each LoRA expert's A (see ``lora``). The other parts
@@ -68,8 +74,17 @@ class SAMoraSegmenter(nn.Module):
         reuse_hypernetworks: bool = False,
         encoder_seed: Optional[int] = None,
         seed: Optional[int] = None,
+        pos_embed_resize: str = "bilinear",
+        decoder: str = "sam",
+        hsam_cmattn: str = "released",
+        hsam_cmattn_heads: Optional[int] = None,
+        hsam_noise: float = 0.2,
+        hsam_inference: str = "mean",
     ) -> None:
         super().__init__()
+        if decoder not in DECODERS:
+            raise SamoraError(f"model.decoder={decoder!r} is not one of {', '.join(DECODERS)}")
+        self.decoder_name = decoder
         v = get_variant(variant)
         self.variant = v.name
         self.img_size = int(img_size)
@@ -91,12 +106,27 @@ class SAMoraSegmenter(nn.Module):
                 self.prompt_encoder,
                 self.mask_decoder,
                 reuse_hypernetworks=reuse_hypernetworks,
+                pos_embed_resize=pos_embed_resize,
             )
         else:
             log.warning(
                 "no SAM checkpoint given (model.checkpoint=null): %s encoder, prompt encoder and mask "
                 "decoder are randomly initialised",
                 v.name,
+            )
+        # H-SAM's stage 2 has no counterpart in SAM's checkpoint: it starts fresh (stage 1 is mask_decoder)
+        self.hsam_decoder: Optional[HSAMDecoder] = None
+        if decoder == "hsam":
+            self.hsam_decoder = HSAMDecoder(
+                classes=self.num_classes + 1,
+                dim=v.out_chans,
+                grid=self.img_size // v.patch_size,
+                heads=v.decoder_heads,
+                mlp_dim=v.decoder_mlp_dim,
+                cmattn=hsam_cmattn,
+                cmattn_heads=hsam_cmattn_heads,
+                noise=hsam_noise,
+                inference=hsam_inference,
             )
         lora = MultiExpertLoRA(tuple(experts), depth=v.depth, dim=v.embed_dim, rank=lora_rank, seed=seed)
         fusions = [
@@ -133,26 +163,43 @@ class SAMoraSegmenter(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Neck embeddings [B, D, h, w] -> logits [B, K+1, 4h, 4w] with no prompts.
+        """Neck embeddings [B, D, h, w] -> logits [B, K+1, 4h, 4w] with no prompts (H-SAM: [B, K+1, 16h, 16w]).
 
         The prompt encoder is called without prompts, giving an empty sparse embedding of batch 1 and
         the ``no_mask_embed`` dense embedding; ``predict_masks`` repeats the image embeddings once per
         prompt (here: once), and the one token set broadcasts over the image batch inside the two-way
         transformer, so every image gets its own K+1 masks (tested against per-image calls).
         """
+        if self.hsam_decoder is not None:
+            return self.decode_stages(embeddings).combined(self.hsam_decoder.inference)
+        masks, _ = self.mask_decoder.predict_masks(
+            image_embeddings=embeddings,
+            image_pe=self._dense_pe().to(embeddings.dtype),
+            **self._prompts(embeddings),
+        )
+        return masks
+
+    def decode_stages(self, embeddings: torch.Tensor) -> HSAMOutput:
+        """H-SAM only: both stages' logits (M1 [B, K+1, 4h, 4w], M2 [B, K+1, 16h, 16w]) and the prior."""
+        if self.hsam_decoder is None:
+            raise SamoraError("decode_stages needs model.decoder=hsam; this model has SAM's one-stage decoder")
+        prompts = self._prompts(embeddings)
+        pe = self._dense_pe().to(embeddings.dtype)
+        return self.hsam_decoder(
+            self.mask_decoder, embeddings, pe, prompts["sparse_prompt_embeddings"], prompts["dense_prompt_embeddings"]
+        )
+
+    def _prompts(self, embeddings: torch.Tensor) -> dict:
         sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
         if dense.shape[-2:] != embeddings.shape[-2:]:
             raise SamoraError(
                 f"image embeddings are {tuple(embeddings.shape[-2:])} but the prompt encoder expects "
                 f"{tuple(dense.shape[-2:])}; inputs must be {self.img_size}x{self.img_size}"
             )
-        masks, _ = self.mask_decoder.predict_masks(
-            image_embeddings=embeddings,
-            image_pe=self._dense_pe().to(embeddings.dtype),
-            sparse_prompt_embeddings=sparse.to(embeddings.dtype),
-            dense_prompt_embeddings=dense.to(embeddings.dtype),
-        )
-        return masks
+        return {
+            "sparse_prompt_embeddings": sparse.to(embeddings.dtype),
+            "dense_prompt_embeddings": dense.to(embeddings.dtype),
+        }
 
     def _dense_pe(self) -> torch.Tensor:
         """The prompt encoder's dense positional encoding, computed in float32 even for a model cast to
@@ -170,9 +217,13 @@ class SAMoraSegmenter(nn.Module):
         images = prepare_images(images, self.img_size)
         return self.decode(self.encoder(images))
 
+    def forward_stages(self, images: torch.Tensor) -> HSAMOutput:
+        """H-SAM's training forward: both stages' logits (see :meth:`decode_stages`)."""
+        return self.decode_stages(self.encoder(prepare_images(images, self.img_size)))
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Argmax label map [B, S/4, S/4] (class 0 = background)."""
+        """Argmax label map [B, S/4, S/4] (H-SAM: [B, S, S]; class 0 = background)."""
         return self(images).argmax(1)
 
     def aux_loss(self) -> torch.Tensor:
@@ -195,11 +246,14 @@ class SAMoraSegmenter(nn.Module):
         for n, p in self.mask_decoder.named_parameters():
             if not n.startswith("iou_prediction_head."):
                 p.requires_grad_(True)
+        if self.hsam_decoder is not None:
+            self.hsam_decoder.requires_grad_(True)
 
     def set_trainable(self, mode: str) -> None:
         """Choose which parameters require grad.
 
         ``samora``           fusion modules + mask decoder (encoder, experts incl. scales, prompt encoder frozen)
+                             (with ``decoder="hsam"`` the mask decoder is both stages, in every mode)
         ``samed``            the single expert's A/B + mask decoder + prompt encoder (scales frozen at their value)
         ``distill:<level>``  that expert's A/B and scales only (projection heads live outside this class)
         ``none`` / ``all``   everything frozen / trainable

@@ -44,7 +44,14 @@ from samora_pl.trainer import build_trainer, strategy_for, world_size
 log = logging.getLogger(__name__)
 FINAL = "final.safetensors"
 MASK_TOKENS = "mask_decoder.mask_tokens.weight"  # (K + 1, C): background and one token per class
-TAG_KEYS = ("mode", "model.fusion", "finetune.levels", "finetune.zero_experts", "data.fraction")  # make tag_of
+TAG_KEYS = (  # make tag_of
+    "mode",
+    "model.fusion",
+    "model.decoder",
+    "finetune.levels",
+    "finetune.zero_experts",
+    "data.fraction",
+)
 # what a fine-tuned model is and what it reads: `samora evaluate` takes them from the fine-tune, never changes them
 MODEL_KEYS = ("model.", "mode", "finetune.levels", "data.name", "data.intensity")
 FREE_MODEL_KEYS = ("model.checkpoint", "model.grad_checkpoint")  # not read / memory only when evaluating
@@ -52,6 +59,7 @@ TRANSDUCTIVE_NOTE = (
     "Transductive: stage-1 pre-training read the test images (cpt.include_test_cases=true); these numbers "
     "do not compare with inductive results."
 )
+HSAM_PREFIX = "hsam_decoder."  # H-SAM's stage 2 (model.decoder=hsam); stage 1 is mask_decoder
 
 
 def tag_of(cfg: DictConfig) -> str:
@@ -60,7 +68,8 @@ def tag_of(cfg: DictConfig) -> str:
     fusion = "lora" if cfg.mode == "samed" else cfg.model.fusion.replace(":", "-")
     zero = "-zero" if cfg.finetune.zero_experts and cfg.mode == "samora" else ""
     levels = "" if cfg.mode == "samed" or cfg.finetune.levels is None else "-" + "+".join(finetune_levels(cfg))
-    return f"{cfg.mode}-{fusion}{levels}{zero}-f{cfg.data.fraction:g}"
+    decoder = "" if cfg.model.decoder == "sam" else f"-{cfg.model.decoder}"
+    return f"{cfg.mode}-{fusion}{levels}{zero}{decoder}-f{cfg.data.fraction:g}"
 
 
 def build_data(cfg: DictConfig, folder: Path, **overrides):
@@ -178,7 +187,9 @@ def _module(cfg: DictConfig, model, class_names) -> FinetuneModule:
         weight_decay=cfg.optim.weight_decay,
         betas=cfg.optim.betas,
         warmup_epochs=cfg.optim.warmup_epochs,
+        warmup_steps=cfg.optim.warmup_steps,
         poly_power=cfg.optim.poly_power,
+        poly_horizon=cfg.optim.poly_horizon,
         ce_weight=cfg.loss.ce_weight,
         dice_weight=cfg.loss.dice_weight,
         aux_weight=cfg.model.mole_balance_weight if uses_aux else 0.0,
@@ -217,7 +228,12 @@ def run(cfg: DictConfig) -> dict:
     if is_rank_zero():
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         check_finite_state(state.items(), f"finetune {tag}", final)
-        atomic_save(final, lambda tmp: save_file(state, str(tmp), metadata={"tag": tag, "mode": cfg.mode}))
+        atomic_save(
+            final,
+            lambda tmp: save_file(
+                state, str(tmp), metadata={"tag": tag, "mode": cfg.mode, "decoder": cfg.model.decoder}
+            ),
+        )
         record.add_output(final)
         for split in sorted((folder / "splits").glob("*")):
             record.add_output(split)
@@ -367,6 +383,12 @@ def load_finetuned(cfg: DictConfig, weights: Path, num_classes: int = None):
         if MASK_TOKENS not in state:
             raise SamoraError(f"{weights} holds no {MASK_TOKENS}: it is not a fine-tuned SAMora model.")
         num_classes = state[MASK_TOKENS].shape[0] - 1
+    saved = "hsam" if any(key.startswith(HSAM_PREFIX) for key in state) else "sam"
+    if saved != cfg.model.decoder:
+        raise SamoraError(
+            f"{weights} holds a model.decoder={saved} model but the run is configured with "
+            f"model.decoder={cfg.model.decoder}; set model.decoder={saved} or point at the matching weights."
+        )
     model = build_segmenter(cfg, num_classes, *model_layout(cfg), load_sam=False)
     try:
         model.load_state_dict(state, strict=True)

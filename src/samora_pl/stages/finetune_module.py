@@ -2,6 +2,8 @@
 
 The module receives a built `SAMoraSegmenter` whose trainable parameters are already chosen
 (`set_trainable(mode)`); it adds the loss, the optimiser schedule, validation Dice and image panels.
+With H-SAM's decoder (`model.decoder=hsam`) the loss is H-SAM's two-stage loss (`losses/hsam.py`); both
+stage losses and their weight go to TensorBoard, and the panels show each stage's prediction.
 """
 
 import lightning as L
@@ -11,6 +13,7 @@ from torchmetrics.segmentation import DiceScore
 from samora_pl.callbacks import segmentation_panel, tensorboard
 from samora_pl.guards import guard_loss
 from samora_pl.image_cadence import ImageCadence
+from samora_pl.losses.hsam import HSAMLoss
 from samora_pl.losses.segmentation import SegmentationLoss
 from samora_pl.schedules import lightning_scheduler, warmup_poly
 
@@ -24,7 +27,9 @@ class FinetuneModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas=(0.9, 0.999),
         warmup_epochs: float = 1.0,
+        warmup_steps=None,
         poly_power: float = 0.9,
+        poly_horizon: str = "after_warmup",
         ce_weight: float = 0.2,
         dice_weight: float = 0.8,
         aux_weight: float = 0.0,
@@ -35,11 +40,15 @@ class FinetuneModule(L.LightningModule):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.loss = SegmentationLoss(ce_weight, dice_weight)
+        self.two_stage = getattr(model, "hsam_decoder", None) is not None
+        self.hsam_loss = HSAMLoss(ce_weight, dice_weight) if self.two_stage else None
         self.aux_weight = aux_weight
         self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
         self.warmup_epochs = warmup_epochs
+        self.warmup_steps = warmup_steps
         self.poly_power = poly_power
         self.image_cadence = ImageCadence(image_log_every_n_epochs)  # validation runs on some epochs only
+        self.poly_horizon = poly_horizon
         self.val_dice = DiceScore(
             num_classes=self.num_classes + 1, include_background=False, average="none", input_format="index"
         )
@@ -47,9 +56,24 @@ class FinetuneModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def _two_stage_loss(self, batch, prefix: str):
+        """H-SAM: (1 - w) L1 + w L2, each stage logged; returns (loss, stages)."""
+        stages = self.model.forward_stages(batch["image"])
+        parts = self.hsam_loss(stages.stage1, stages.stage2, batch["low_res_label"], batch["label"], self.current_epoch)
+        n = len(batch["image"])
+        self.log(f"{prefix}/loss_stage1", parts.stage1, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log(f"{prefix}/loss_stage2", parts.stage2, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        if prefix == "train":
+            self.log("train/stage2_weight", parts.weight, on_step=False, on_epoch=True, batch_size=n)
+        return parts.total, stages
+
     def training_step(self, batch, batch_idx):
-        logits = self.model(batch["image"])
-        seg = self.loss(logits, batch["low_res_label"])
+        if self.two_stage:
+            seg, stages = self._two_stage_loss(batch, "train")
+            logits = stages.stage2
+        else:
+            logits = self.model(batch["image"])
+            seg = self.loss(logits, batch["low_res_label"])
         loss = seg
         if self.aux_weight:
             aux = self.model.aux_loss()
@@ -61,18 +85,27 @@ class FinetuneModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        logits = self.model(batch["image"])
-        loss = self.loss(logits, batch["low_res_label"])
+        size = batch["label"].shape[-2:]
+        panels = {}
+        if self.two_stage:
+            loss, stages = self._two_stage_loss(batch, "val")
+            logits = stages.combined(self.model.hsam_decoder.inference)
+            for name, stage in (("stage1", stages.stage1), ("stage2", stages.stage2)):
+                panels[f"val/slice_truth_{name}"] = _upsample(stage, size).argmax(1)
+        else:
+            logits = self.model(batch["image"])
+            loss = self.loss(logits, batch["low_res_label"])
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(logits))
-        up = torch.nn.functional.interpolate(logits.float(), size=batch["label"].shape[-2:], mode="bilinear")
-        pred = up.argmax(1)
+        pred = _upsample(logits, size).argmax(1)
+        panels["val/slice_truth_prediction"] = pred
         self.val_dice.update(pred, batch["label"])
         if batch_idx == 0 and self.image_cadence.due(self.current_epoch):
             writer = tensorboard(self.trainer)
             if writer is not None:
                 count = min(4, len(pred))
-                panel = segmentation_panel(batch["image"][:count], batch["label"][:count], pred[:count])
-                writer.add_image("val/slice_truth_prediction", panel, self.global_step)
+                for tag, shown in panels.items():
+                    panel = segmentation_panel(batch["image"][:count], batch["label"][:count], shown[:count])
+                    writer.add_image(tag, panel, self.global_step)
 
     def on_validation_epoch_end(self):
         per_class = self.val_dice.compute().reshape(-1)  # torchmetrics gives a 0-d tensor when K = 1
@@ -86,8 +119,12 @@ class FinetuneModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, **self.optim)
         total = self.trainer.estimated_stepping_batches
         per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
-        warmup = int(self.warmup_epochs * per_epoch)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": lightning_scheduler(optimizer, warmup_poly(total, warmup, self.poly_power)),
-        }
+        warmup = int(self.warmup_epochs * per_epoch) if self.warmup_steps is None else int(self.warmup_steps)
+        factor = warmup_poly(total, warmup, self.poly_power, self.poly_horizon)
+        return {"optimizer": optimizer, "lr_scheduler": lightning_scheduler(optimizer, factor)}
+
+
+def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits.float()
+    return torch.nn.functional.interpolate(logits.float(), size=size, mode="bilinear")

@@ -154,7 +154,10 @@ class LoraHubSearch(L.Callback):
             total = 0.0
             for start in range(0, len(self.images), batch):
                 logits = model(self.images[start : start + batch].to(device, dtype)).float()
-                total += float(self.loss_fn(logits, self.targets[start : start + batch].to(device))) * len(logits)
+                target = self.targets[start : start + batch].to(device)
+                if logits.shape[-2:] != target.shape[-2:]:  # H-SAM's decoder predicts at full size
+                    logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear")
+                total += float(self.loss_fn(logits, target)) * len(logits)
             return total / len(self.images)
 
         start = [0.0 if self.settings["start"] == "zero" else 1.0 / len(self.levels)] * len(self.levels)
