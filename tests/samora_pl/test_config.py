@@ -23,6 +23,41 @@ def test_paper_profile_for_real_data():
     assert (cfg.loss.ce_weight, cfg.loss.dice_weight) == (0.2, 0.8)
 
 
+def test_hsam_and_samed_profiles_are_the_published_recipes():
+    hsam = compose("finetune", ["data.name=synapse", "profile=hsam"])
+    assert (hsam.model.variant, hsam.model.img_size, hsam.model.decoder, hsam.model.lora_rank) == (
+        "vit_b",
+        512,
+        "hsam",
+        5,
+    )
+    assert hsam.mode == "samed" and hsam.data.batch_size == 16 and hsam.trainer.max_epochs == 300
+    assert (hsam.optim.lr, hsam.optim.warmup_steps, hsam.optim.poly_power, hsam.optim.poly_horizon) == (
+        0.0025,
+        250,
+        0.9,
+        "total",
+    )
+    assert (hsam.loss.ce_weight, hsam.loss.dice_weight) == (0.1, 0.9)
+    assert (hsam.eval.resize, hsam.eval.two_step_size) == ("two_step", 224)
+    assert hsam.model.hsam_cmattn == "released" and hsam.model.hsam_inference == "mean"
+    samed = compose("finetune", ["data.name=synapse", "profile=samed"])
+    assert (samed.model.variant, samed.model.img_size, samed.model.decoder, samed.model.lora_rank) == (
+        "vit_b",
+        512,
+        "sam",
+        4,
+    )
+    assert samed.mode == "samed" and samed.data.batch_size == 12 and samed.trainer.max_epochs == 200
+    assert (samed.optim.lr, samed.optim.warmup_steps, samed.optim.poly_horizon) == (0.005, 250, "total")
+    assert (samed.loss.ce_weight, samed.loss.dice_weight, samed.eval.resize) == (0.2, 0.8, "direct")
+    assert compose("finetune", ["data.name=synapse", "profile=hsam", "mode=samora"]).mode == "samora"
+
+
+def test_pos_embed_resize_defaults_to_bilinear():
+    assert compose("finetune").model.pos_embed_resize == "bilinear"
+
+
 def test_config_is_read_only():
     cfg = compose("finetune")
     with pytest.raises(ReadonlyConfigError):
@@ -56,6 +91,11 @@ def test_config_is_read_only():
         (["trainer.devices=[]"], ["trainer.devices"]),
         (["trainer.num_nodes=0"], ["trainer.num_nodes", "positive"]),
         (["trainer.accelerator=tpu2"], ["trainer.accelerator", "cpu", "gpu"]),
+        (["model.decoder=unet"], ["model.decoder", "sam", "hsam"]),
+        (["model.decoder=hsam", "model.hsam_cmattn_heads=5"], ["model.hsam_cmattn_heads", "N = 64"]),
+        (["model.hsam_cmattn=on"], ["model.hsam_cmattn", "released", "working"]),
+        (["model.pos_embed_resize=nearest"], ["model.pos_embed_resize", "bilinear", "bicubic"]),
+        (["optim.warmup_steps=-1"], ["optim.warmup_steps"]),
     ],
 )
 def test_bad_config_names_the_key(override, words):

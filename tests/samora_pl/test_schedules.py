@@ -32,3 +32,15 @@ def test_decay_groups_split_by_shape_name_and_trainability():
     assert decay["params"] == [weight] and decay["weight_decay"] == 0.05
     assert rest["params"] == [bias, token] and rest["weight_decay"] == 0.0
     assert decay_groups([("w", weight)], 0.1) == [{"params": [weight], "weight_decay": 0.1}]
+
+
+def test_warmup_in_iterations_with_samed_poly_over_all_steps():
+    """SAMed / H-SAM: step 0 at base/250, base at step 250, then (1 - (t - 250) / T) ** 0.9 with T all steps."""
+    total = 4200  # H-SAM 10 %: 300 epochs x 14 iterations
+    f = warmup_poly(total, 250, 0.9, horizon="total")
+    assert f(0) == pytest.approx(1 / 250)
+    assert f(249) == pytest.approx(1.0)
+    assert f(250) == pytest.approx(1.0)
+    assert f(1000) == pytest.approx((1 - 750 / total) ** 0.9)
+    assert f(total - 1) == pytest.approx((1 - (total - 251) / total) ** 0.9) and f(total - 1) > 0.05
+    assert warmup_poly(total, 250, 0.9)(total - 1) < 0.01  # after_warmup: decays to ~0

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import get_rel_pos
 
 from samora_pl.errors import SamoraError
@@ -190,3 +191,15 @@ def test_official_vit_b_checkpoint_layout(tmp_path):
         assert torch.equal(ie.blocks[7].attn.qkv.weight, ref["image_encoder.blocks.7.attn.qkv.weight"])
         assert m.mask_decoder.mask_tokens.weight.shape == (9, 256)
         del m
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_pos_embed_resize_bilinear_by_default_bicubic_on_request(tiny_ckpt, mode):
+    """SAMed and H-SAM resize SAM's 64x64 position embedding bilinearly; bicubic stays an option."""
+    path, sd = tiny_ckpt
+    kw = {} if mode == "bilinear" else {"pos_embed_resize": "bicubic"}
+    enc, _, _, _ = _load(224, path, **kw)
+    want = F.interpolate(sd["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(14, 14), mode=mode)
+    assert torch.allclose(enc.pos_embed, want.permute(0, 2, 3, 1), atol=1e-6)
+    with pytest.raises(SamoraError, match="model.pos_embed_resize"):
+        _load(224, path, pos_embed_resize="nearest")
