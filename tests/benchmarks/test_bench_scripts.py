@@ -30,6 +30,10 @@ TINY_RUNS = {
         ["--depth", "6", "--size", "48", "--cases", "2", "--repeats", "1"],
         ["identical_to_medpy", "workers_identical", "workers_speedup", "ratio"],
     ),
+    "decoder_step.py": (
+        ["--variant", "tiny", "--sizes", "64", "--reps", "1", "--warmup", "0"],
+        ["time_ratio_64 (hsamora / samora)", "memory_ratio_64 (hsamora / samora)", "hsamora_64_saved_mib"],
+    ),
     "grad_checkpoint.py": (
         ["--variant", "tiny", "--img-size", "64", "--reps", "1", "--hl-width", "32"],
         ["memory_ratio (goal >= 2)", "time_ratio (goal <= 1.4)"],
