@@ -411,3 +411,19 @@ def test_real_rank_ablation_on_the_pixel_expert(tmp_path, experiments, monkeypat
     for stage in (cpt, distill, finetune):
         monkeypatch.setattr(stage, "run", refuse)
     assert ablation.run_ablation("pix", overrides) == rows
+
+
+def test_decoder_ablation_covers_the_four_methods_and_both_class_attentions():
+    from samora_pl.ablation import load_ablation
+    from samora_pl.config import compose
+    from samora_pl.stages.finetune import tag_of
+
+    spec = load_ablation("decoder")
+    seen = set()
+    for variant, extra in spec["variants"].items():
+        cfg = compose("finetune", extra)
+        seen.add((cfg.mode, cfg.model.decoder, cfg.model.hsam_cmattn if cfg.model.decoder == "hsam" else None))
+        assert tag_of(cfg)
+    assert {("samed", "sam", None), ("samora", "sam", None)} <= seen
+    for mode in ("samed", "samora"):
+        assert {(mode, "hsam", "released"), (mode, "hsam", "working")} <= seen
