@@ -420,7 +420,7 @@ def test_decoder_ablation_covers_the_four_methods_and_both_class_attentions():
 
     spec = load_ablation("decoder")
     seen = set()
-    for variant, extra in spec["variants"].items():
+    for extra in spec["variants"].values():
         cfg = compose("finetune", extra)
         seen.add((cfg.mode, cfg.model.decoder, cfg.model.hsam_cmattn if cfg.model.decoder == "hsam" else None))
         assert tag_of(cfg)
