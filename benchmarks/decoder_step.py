@@ -5,7 +5,8 @@ One step = forward of a batch, H-SAM's two-stage loss or SAMora's loss, backward
 set (fusion + decoder; encoder and experts frozen). Memory is the bytes of the tensors autograd keeps for
 the backward pass (``torch.autograd.graph.saved_tensors_hooks``, each storage counted once): deterministic,
 and comparable within one process, unlike the peak resident memory on CPU. Times are medians of
-interleaved repetitions after a warm-up.
+interleaved repetitions after a warm-up; the FLOP ratio of one step (torch's FlopCounterMode, with
+encoder_step.py's formulas for the CPU attention kernels) is the load-independent cost figure.
 
     python benchmarks/decoder_step.py [--variant vit_b] [--sizes 224 512] [--batch 1] [--reps 3] [--warmup 1]
 """
@@ -21,6 +22,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from encoder_step import flops  # noqa: E402
 
 from samora_pl.losses.hsam import HSAMLoss  # noqa: E402
 from samora_pl.losses.segmentation import SegmentationLoss  # noqa: E402
@@ -110,17 +113,20 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         images = torch.rand(args.batch, 1, size, size, generator=g).to(dev)
         label = torch.randint(0, args.classes + 1, (args.batch, size, size), generator=g).to(dev)
-        steps, memory = {}, {}
+        steps, memory, gflops = {}, {}, {}
         for name, decoder in (("samora", "sam"), ("hsamora", "hsam")):
             model = build(args.variant, size, decoder, args.classes).to(dev)
             steps[name], loss = step_fn(model, images, label)
             memory[name] = saved_bytes(loss) / 2**20
+            gflops[name] = flops(steps[name]) / 1e9
         times = median_times(steps, args.warmup, args.reps)
         for name in steps:
             print(f"{name}_{size}_step_s: {times[name]:.4f}")
             print(f"{name}_{size}_saved_mib: {memory[name]:.1f}")
+            print(f"{name}_{size}_gflops: {gflops[name]:.2f}")
         print(f"time_ratio_{size} (hsamora / samora): {times['hsamora'] / times['samora']:.3f}")
         print(f"memory_ratio_{size} (hsamora / samora): {memory['hsamora'] / memory['samora']:.3f}")
+        print(f"flop_ratio_{size} (hsamora / samora): {gflops['hsamora'] / gflops['samora']:.3f}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,12 @@ TINY_RUNS = {
     ),
     "decoder_step.py": (
         ["--variant", "tiny", "--sizes", "64", "--reps", "1", "--warmup", "0"],
-        ["time_ratio_64 (hsamora / samora)", "memory_ratio_64 (hsamora / samora)", "hsamora_64_saved_mib"],
+        [
+            "time_ratio_64 (hsamora / samora)",
+            "memory_ratio_64 (hsamora / samora)",
+            "flop_ratio_64 (hsamora / samora)",
+            "hsamora_64_saved_mib",
+        ],
     ),
     "grad_checkpoint.py": (
         ["--variant", "tiny", "--img-size", "64", "--reps", "1", "--hl-width", "32"],
