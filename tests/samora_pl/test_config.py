@@ -24,7 +24,10 @@ def test_paper_profile_for_real_data():
 
 
 def test_hsam_and_samed_profiles_are_the_published_recipes():
-    hsam = compose("finetune", ["data.name=synapse", "profile=hsam"])
+    for profile in ("hsam", "samed"):  # GPU scale: SAM's public weights or an explicit none
+        with pytest.raises(SamoraError, match="sam_vit_b_01ec64.pth"):
+            compose("finetune", ["data.name=synapse", f"profile={profile}"])
+    hsam = compose("finetune", ["data.name=synapse", "profile=hsam", "model.checkpoint=none"])
     assert (hsam.model.variant, hsam.model.img_size, hsam.model.decoder, hsam.model.lora_rank) == (
         "vit_b",
         512,
@@ -41,7 +44,7 @@ def test_hsam_and_samed_profiles_are_the_published_recipes():
     assert (hsam.loss.ce_weight, hsam.loss.dice_weight) == (0.1, 0.9)
     assert (hsam.eval.resize, hsam.eval.two_step_size) == ("two_step", 224)
     assert hsam.model.hsam_cmattn == "released" and hsam.model.hsam_inference == "mean"
-    samed = compose("finetune", ["data.name=synapse", "profile=samed"])
+    samed = compose("finetune", ["data.name=synapse", "profile=samed", "model.checkpoint=none"])
     assert (samed.model.variant, samed.model.img_size, samed.model.decoder, samed.model.lora_rank) == (
         "vit_b",
         512,
@@ -51,7 +54,10 @@ def test_hsam_and_samed_profiles_are_the_published_recipes():
     assert samed.mode == "samed" and samed.data.batch_size == 12 and samed.trainer.max_epochs == 200
     assert (samed.optim.lr, samed.optim.warmup_steps, samed.optim.poly_horizon) == (0.005, 250, "total")
     assert (samed.loss.ce_weight, samed.loss.dice_weight, samed.eval.resize) == (0.2, 0.8, "direct")
-    assert compose("finetune", ["data.name=synapse", "profile=hsam", "mode=samora"]).mode == "samora"
+    assert (
+        compose("finetune", ["data.name=synapse", "profile=hsam", "mode=samora", "model.checkpoint=none"]).mode
+        == "samora"
+    )
 
 
 def test_pos_embed_resize_defaults_to_bilinear():
