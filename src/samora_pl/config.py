@@ -21,7 +21,7 @@ STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict
 CHOICES = {
     "data.fraction_by": choices.FRACTION_MODES,
     "data.intensity": choices.INTENSITY_OPTIONS,
-    "model.variant": choices.VARIANTS,
+    "model.family": choices.FAMILIES,
     "model.fusion": choices.FUSIONS,
     "model.hl_order": choices.HL_ORDERS,
     "model.hl_init": choices.HL_INITS,
@@ -96,6 +96,12 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise SamoraError(f"Config key '{key}' is {value!r}; allowed values: {', '.join(map(str, allowed))}.")
+    variants = choices.VARIANTS[cfg.model.family]
+    if cfg.model.variant not in variants:
+        raise SamoraError(
+            f"Config key 'model.variant' is {cfg.model.variant!r}; with model.family={cfg.model.family} "
+            f"allowed values: {', '.join(variants)}."
+        )
     if not 0.0 <= cfg.finetune.lorahub.warmup < 1.0:
         raise SamoraError(
             f"Config key 'finetune.lorahub.warmup' is {cfg.finetune.lorahub.warmup}; give the share of the decoder's "
@@ -119,6 +125,11 @@ def validate(cfg: DictConfig) -> None:
             raise SamoraError(f"Config key '{key}' is {value}; it must be a positive integer.")
     if cfg.model.img_size % 16:
         raise SamoraError(f"Config key 'model.img_size' is {cfg.model.img_size}; it must be a multiple of 16.")
+    if cfg.model.family == "sam2" and cfg.model.img_size % 32:
+        raise SamoraError(
+            f"Config key 'model.img_size' is {cfg.model.img_size}; with model.family=sam2 it must be a multiple "
+            "of 32 (Hiera tiles an 8x8 window position embedding over the stride-4 map), e.g. 224 or 512."
+        )
     if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
     _check_devices(cfg.trainer.devices)
