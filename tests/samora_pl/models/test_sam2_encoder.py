@@ -68,6 +68,12 @@ def _package_attention_with_delta(attn, x, delta_fn):
         handle.remove()
 
 
+def k_delta(lb, t):
+    """The expert's q update put on k instead: [0, dQ, 0]."""
+    dq = lb(t)[0]
+    return torch.cat([torch.zeros_like(dq), dq, torch.zeros_like(dq)], -1)
+
+
 def test_random_B_changes_the_whole_of_q_and_v_and_never_k_in_every_block(randomize_lora):
     enc, reference = _encoder(fusion="single:patch")
     randomize_lora(enc.lora)
@@ -80,11 +86,7 @@ def test_random_B_changes_the_whole_of_q_and_v_and_never_k_in_every_block(random
             ours = blk.attn(x)
             expected = _package_attention_with_delta(ref_blk.attn, x, lb.qkv_delta)
             plain = ref_blk.attn(x)
-            k_only = _package_attention_with_delta(
-                ref_blk.attn,
-                x,
-                lambda t: torch.cat([torch.zeros_like(lb(t)[0]), lb(t)[0], torch.zeros_like(lb(t)[0])], -1),
-            )
+            k_only = _package_attention_with_delta(ref_blk.attn, x, lambda t, lb=lb: k_delta(lb, t))
             dq, dv = lb(x)
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(ours, plain) and not torch.allclose(ours, k_only)
