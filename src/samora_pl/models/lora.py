@@ -202,9 +202,10 @@ class MultiExpertLoRA(nn.Module):
         ``x`` [..., Cin] is the block's normed input and ``q``, ``v`` [..., C] the frozen ``qkv``'s slices
         (Cin = C except in Hiera's q-pool blocks). Returns two [S, ..., C] tensors: ``q + dQ_e(x)`` and
         ``v + dV_e(x)`` for each expert (default: all, in ``self.names`` order), preceded by the plain
-        ``q`` and ``v`` when ``with_base``. All experts' A factors run in one matmul; each stream's B factor and the add of the shared ``q``/``v``
-        run in one ``baddbmm``, so no per-expert delta, concatenation or selection is materialised
-        (those memory passes cost as much as the LoRA arithmetic at 512 px).
+        ``q`` and ``v`` when ``with_base``. All experts' A factors run in one matmul; each stream's B
+        factor and the add of the shared ``q``/``v`` run in one ``baddbmm``, so no per-expert delta,
+        concatenation or selection is materialised (those memory passes cost as much as the LoRA
+        arithmetic at 512 px).
 
         With ``mix`` (one weight per named expert) there is one stream, ``q + sum_e mix_e dQ_e(x)`` (and
         the same for v): the experts merged as one rank ``E*r`` update (LAC); ``with_base`` is ignored.
