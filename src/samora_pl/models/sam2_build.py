@@ -88,13 +88,13 @@ HIERA_VARIANTS: Dict[str, HieraVariant] = {
     "s": HieraVariant("s", 96, 1, (1, 2, 11, 2), (7, 10, 13)),
     "b+": HieraVariant("b+", 112, 2, (2, 3, 16, 3), (12, 16, 20), pos_embed_bkg=(14, 14)),
     "l": HieraVariant("l", 144, 2, (2, 6, 36, 4), (23, 33, 43), window_spec=(8, 4, 16, 8)),
-    # CPU tests and the demo: 6 blocks (q-pool 1, 3, 5; global 4; windows padded at 224), 64-wide neck.
+    # CPU tests and the demo: 5 blocks (q-pool 1, 2, 4; global 3; windows padded at 224), 64-wide neck.
     "tiny": HieraVariant(
         "tiny",
-        24,
+        16,
         1,
-        (1, 2, 2, 1),
-        (4,),
+        (1, 1, 2, 1),
+        (3,),
         window_spec=(8, 4, 4, 2),
         pos_embed_bkg=(4, 4),
         d_model=64,

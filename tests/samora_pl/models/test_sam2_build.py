@@ -75,7 +75,7 @@ def test_each_variant_built_with_random_weights_matches_its_table(name):
 def test_tiny_variant_has_every_kind_of_block():
     parts = build_sam2_parts("tiny", 224, 8)
     q_pool, global_, dims, _ = _trunk_facts(parts.image_encoder.trunk)
-    assert q_pool == (1, 3, 5) and global_ == (4,) and dims == (24, 48, 96, 192)
+    assert q_pool == (1, 2, 4) and global_ == (3,) and dims == (16, 32, 64, 128)
     assert parts.mask_decoder.num_mask_tokens == 9
 
 
