@@ -110,8 +110,8 @@ class SAMoraHieraEncoder(nn.Module):
 
     ``forward(images)`` -> the image embedding [B, d_model, S/16, S/16]: the neck's stride-16 map plus
     ``no_mem_embed`` (SAM 2's single-image path), what the mask decoder, the image-level and the
-    pixel-level distillation read. :meth:`forward_tokens` gives the trunk's stride-16 (stage 3) tokens
-    for patch-level distillation; :meth:`forward_fpn` the neck's three maps for the decoder.
+    pixel-level distillation read. :meth:`forward_tokens` gives the stride-16 map as tokens for
+    patch-level distillation; :meth:`forward_fpn` the neck's three maps for the decoder.
     Inputs are [0, 1] images, normalised with ImageNet mean/std as SAM 2's transforms do.
     """
 
@@ -163,9 +163,8 @@ class SAMoraHieraEncoder(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        """Width of the stride-16 trunk tokens (stage 3), which patch-level distillation projects."""
-        trunk = self.image_encoder.trunk
-        return int(trunk.blocks[trunk.stage_ends[2]].dim_out)
+        """Width of :meth:`forward_tokens` (the neck's d_model), which patch-level distillation projects."""
+        return int(self.image_encoder.neck.d_model)
 
     @property
     def embedding_dim(self) -> int:
@@ -195,16 +194,15 @@ class SAMoraHieraEncoder(nn.Module):
         return embedding + self.no_mem_embed.to(embedding.dtype).view(1, -1, 1, 1)
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The trunk's stride-16 tokens (end of stage 3) [B, S/16, S/16, C3], before the neck."""
-        return self.trunk_features(images)[2].permute(0, 2, 3, 1)
+        """The stride-16 feature map as tokens [B, S/16, S/16, d_model]: the neck's stride-16 level, the
+        trunk's stage 3 plus the upsampled stage 4. Not the stage-3 trunk tokens alone: stage 4's blocks
+        would then get no gradient, and their patch-level expert would never train."""
+        return self.forward_fpn(images)[-1].permute(0, 2, 3, 1)
 
     def forward(self, images: torch.Tensor, return_tokens: bool = False):
-        if return_tokens:
-            feats = self.trunk_features(images)
-            ie = self.image_encoder
-            fpn, _ = ie.neck(feats)
-            return self.add_no_mem(fpn[2]), feats[2].permute(0, 2, 3, 1)
-        return self.add_no_mem(self.forward_fpn(images)[-1])
+        s16 = self.forward_fpn(images)[-1]
+        embedding = self.add_no_mem(s16)
+        return (embedding, s16.permute(0, 2, 3, 1)) if return_tokens else embedding
 
     def aux_loss(self) -> torch.Tensor:
         """Mean over blocks of the fusion modules' auxiliary losses of the last forward (0 if none)."""

@@ -102,7 +102,7 @@ def test_hiera_t_shapes(side):
     with torch.no_grad():
         emb, tokens = model.encoder(torch.rand(1, 1, side, side), return_tokens=True)
     assert tuple(emb.shape) == (1, 256, side // 16, side // 16)
-    assert tuple(tokens.shape) == (1, side // 16, side // 16, 384)
+    assert tuple(tokens.shape) == (1, side // 16, side // 16, 256)
 
 
 @pytest.mark.parametrize("side", [240, 100, 0])
