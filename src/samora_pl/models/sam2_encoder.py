@@ -128,7 +128,7 @@ class SAMoraHieraEncoder(nn.Module):
         self.image_encoder = image_encoder
         self.no_mem_embed = no_mem_embed
         self.lora = lora
-        self.img_size_ = int(img_size)
+        self._img_size = int(img_size)
         trunk = image_encoder.trunk
         if (lora is None) != (fusions is None):
             raise ValueError("pass both lora and fusions, or neither")
@@ -155,7 +155,7 @@ class SAMoraHieraEncoder(nn.Module):
     # -- sizes ----------------------------------------------------------------------------------------
     @property
     def img_size(self) -> int:
-        return self.img_size_
+        return self._img_size
 
     @property
     def depth(self) -> int:
