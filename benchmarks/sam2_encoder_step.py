@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hl-width", type=int, default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
