@@ -7,7 +7,7 @@ round-robin (fair under changing machine load); the median is reported. FLOPs of
 with torch.utils.flop_counter.FlopCounterMode on both. Last line: ratio_vs_flops = time ratio / FLOP
 ratio (goal <= 1.1: SAMora costs no more than its extra arithmetic).
 
-    python benchmarks/sam2_encoder_step.py [--variant b+] [--img-size 512] [--batch 1] [--reps 5] [--hl-width N]
+    python benchmarks/sam2_encoder_step.py [--variant b+] [--img-size 512] [--batch 1] [--reps 3] [--hl-width N]
 """
 
 from __future__ import annotations
