@@ -49,6 +49,8 @@ def test_gradients_reach_the_mask_logits_even_when_the_object_score_is_negative(
     assert grads["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"].abs().sum() > 0
     assert grads["mask_decoder.conv_s0.weight"].abs().sum() > 0 and grads["mask_decoder.conv_s1.weight"].abs().sum() > 0
     assert all(f.gamma.grad is not None for f in model.fusion)
+    # DDP needs every trainable parameter in the graph: nothing trainable is left without a gradient
+    assert [n for n, g in grads.items() if g is None] == []
 
 
 def test_trainable_sets_and_no_memory_modules():
@@ -100,3 +102,10 @@ def test_config_keys_and_factory(tmp_path):
         compose("finetune", ["model.family=sam2", "model.img_size=240"])
     with pytest.raises(SamoraError, match="model.family"):
         compose("finetune", ["model.family=sam3"])
+
+
+def test_samed_mode_gives_every_trainable_parameter_a_gradient():
+    model = _model(experts=("samed",), fusion="single:samed", trainable="samed")
+    model(torch.rand(2, 1, 128, 128)).logsumexp(1).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
