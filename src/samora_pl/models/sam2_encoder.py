@@ -34,7 +34,7 @@ from torch import nn
 
 from samora_pl.errors import SamoraError
 from samora_pl.models.encoder import prepare_images
-from samora_pl.models.fusion import Fusion, LACFusion, SingleFusion
+from samora_pl.models.fusion import Fusion, LACFusion, SingleFusion, mole_balance_loss
 from samora_pl.models.lora import MultiExpertLoRA
 
 __all__ = ["LoRAHieraAttention", "SAMoraHieraEncoder", "hiera_block_widths", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -205,10 +205,10 @@ class SAMoraHieraEncoder(nn.Module):
         return (embedding, s16.permute(0, 2, 3, 1)) if return_tokens else embedding
 
     def aux_loss(self) -> torch.Tensor:
-        """Mean over blocks of the fusion modules' auxiliary losses of the last forward (0 if none)."""
-        losses = []
-        if self.fusion is not None:
-            losses = [loss for loss in (f.aux_loss() for f in self.fusion) if loss is not None]
-        if not losses:
+        """MoLE's balance loss over every gated block of the last forward (``fusion.mole_balance_loss``);
+        0 if no block has a gate. A windowed block's gate has one row per window, so each block's gate is
+        averaged over its rows first: every block weighs the same, as when all have one row per image."""
+        gates = [] if self.fusion is None else [f.last_gate for f in self.fusion if f.last_gate is not None]
+        if not gates:
             return self.no_mem_embed.new_zeros(())
-        return torch.stack(losses).mean()
+        return mole_balance_loss([g.mean(0, keepdim=True) for g in gates])

@@ -152,7 +152,7 @@ def test_lac_merges_the_weighted_experts_at_qkv_in_every_block(randomize_lora):
         x = torch.randn(3, 8, 8, blk.dim)
         with torch.no_grad():
             expected = _package_attention_with_delta(
-                ref_blk.attn, x, lambda t: sum(a * d(t) for a, d in zip(w, deltas))
+                ref_blk.attn, x, lambda t, w=w, deltas=deltas: sum(a * d(t) for a, d in zip(w, deltas))
             )
             ours = blk.attn(x)
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
