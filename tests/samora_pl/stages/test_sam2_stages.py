@@ -11,7 +11,6 @@ import torch
 
 from samora_pl.cli import main
 from tests.samora_pl.stages.test_distill import build, loader, make_cfg, snapshot, workspace  # noqa: F401
-from tests.samora_pl.stages.test_finetune import demo_dir, quick
 
 pytest.importorskip("sam2")
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*")
@@ -42,26 +41,24 @@ def test_each_level_distils_only_its_expert_on_hiera(workspace, level):  # noqa:
 
 
 @pytest.mark.slow
-def test_finetune_and_predict_on_sam2_through_the_cli(tmp_path):
+def test_finetune_and_predict_on_sam2_through_the_cli(tmp_path, quick, demo_dir):
     for mode in ("mode=samora", "mode=samed"):
         extra = ("finetune.zero_experts=true",) if mode == "mode=samora" else ()
-        assert main(["finetune", *quick(tmp_path, *SAM2, mode, *extra)]) == 0
+        assert main(["finetune", *quick(*SAM2, mode, *extra)]) == 0
     folder = tmp_path / "runs" / "t" / "finetune" / "samed-lora-f0.1"
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert len({r["class_name"] for r in rows}) == 8
     assert json.loads((folder / "manifest.json").read_text())["status"] == "complete"
-    volume = sorted((demo_dir() / "test_vol_h5").glob("*.h5"))[0]
+    volume = sorted((demo_dir / "test_vol_h5").glob("*.h5"))[0]
     out = tmp_path / "pred"
     args = ["predict", f"runs_dir={tmp_path / 'runs'}", "run=t", f"predict.input={volume}", f"predict.output={out}"]
     assert main([*args, "finetune.tag=samed-lora-f0.1"]) == 0
     assert list(out.rglob("*_pred.nii.gz"))
 
 
-def test_sam1_checkpoint_to_sam2_is_one_clear_message(tmp_path, capsys):
-    from tests.samora_pl.models.conftest import tiny_sam_state_dict
-
+def test_sam1_checkpoint_to_sam2_is_one_clear_message(tmp_path, capsys, quick, tiny_sam_state_dict):
     path = tmp_path / "sam_tiny.pth"
     torch.save(tiny_sam_state_dict(128), path)
-    code = main(["finetune", *quick(tmp_path, *SAM2, "mode=samed", f"model.checkpoint={path}")])
+    code = main(["finetune", *quick(*SAM2, "mode=samed", f"model.checkpoint={path}")])
     err = capsys.readouterr().err
     assert code != 0 and "SAM (v1) checkpoint" in err and "model.family=sam" in err
