@@ -36,10 +36,15 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 setup: $(STAMP)
 
 # torch==2.14.1 / torchvision==0.29.1 are pinned in setup.cfg (a matched pair).
+# sam2 (SAM 2's model code, model.family=sam2) is a source package whose build imports torch: it is installed
+# after torch, without build isolation (an isolated build would fetch another torch) and without its optional
+# CUDA extension (SAM2_BUILD_CUDA=0; the image path does not use it).
+SAM2_PIN := sam2==1.1.0
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip wheel
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --quiet --no-build-isolation "$(SAM2_PIN)"
 	touch $(STAMP)
 
 demo: $(STAMP)

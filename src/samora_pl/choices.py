@@ -16,7 +16,9 @@ FUSIONS = FUSION_NAMES + tuple(f"single:{level}" for level in LEVELS)
 LORAHUB_STARTS = ("uniform", "zero")
 HL_INITS = ("residual_mean", "zero", "paper")
 
-VARIANTS = ("tiny", "vit_b", "vit_l", "vit_h")  # models/sam.py holds their sizes
+FAMILIES = ("sam", "sam2")  # model.family: SAM's ViT, or SAM 2's Hiera (docs/sam2.md)
+# model.variant per family: models/sam.py and models/sam2_build.py hold their sizes
+VARIANTS = {"sam": ("tiny", "vit_b", "vit_l", "vit_h"), "sam2": ("tiny", "t", "s", "b+", "l")}
 DECODERS = ("sam", "hsam")  # SAM's one-stage mask decoder, H-SAM's two-stage one (models/hsam_decoder.py)
 HSAM_CMATTN = ("released", "working")  # H-SAM's class-wise attention: inert as released, or a working map
 HSAM_INFERENCE = ("mean", "stage2")  # H-SAM's prediction: mean of both stages' logits, or stage 2 alone

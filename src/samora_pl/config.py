@@ -21,7 +21,7 @@ STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict
 CHOICES = {
     "data.fraction_by": choices.FRACTION_MODES,
     "data.intensity": choices.INTENSITY_OPTIONS,
-    "model.variant": choices.VARIANTS,
+    "model.family": choices.FAMILIES,
     "model.fusion": choices.FUSIONS,
     "model.hl_order": choices.HL_ORDERS,
     "model.hl_init": choices.HL_INITS,
@@ -101,6 +101,12 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise SamoraError(f"Config key '{key}' is {value!r}; allowed values: {', '.join(map(str, allowed))}.")
+    variants = choices.VARIANTS[cfg.model.family]
+    if cfg.model.variant not in variants:
+        raise SamoraError(
+            f"Config key 'model.variant' is {cfg.model.variant!r}; with model.family={cfg.model.family} "
+            f"allowed values: {', '.join(variants)}."
+        )
     if not 0.0 <= cfg.finetune.lorahub.warmup < 1.0:
         raise SamoraError(
             f"Config key 'finetune.lorahub.warmup' is {cfg.finetune.lorahub.warmup}; give the share of the decoder's "
@@ -125,6 +131,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.img_size % 16:
         raise SamoraError(f"Config key 'model.img_size' is {cfg.model.img_size}; it must be a multiple of 16.")
     _check_hsam(cfg)
+    if cfg.model.family == "sam2" and cfg.model.img_size % 32:
+        raise SamoraError(
+            f"Config key 'model.img_size' is {cfg.model.img_size}; with model.family=sam2 it must be a multiple "
+            "of 32 (Hiera tiles an 8x8 window position embedding over the stride-4 map), e.g. 224 or 512."
+        )
     if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
     _check_devices(cfg.trainer.devices)
@@ -204,6 +215,12 @@ def _check_hsam(cfg: DictConfig) -> None:
         raise SamoraError(
             f"Config key 'model.hsam_cmattn_heads' is {heads}; it must divide the token count N = {tokens} "
             f"((model.img_size/16)^2 at img_size {cfg.model.img_size}); choose a divisor or leave it unset."
+        )
+    if cfg.model.decoder == "hsam" and cfg.model.family == "sam2":
+        raise SamoraError(
+            "Config key 'model.decoder' is hsam with model.family=sam2: H-SAM's two-stage decoder is built on SAM "
+            "(v1)'s mask decoder, whose upscaling has no slot for SAM 2's high-resolution features (conv_s0/conv_s1), "
+            "so it is not available on Hiera yet; use model.decoder=sam with family=sam2, or family=sam with hsam."
         )
     if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps < 0:
         raise SamoraError(f"Config key 'optim.warmup_steps' is {cfg.optim.warmup_steps}; it must be >= 0.")

@@ -27,6 +27,7 @@ CPT_KEYS = (
 )
 # what changes an expert; the image level also sees CPT's SimCLR views (distill.simclr_view_settings)
 DISTILL_KEYS = (
+    "model.family",
     "model.variant",
     "model.img_size",
     "model.checkpoint",

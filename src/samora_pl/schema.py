@@ -29,7 +29,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    variant: str = "tiny"  # one of choices.VARIANTS
+    family: str = "sam"  # one of choices.FAMILIES (sam2: SAM 2's Hiera encoder, from the sam2 package)
+    variant: str = "tiny"  # family sam: tiny | vit_b | vit_l | vit_h; family sam2: tiny | t | s | b+ | l
     img_size: int = 128
     checkpoint: Optional[str] = None  # official SAM .pth; unset -> random init from init_seed ("none": on purpose)
     init_seed: int = 0  # seeds the frozen encoder's random init only (trainable parts follow the run seed)

@@ -18,6 +18,10 @@ TINY_RUNS = {
         ["--variant", "tiny", "--img-size", "64", "--warmup", "0", "--reps", "1", "--hl-width", "32"],
         ["samora_fused_s", "samora_naive_s", "speedup_fused_vs_naive", "ratio_vs_flops"],
     ),
+    "sam2_encoder_step.py": (
+        ["--variant", "tiny", "--img-size", "64", "--warmup", "0", "--reps", "1"],
+        ["samora_s", "single_lora_s", "time_ratio", "flop_ratio", "ratio_vs_flops"],
+    ),
     "cpt_step.py": (
         ["--img-size", "32", "--batch", "2", "--reps", "1", "--warmup", "0"],
         ["simclr_r50_channels_last_images_per_s", "mae_vit_b_images_per_s", "channels_last_vs_contiguous"],

@@ -14,7 +14,10 @@ from samora_pl.models.sam import VARIANTS
 
 
 def test_every_variant_the_config_accepts_has_sizes():
-    assert set(VARIANTS) == set(choices.VARIANTS)
+    from samora_pl.models.sam2_build import HIERA_VARIANTS
+
+    assert set(VARIANTS) == set(choices.VARIANTS["sam"])
+    assert set(HIERA_VARIANTS) == set(choices.VARIANTS["sam2"]) and set(choices.VARIANTS) == set(choices.FAMILIES)
 
 
 @pytest.mark.parametrize("name", [name for name in choices.FUSIONS if name != "lorahub"])  # lorahub: the stage's

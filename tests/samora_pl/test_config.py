@@ -203,3 +203,9 @@ def test_paper_run_without_sam_checkpoint_exits_before_writing_anything(tmp_path
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "model.checkpoint" in err and "sam_vit_b_01ec64.pth" in err
     assert not runs.exists() and not (tmp_path / "data").exists()
+
+
+def test_hsam_decoder_on_sam2_is_refused_with_the_reason():
+    with pytest.raises(SamoraError) as err:
+        compose("finetune", ["model.family=sam2", "model.decoder=hsam"])
+    assert "model.decoder" in str(err.value) and "conv_s0" in str(err.value)

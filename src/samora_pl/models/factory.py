@@ -30,9 +30,12 @@ def build_segmenter(
     `load_sam=False` skips the checkpoint (weights from `init_seed`) for callers that overwrite every
     weight anyway, such as loading a finished fine-tune."""
     m = cfg.model
+    cls = SAMoraSegmenter
+    if m.family == "sam2":  # imported only here: `import sam2` sets up Hydra's global state
+        from samora_pl.models.sam2_segmenter import SAM2Segmenter as cls
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return SAMoraSegmenter(
+        return cls(
             variant=m.variant,
             img_size=m.img_size,
             num_classes=num_classes,
@@ -58,7 +61,7 @@ def build_segmenter(
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the frozen SAM image-encoder weights (LoRA and fusion excluded)."""
+    """sha256 of the frozen SAM (or SAM 2) image-encoder weights (LoRA and fusion excluded)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.encoder.image_encoder.state_dict().items()):
         digest.update(name.encode())

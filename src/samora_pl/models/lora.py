@@ -7,8 +7,9 @@ holds, for every encoder block, four low-rank factors and one scale::
     dV(x) = lora_scale * (x @ lora_A_v.T) @ lora_B_v.T
 
 ``lora_A_*`` is [r, C] and Kaiming-uniform initialised like ``nn.Linear`` / loralib (a = sqrt(5)),
-``lora_B_*`` is [C, r] and zero, scaling is 1 (no alpha / r), and ``lora_scale`` is a learnable scalar
-initialised to 1 (trained with the expert in stage-1 distillation, frozen in stage 2). k is never
+``lora_B_*`` is [C, r] and zero (in SAM 2's Hiera q-pool blocks ``qkv`` widens: A is [r, C_in], B
+[C_out, r], so the whole of q and v is adapted), scaling is 1 (no alpha / r), and ``lora_scale`` is a
+learnable scalar initialised to 1 (trained with the expert in stage-1 distillation, frozen in stage 2). k is never
 touched. One expert on its own is exactly SAMed's LoRA. Given a `seed`, each expert's A is drawn from its
 own generator seeded by (seed, name): the three experts start from different A, and the expert of one
 name starts alike whichever model (one expert in distillation, three in stage 2) builds it.
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_EXPERTS",
     "LoRAQV",
+    "block_widths",
     "LoRAExpert",
     "MultiExpertLoRA",
     "save_expert",
@@ -87,15 +89,16 @@ def check_expert_names(names: Iterable[str]) -> Tuple[str, ...]:
 class LoRAQV(nn.Module):
     """One expert's low-rank q/v update for one block (plus its learnable scale)."""
 
-    def __init__(self, dim: int, rank: int) -> None:
+    def __init__(self, dim: int, rank: int, out_dim: Optional[int] = None) -> None:
         super().__init__()
         if int(rank) < 1:
             raise SamoraError(f"LoRA rank must be >= 1, got {rank} (model.lora_rank)")
         self.dim, self.rank = int(dim), int(rank)
+        self.out_dim = self.dim if out_dim is None else int(out_dim)  # Hiera's q-pool blocks widen qkv
         self.lora_A_q = nn.Parameter(torch.empty(rank, dim))
-        self.lora_B_q = nn.Parameter(torch.zeros(dim, rank))
+        self.lora_B_q = nn.Parameter(torch.zeros(self.out_dim, rank))
         self.lora_A_v = nn.Parameter(torch.empty(rank, dim))
-        self.lora_B_v = nn.Parameter(torch.zeros(dim, rank))
+        self.lora_B_v = nn.Parameter(torch.zeros(self.out_dim, rank))
         self.lora_scale = nn.Parameter(torch.ones(()))
         self.reset_parameters()
 
@@ -109,7 +112,7 @@ class LoRAQV(nn.Module):
             self.lora_scale.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return (dQ, dV), each shaped like ``x`` ([..., C])."""
+        """Return (dQ, dV), each [..., out_dim] for ``x`` [..., dim]."""
         dq = (x @ self.lora_A_q.t()) @ self.lora_B_q.t()
         dv = (x @ self.lora_A_v.t()) @ self.lora_B_v.t()
         return dq * self.lora_scale, dv * self.lora_scale
@@ -120,16 +123,28 @@ class LoRAQV(nn.Module):
         return torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, rank={self.rank}"
+        return f"dim={self.dim}, out_dim={self.out_dim}, rank={self.rank}"
+
+
+def block_widths(
+    depth: int, dim: int, widths: Optional[Sequence[Tuple[int, int]]] = None
+) -> Tuple[Tuple[int, int], ...]:
+    """(qkv input width, q/v width) per block: ``(dim, dim)`` everywhere for SAM's ViT; Hiera passes its own."""
+    if widths is None:
+        return tuple((int(dim), int(dim)) for _ in range(int(depth)))
+    widths = tuple((int(a), int(b)) for a, b in widths)
+    if len(widths) != int(depth):
+        raise ValueError(f"need one (in, out) width per block ({depth}), got {len(widths)}")
+    return widths
 
 
 class LoRAExpert(nn.Module):
-    """One expert: a :class:`LoRAQV` per encoder block."""
+    """One expert: a :class:`LoRAQV` per encoder block (``widths``: per-block (in, out), see block_widths)."""
 
-    def __init__(self, depth: int, dim: int, rank: int = 4) -> None:
+    def __init__(self, depth: int, dim: int, rank: int = 4, widths: Optional[Sequence[Tuple[int, int]]] = None) -> None:
         super().__init__()
         self.depth, self.dim, self.rank = int(depth), int(dim), int(rank)
-        self.blocks = nn.ModuleList(LoRAQV(dim, rank) for _ in range(depth))
+        self.blocks = nn.ModuleList(LoRAQV(a, rank, b) for a, b in block_widths(depth, dim, widths))
 
     def ab_parameters(self):
         """The A/B factors only (no scales)."""
@@ -140,7 +155,8 @@ class LoRAExpert(nn.Module):
 
 class MultiExpertLoRA(nn.Module):
     """Several named :class:`LoRAExpert` s over the same encoder; their attention streams are
-    computed in batch (:meth:`streams`)."""
+    computed in batch (:meth:`streams`). ``widths`` gives per-block (in, out) widths for encoders whose
+    width changes between blocks (SAM 2's Hiera); ``dim`` is then the first block's input width."""
 
     def __init__(
         self,
@@ -150,18 +166,20 @@ class MultiExpertLoRA(nn.Module):
         dim: int,
         rank: int = 4,
         seed: Optional[int] = None,
+        widths: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> None:
         super().__init__()
         self.names = check_expert_names(names)
         self.depth, self.dim, self.rank = int(depth), int(dim), int(rank)
+        self.widths = block_widths(depth, dim, widths)
         self.experts = nn.ModuleDict({n: self._new_expert(n, seed) for n in self.names})
 
     def _new_expert(self, name: str, seed: Optional[int]) -> LoRAExpert:
         if seed is None:
-            return LoRAExpert(self.depth, self.dim, self.rank)
+            return LoRAExpert(self.depth, self.dim, self.rank, self.widths)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(expert_seed(seed, name))
-            return LoRAExpert(self.depth, self.dim, self.rank)
+            return LoRAExpert(self.depth, self.dim, self.rank, self.widths)
 
     def __getitem__(self, name: str) -> LoRAExpert:
         if name not in self.experts:
@@ -181,22 +199,23 @@ class MultiExpertLoRA(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The queries and values of every attention stream at one block.
 
-        ``x`` [..., C] is the block's normed input and ``q``, ``v`` [..., C] the frozen ``qkv``'s slices.
-        Returns two [S, ..., C] tensors: ``q + dQ_e(x)`` and ``v + dV_e(x)`` for each expert (default:
-        all, in ``self.names`` order), preceded by the plain ``q`` and ``v`` when ``with_base``. All
-        experts' A factors run in one matmul; each stream's B factor and the add of the shared ``q``/``v``
-        run in one ``baddbmm``, so no per-expert delta, concatenation or selection is materialised
-        (those memory passes cost as much as the LoRA arithmetic at 512 px).
+        ``x`` [..., Cin] is the block's normed input and ``q``, ``v`` [..., C] the frozen ``qkv``'s slices
+        (Cin = C except in Hiera's q-pool blocks). Returns two [S, ..., C] tensors: ``q + dQ_e(x)`` and
+        ``v + dV_e(x)`` for each expert (default: all, in ``self.names`` order), preceded by the plain
+        ``q`` and ``v`` when ``with_base``. All experts' A factors run in one matmul; each stream's B
+        factor and the add of the shared ``q``/``v`` run in one ``baddbmm``, so no per-expert delta,
+        concatenation or selection is materialised (those memory passes cost as much as the LoRA
+        arithmetic at 512 px).
 
         With ``mix`` (one weight per named expert) there is one stream, ``q + sum_e mix_e dQ_e(x)`` (and
         the same for v): the experts merged as one rank ``E*r`` update (LAC); ``with_base`` is ignored.
         """
         names = self.names if names is None else tuple(names)
         mods = [self.experts[n].blocks[block] for n in names]
-        E, r, C = len(mods), self.rank, self.dim
+        E, r, C = len(mods), self.rank, q.shape[-1]
         lead = x.shape[:-1]
-        a = torch.cat([torch.cat([m.lora_A_q, m.lora_A_v], 0) for m in mods], 0)  # [E*2r, C]
-        z = (x.reshape(-1, C) @ a.t()).reshape(-1, E, 2, r)  # [M, E, 2, r]
+        a = torch.cat([torch.cat([m.lora_A_q, m.lora_A_v], 0) for m in mods], 0)  # [E*2r, Cin]
+        z = (x.reshape(-1, x.shape[-1]) @ a.t()).reshape(-1, E, 2, r)  # [M, E, 2, r]
         z = z * torch.stack([m.lora_scale for m in mods]).to(z.dtype)[:, None, None]
         if mix is not None:  # [M, E, 2, r] -> [2, M, E*r] against B [2, C, E*r]: one merged stream
             z = (z * mix.to(z.dtype)[:, None, None]).permute(2, 0, 1, 3).reshape(2, -1, E * r).to(q.dtype)

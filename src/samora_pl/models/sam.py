@@ -313,6 +313,11 @@ def _read_checkpoint(path) -> Dict[str, torch.Tensor]:
         raise SamoraError(f"cannot read SAM checkpoint {path}: {exc}; re-download the file") from exc
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # tolerate the common {"model": state_dict} wrapper
+    if isinstance(sd, dict) and any(isinstance(k, str) and k.startswith("sam_mask_decoder.") for k in sd):
+        raise SamoraError(
+            f"{path} is a SAM 2 checkpoint: use it with model.family=sam2 and its Hiera size as model.variant "
+            f"(t, s, b+ or l), or give model.family=sam a SAM (v1) .pth file"
+        )
     if not isinstance(sd, dict) or not any(isinstance(k, str) and k.startswith(_PREFIXES) for k in sd):
         raise SamoraError(f"{path} is not a SAM checkpoint: expected keys starting with {', '.join(_PREFIXES)}")
     return sd

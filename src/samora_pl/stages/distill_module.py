@@ -67,9 +67,14 @@ def resize_to(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
 
 
 def _student_widths(student: nn.Module) -> Dict[str, int]:
+    """Token width, embedding width and stride of the student (SAM's ViT, or SAM 2's Hiera, whose encoder
+    names them: its embedding is the stride-16 neck map, its tokens the stride-16 stage-3 trunk map)."""
     enc = student.encoder
-    neck = enc.image_encoder.neck[0].out_channels
-    patch = enc.image_encoder.patch_embed.proj.kernel_size[0]
+    if hasattr(enc, "embedding_dim"):
+        neck, patch = enc.embedding_dim, enc.embedding_stride
+    else:
+        neck = enc.image_encoder.neck[0].out_channels
+        patch = enc.image_encoder.patch_embed.proj.kernel_size[0]
     return {"embed": int(enc.embed_dim), "neck": int(neck), "patch": int(patch), "img_size": int(enc.img_size)}
 
 

@@ -199,7 +199,9 @@ def prepare(cfg: DictConfig, model, data, folder: Path, expert_paths: dict, reco
 
     hub_cfg = cfg.finetune.lorahub
     levels = finetune_levels(cfg)
-    src = MultiExpertLoRA(levels + (HUB,), depth=model.lora.depth, dim=model.lora.dim, rank=model.lora.rank)
+    src = MultiExpertLoRA(
+        levels + (HUB,), depth=model.lora.depth, dim=model.lora.dim, rank=model.lora.rank, widths=model.lora.widths
+    )
     if not cfg.finetune.zero_experts:
         fingerprint = base_fingerprint(model)
         for level, path in expert_paths.items():
