@@ -30,27 +30,28 @@ def build_segmenter(
     `load_sam=False` skips the checkpoint (weights from `init_seed`) for callers that overwrite every
     weight anyway, such as loading a finished fine-tune."""
     m = cfg.model
-    cls = SAMoraSegmenter
+    settings = dict(
+        variant=m.variant,
+        img_size=m.img_size,
+        num_classes=num_classes,
+        experts=tuple(experts),
+        lora_rank=m.lora_rank,
+        fusion=fusion,
+        hl_order=m.hl_order,
+        hl_width=m.hl_width,
+        hl_heads=m.hl_heads,
+        hl_init=m.hl_init,
+        lac_weights=None if m.lac_weights is None else list(m.lac_weights),
+        checkpoint=sam_checkpoint(cfg) if load_sam else None,
+        grad_checkpoint=m.grad_checkpoint,
+        encoder_seed=m.init_seed,
+        seed=cfg.seed,
+    )
     if m.family == "sam2":  # imported only here: `import sam2` sets up Hydra's global state
         from samora_pl.models.sam2_segmenter import SAM2Segmenter as cls
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return cls(
-            variant=m.variant,
-            img_size=m.img_size,
-            num_classes=num_classes,
-            experts=tuple(experts),
-            lora_rank=m.lora_rank,
-            fusion=fusion,
-            hl_order=m.hl_order,
-            hl_width=m.hl_width,
-            hl_heads=m.hl_heads,
-            hl_init=m.hl_init,
-            lac_weights=None if m.lac_weights is None else list(m.lac_weights),
-            checkpoint=sam_checkpoint(cfg) if load_sam else None,
-            grad_checkpoint=m.grad_checkpoint,
-            encoder_seed=m.init_seed,
-            seed=cfg.seed,
+    else:  # SAM (v1) only: its position-embedding resize and H-SAM's decoder (refused on sam2 by config.py)
+        cls = SAMoraSegmenter
+        settings.update(
             pos_embed_resize=m.pos_embed_resize,
             decoder=m.decoder,
             hsam_cmattn=m.hsam_cmattn,
@@ -58,6 +59,9 @@ def build_segmenter(
             hsam_noise=m.hsam_noise,
             hsam_inference=m.hsam_inference,
         )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return cls(**settings)
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
