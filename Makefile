@@ -91,7 +91,7 @@ ablation: $(STAMP)
 	$(SAMORA) ablation $(NAME) seeds=$(SEEDS) $(COMMON)
 
 bench: $(STAMP)
-	for script in $(filter-out benchmarks/perf_summary.py,$(wildcard benchmarks/*.py)); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	for script in $(filter-out benchmarks/perf_summary.py benchmarks/_%,$(wildcard benchmarks/*.py)); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs/$(RUN)

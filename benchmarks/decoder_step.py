@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from _timing import median_times  # noqa: E402
 from encoder_step import flops  # noqa: E402
 
 from samora_pl.losses.hsam import HSAMLoss  # noqa: E402
@@ -73,23 +72,6 @@ def saved_bytes(loss) -> int:
         out = loss()
     del out
     return sum(seen.values())
-
-
-def median_times(fns: dict, warmup: int, reps: int) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None):

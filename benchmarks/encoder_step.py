@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from _timing import median_times  # noqa: E402
 
 from samora_pl.models.encoder import SAMoraEncoder  # noqa: E402
 from samora_pl.models.fusion import build_fusion  # noqa: E402
@@ -62,25 +62,6 @@ def step(enc, x, naive=False):
     enc.zero_grad(set_to_none=True)
     out = enc(x, naive=naive)
     out.float().square().mean().backward()
-
-
-def timed(fns, warmup, reps):
-    """Median seconds per call of each fn; reps are interleaved round-robin so that a change in machine
-    load during the run hits every variant alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    ts = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            ts[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def _sdpa_cpu_fwd(q, k, v, *args, out_shape=None, **kwargs):
@@ -149,7 +130,7 @@ def main(argv=None):
     if not args.skip_naive:
         fns["samed_reference"] = lambda: step(samed, x, naive=True)
         fns["samora_naive"] = lambda: step(samora, x, naive=True)
-    t = timed(fns, args.warmup, args.reps)
+    t = median_times(fns, args.warmup, args.reps)
     for k, val in t.items():
         print(f"{k}_s: {val:.4f}")
     f_samora = flops(lambda: step(samora, x))

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from _timing import median_times  # noqa: E402
 
 from samora_pl.models.sam2_segmenter import SAM2Segmenter  # noqa: E402
 
@@ -50,23 +50,6 @@ def flops(enc, x) -> int:
     return int(counter.get_total_flops())
 
 
-def timed(fns, warmup, reps):
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    ts = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            ts[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in ts.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="b+")
@@ -81,7 +64,7 @@ def main() -> None:
     single = make(args.variant, args.img_size, ("samed",), "single:samed", None, device)
     x = torch.rand(args.batch, 1, args.img_size, args.img_size, device=device)
     flop_samora, flop_single = flops(samora, x), flops(single, x)
-    times = timed({"samora": lambda: step(samora, x), "single": lambda: step(single, x)}, args.warmup, args.reps)
+    times = median_times({"samora": lambda: step(samora, x), "single": lambda: step(single, x)}, args.warmup, args.reps)
     time_ratio, flop_ratio = times["samora"] / times["single"], flop_samora / flop_single
     print(f"device: {device}")
     print(f"variant: hiera_{args.variant} img_size {args.img_size} batch {args.batch}")
