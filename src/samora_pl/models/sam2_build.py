@@ -199,9 +199,9 @@ def build_sam2_parts(variant, img_size: int, num_multimask_outputs: int, encoder
     return Sam2Parts(image_encoder, prompt_encoder, mask_decoder, no_mem_embed)
 
 
-def _build_image_encoder(m, v: HieraVariant):
-    """Hiera trunk + FPN neck (``scalp``=1, top-down on the two coarse levels) and ``no_mem_embed``."""
-    trunk = m["Hiera"](
+def build_hiera_trunk(m, v: HieraVariant):
+    """The Hiera trunk of variant `v` (random weights); `m` is :func:`sam2_modules`."""
+    return m["Hiera"](
         embed_dim=v.embed_dim,
         num_heads=v.num_heads,
         stages=v.stages,
@@ -209,6 +209,11 @@ def _build_image_encoder(m, v: HieraVariant):
         window_spec=v.window_spec,
         window_pos_embed_bkg_spatial_size=v.pos_embed_bkg,
     )
+
+
+def _build_image_encoder(m, v: HieraVariant):
+    """Hiera trunk + FPN neck (``scalp``=1, top-down on the two coarse levels) and ``no_mem_embed``."""
+    trunk = build_hiera_trunk(m, v)
     neck = m["FpnNeck"](
         position_encoding=m["PositionEmbeddingSine"](num_pos_feats=v.d_model, normalize=True, temperature=10000),
         d_model=v.d_model,

@@ -7,7 +7,13 @@ import torch
 from omegaconf import OmegaConf
 
 from samora_pl.errors import SamoraError
-from samora_pl.models.sam2_build import HIERA_VARIANTS, build_sam2_parts, get_hiera_variant, sam2_modules
+from samora_pl.models.sam2_build import (
+    HIERA_VARIANTS,
+    build_hiera_trunk,
+    build_sam2_parts,
+    get_hiera_variant,
+    sam2_modules,
+)
 
 sam2 = pytest.importorskip("sam2")
 
@@ -52,14 +58,7 @@ def _trunk_facts(trunk):
 def test_each_variant_built_with_random_weights_matches_its_table(name):
     torch.manual_seed(0)
     v = get_hiera_variant(name)
-    trunk = sam2_modules()["Hiera"](
-        embed_dim=v.embed_dim,
-        num_heads=v.num_heads,
-        stages=v.stages,
-        global_att_blocks=v.global_att_blocks,
-        window_spec=v.window_spec,
-        window_pos_embed_bkg_spatial_size=v.pos_embed_bkg,
-    )
+    trunk = build_hiera_trunk(sam2_modules(), v)  # the trunk build_sam2_parts uses
     dims, heads, q_pool, global_, windows, params = TABLE[name]
     assert len(trunk.blocks) == v.depth == sum(v.stages)
     assert _trunk_facts(trunk) == (q_pool, global_, dims, heads)
