@@ -174,6 +174,19 @@ def tiny_cpt() -> list:
     ]
 
 
+@pytest.fixture(scope="session")
+def tiny_pixel() -> list:
+    """Distill overrides of a tiny pixel-level run on the CPU (the epochs are the test's to add)."""
+    return [
+        "data.name=demo",
+        "distill.level=pixel",
+        "model.img_size=64",
+        "distill.batch_size=4",
+        "distill.pixel_width=16",
+        "trainer.accelerator=cpu",
+    ]
+
+
 @pytest.fixture
 def config(npz_pool, tiny_cpt):
     """``config(tmp_path, *extra)``: the cpt config of a tiny run on a 16-slice pool (written on first use)."""

@@ -59,7 +59,7 @@ def test_truncated_and_missing_checkpoints_are_not_resumable(tmp_path, caplog):
     ]
 
 
-def pixel_args(tmp_path: Path, epochs: int = 2) -> list:
+def pixel_args(tmp_path: Path, tiny_pixel: list, epochs: int = 2) -> list:
     pool = tmp_path / "pool"
     if not pool.exists():
         pool.mkdir()
@@ -68,44 +68,41 @@ def pixel_args(tmp_path: Path, epochs: int = 2) -> list:
         "distill",
         f"runs_dir={tmp_path / 'runs'}",
         "run=t",
-        "data.name=demo",
         f"data.dir={tmp_path / 'demo'}",
-        "distill.level=pixel",
-        "model.img_size=64",
-        "distill.batch_size=4",
+        *tiny_pixel,
         f"distill.max_epochs={epochs}",
-        "distill.pixel_width=16",
         "data.num_workers=0",
-        "trainer.accelerator=cpu",
         "trainer.log_every_n_steps=1",
         f"cpt.sources=[{{path: '{pool}', format: npz, intensity: none}}]",
     ]
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_the_same_command_then_resumes(tmp_path, monkeypatch, capsys, caplog):
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_same_command_then_resumes(
+    tmp_path, monkeypatch, capsys, caplog, tiny_pixel
+):
     last = tmp_path / "runs" / "t" / "distill" / "pixel" / "checkpoints" / "last.ckpt"
     with monkeypatch.context() as patch:
         full_disk_after_half(patch, from_call=2)  # epoch 0 is saved, the save after epoch 1 meets a full disk
-        assert main(pixel_args(tmp_path)) == 1
+        assert main(pixel_args(tmp_path, tiny_pixel)) == 1
     err = capsys.readouterr().err
     assert f"{last}: No space left on device" in err and "Traceback" not in err
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
     assert list(last.parent.iterdir()) == [last]
 
     caplog.set_level(logging.INFO, logger="samora_pl")
-    assert main(pixel_args(tmp_path)) == 0  # space is free again: the same command continues from epoch 0
+    assert main(pixel_args(tmp_path, tiny_pixel)) == 0  # space is free again: the same command continues from epoch 0
     assert f"resuming from {last}" in caplog.text
     manifest = json.loads((last.parents[1] / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["epochs"] == 2
 
 
-def test_a_truncated_last_checkpoint_starts_the_stage_afresh_with_one_warning(tmp_path, caplog):
+def test_a_truncated_last_checkpoint_starts_the_stage_afresh_with_one_warning(tmp_path, caplog, tiny_pixel):
     last = tmp_path / "runs" / "t" / "distill" / "pixel" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     AtomicCheckpointIO().save_checkpoint({"epoch": 0, "weights": torch.arange(4096.0)}, last)
     last.write_bytes(last.read_bytes()[:2000])  # what a full disk left before writes were atomic
     caplog.set_level(logging.INFO, logger="samora_pl")
-    assert main(pixel_args(tmp_path)) == 0
+    assert main(pixel_args(tmp_path, tiny_pixel)) == 0
     about = [r.getMessage() for r in caplog.records if "last.ckpt" in r.getMessage()]
     assert len(about) == 1 and str(last) in about[0] and "starting the stage afresh" in about[0]
     assert "resuming" not in caplog.text

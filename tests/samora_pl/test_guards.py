@@ -98,21 +98,16 @@ def test_skip_nonfinite_finishes_and_counts_the_skipped_batches(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch, capsys, npz_pool):
+def test_nan_loss_stops_a_distill_level_before_its_expert(tmp_path, monkeypatch, capsys, npz_pool, tiny_pixel):
     runs = tmp_path / "runs"
     args = [
         "distill",
         f"runs_dir={runs}",
         "run=t",
-        "data.name=demo",
         f"data.dir={tmp_path / 'demo'}",
-        "distill.level=pixel",
-        "model.img_size=64",
-        "distill.batch_size=4",
+        *tiny_pixel,
         "distill.max_epochs=2",
         "trainer.limit_train_batches=2",
-        "distill.pixel_width=16",
-        "trainer.accelerator=cpu",
         f"cpt.sources=[{{path: '{npz_pool(tmp_path / 'pool', size=64)}', format: npz}}]",
     ]
     nan_from(
