@@ -19,8 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from samora_pl.cli import main
-from samora_pl.models.mae import MaeTeacher
-from samora_pl.models.simclr import SimclrTeacher
 from samora_pl.models.teacher_io import save_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,21 +33,10 @@ COMMON = [
     "trainer.accelerator=cpu",
     "trainer.log_every_n_steps=1",
 ]
+# on top of the shared tiny CPT settings: batches of six (two a pool) over three epochs
 CPT = [
-    "cpt.simclr.depth=18",
-    "cpt.simclr.width=0.125",
-    "cpt.simclr.img_size=32",
     "cpt.simclr.batch_size=6",
     "cpt.simclr.max_epochs=3",
-    "cpt.simclr.proj_dim=16",
-    "cpt.mae.embed_dim=32",
-    "cpt.mae.depth=1",
-    "cpt.mae.num_heads=2",
-    "cpt.mae.patch_size=16",
-    "cpt.mae.img_size=32",
-    "cpt.mae.decoder_dim=32",
-    "cpt.mae.decoder_depth=1",
-    "cpt.mae.decoder_heads=2",
     "cpt.mae.batch_size=6",
     "cpt.mae.max_epochs=3",
 ]
@@ -63,34 +50,27 @@ DISTILL = [
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, tiny_simclr, tiny_mae):
     """A 12-slice pool (two batches of six) and tiny SimCLR / MAE teachers for the image and patch levels."""
     root = tmp_path_factory.mktemp("resume")
     (root / "pool").mkdir()
     rng = np.random.default_rng(0)
     np.savez(root / "pool" / "vol.npz", image=rng.random((12, 64, 64), dtype=np.float32))
     torch.manual_seed(1)
-    simclr = SimclrTeacher(depth=18, width=0.125, proj_dim=16, proj_hidden_dim=16, normalize="none", img_size=32)
-    mae = MaeTeacher(
-        img_size=64,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        decoder_dim=32,
-        decoder_depth=1,
-        decoder_heads=2,
-        normalize="none",
-    )
+    simclr = tiny_simclr(width=0.125, proj_hidden_dim=16, normalize="none", img_size=32)
+    mae = tiny_mae(depth=1, num_heads=2, decoder_heads=2, normalize="none")
     save_teacher(simclr, root / "simclr.pt")
     save_teacher(mae, root / "mae.pt")
     return root
 
 
-def stage_args(root: Path, runs: Path, stage: str, sub: str) -> list:
+def stage_args(root: Path, runs: Path, stage: str, sub: str, tiny_cpt: list) -> list:
+    """The command line of one run; COMMON comes after `tiny_cpt` so that its one data worker wins."""
     pool = f"cpt.sources=[{{path: '{root / 'pool'}', format: npz, intensity: none}}]"
-    args = [stage, f"runs_dir={runs}", f"data.dir={root / 'demo'}", "data.name=demo", pool, *COMMON]
+    args = [stage, f"runs_dir={runs}", f"data.dir={root / 'demo'}", "data.name=demo", pool]
     if stage == "cpt":
-        return args + CPT + [f"cpt.teacher={sub}"]
+        return args + tiny_cpt + CPT + COMMON + [f"cpt.teacher={sub}"]
+    args += COMMON
     teacher = {"image": [f"distill.teacher={root / 'simclr.pt'}"], "patch": [f"distill.teacher={root / 'mae.pt'}"]}
     return args + DISTILL + [f"distill.level={sub}"] + teacher.get(sub, [])
 
@@ -107,10 +87,10 @@ def final_weights(runs: Path, stage: str, sub: str) -> dict:
     "stage, sub",
     [("cpt", "simclr"), ("cpt", "mae"), ("distill", "image"), ("distill", "patch"), ("distill", "pixel")],
 )
-def test_a_stage_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(workspace, stage, sub):
+def test_a_stage_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(workspace, stage, sub, tiny_cpt):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), OMP_NUM_THREADS="1")
     killed_runs, whole_runs = workspace / f"killed-{sub}", workspace / f"whole-{sub}"
-    args = stage_args(workspace, killed_runs, stage, sub)
+    args = stage_args(workspace, killed_runs, stage, sub, tiny_cpt)
 
     killed = subprocess.run(
         [sys.executable, str(KILLER), "1", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
@@ -125,7 +105,7 @@ def test_a_stage_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from {last}" in resumed.stderr  # it did continue from the checkpoint
 
-    assert main(stage_args(workspace, whole_runs, stage, sub)) == 0
+    assert main(stage_args(workspace, whole_runs, stage, sub, tiny_cpt)) == 0
     got, want = final_weights(killed_runs, stage, sub), final_weights(whole_runs, stage, sub)
     assert got.keys() == want.keys()
     different = [k for k in want if not torch.equal(got[k], want[k])]
