@@ -1,6 +1,6 @@
 """The repository stands alone: it cites no document it does not hold, and its Markdown links resolve.
 
-The method and design notes once lived beside the repository (SPEC.md, ARCHITECTURE.md in a shared folder);
+The method and design notes once lived beside the repository (a method spec and an architecture note);
 a clone does not have them, so code, configs and docs must cite docs/method.md and docs/design.md instead.
 """
 
