@@ -305,7 +305,7 @@ def _read_checkpoint(path) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise SamoraError(
             f"SAM checkpoint not found: {path}; download the official file (e.g. sam_vit_b_01ec64.pth) "
-            f"and set model.checkpoint to its path, or set model.checkpoint=null for random init"
+            f"and set model.checkpoint to its path, or model.checkpoint=none to start from a random SAM on purpose"
         )
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)

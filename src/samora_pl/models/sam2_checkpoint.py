@@ -57,7 +57,7 @@ def read_sam2_checkpoint(path) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise SamoraError(
             f"SAM 2 checkpoint not found: {path}; download the official file (e.g. sam2.1_hiera_base_plus.pt) "
-            f"and set model.checkpoint to its path, or model.checkpoint=null for random init"
+            f"and set model.checkpoint to its path, or model.checkpoint=none to start from a random SAM 2 on purpose"
         )
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
