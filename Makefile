@@ -22,6 +22,7 @@ NAME     ?= mechanism
 SEEDS    ?= 1
 ARGS     ?=
 RAW      ?=
+SOURCE   ?=
 OUT      ?=
 IN       ?=
 
@@ -84,8 +85,9 @@ check: $(STAMP)
 	$(SAMORA) check $(COMMON)
 
 # make prepare DATA=synapse|la|promise12 RAW=<download> [OUT=<folder>, default data/<DATA>]
+# make prepare DATA=generic SOURCE=colin27 RAW=/usr/share/mricron/templates OUT=data/colin27 (real MRI, Debian's mricron-data)
 prepare: $(STAMP)
-	$(SAMORA) prepare $(COMMON) $(if $(RAW),prepare.raw=$(RAW)) $(if $(OUT),prepare.out=$(OUT))
+	$(SAMORA) prepare $(COMMON) $(if $(RAW),prepare.raw=$(RAW)) $(if $(OUT),prepare.out=$(OUT)) $(if $(SOURCE),prepare.source=$(SOURCE))
 
 ablation: $(STAMP)
 	$(SAMORA) ablation $(NAME) seeds=$(SEEDS) $(COMMON)

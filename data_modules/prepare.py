@@ -41,6 +41,7 @@ from samora_pl.errors import SamoraError
 
 from .base import label_problems
 from .la import LA_FILE, LA_FIX, LA_FOLDER, LA_NEEDS, LADataModule
+from .prepare_colin27 import plan_colin27
 from .promise12 import CASE_FILE, PROMISE12_TEST, Promise12DataModule
 from .synapse import SYNAPSE_TEST_CASES
 from .unlabeled_io import intensity as scale_intensity
@@ -361,7 +362,9 @@ def plan_la(raw: Path, skip: Path) -> Plan:
     return Plan(units, texts, {"cases": len(cases), "lists": lists})
 
 
-PLANNERS = {"synapse": plan_synapse, "promise12": plan_promise12, "la": plan_la}
+PLANNERS = {"synapse": plan_synapse, "promise12": plan_promise12, "la": plan_la, "colin27": plan_colin27}
+# prepare.source -> the data.name whose layout it writes (sources other than a dataset's own download)
+SOURCES = {"colin27": "generic"}
 
 
 # ------------------------------------------------------------------------------------------ running a plan
@@ -491,7 +494,7 @@ def prepare(name: str, raw, out, overwrite: bool = False, progress: bool = True)
         f", removed {len(stale)} stale" if stale else "",
         out,
         counts,
-        name,
+        SOURCES.get(name, name),
         out,
     )
     return summary
@@ -505,4 +508,10 @@ def run(cfg) -> dict:
             f"prepare.raw (RAW) is missing: give the folder of the {name} download, e.g. "
             f"`make prepare DATA={name} RAW=/downloads/{name} OUT=data/{name}`"
         )
-    return prepare(cfg.data.name, cfg.prepare.raw, cfg.prepare.out or cfg.data.dir, overwrite=cfg.overwrite)
+    source = cfg.prepare.source or cfg.data.name
+    if cfg.prepare.source and cfg.data.name != SOURCES.get(cfg.prepare.source, cfg.data.name):
+        raise SamoraError(
+            f"prepare.source={cfg.prepare.source} writes the {SOURCES[cfg.prepare.source]} layout; "
+            f"set data.name={SOURCES[cfg.prepare.source]} (DATA={SOURCES[cfg.prepare.source]}), not {cfg.data.name}"
+        )
+    return prepare(source, cfg.prepare.raw, cfg.prepare.out or cfg.data.dir, overwrite=cfg.overwrite)

@@ -34,3 +34,5 @@ FRACTION_MODES = ("slice", "case", "list")
 RESIZE_MODES = ("direct", "two_step")
 
 TEACHERS = ("simclr", "mae")
+# prepare.source: raw files that are not a dataset's own download (data_modules/prepare_colin27.py)
+PREPARE_SOURCES = ("colin27",)

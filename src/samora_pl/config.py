@@ -38,6 +38,7 @@ CHOICES = {
     "distill.level": ("all",) + LEVELS,
     "finetune.lorahub.start": choices.LORAHUB_STARTS,
     "predict.intensity": choices.INTENSITY_OPTIONS,
+    "prepare.source": (None,) + choices.PREPARE_SOURCES,
 }
 
 PROFILE_FOR_DATA = {"demo": "tiny"}

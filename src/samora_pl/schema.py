@@ -129,6 +129,9 @@ class PrepareConfig:
 
     raw: Optional[str] = None  # the download (RAW); searched recursively for the dataset's files
     out: Optional[str] = None  # where the layout is written (OUT); none -> data.dir (data/<name>)
+    # what RAW holds when it is not data.name's own download: colin27 = MRIcron's Colin27 T1 + AAL atlas
+    # (Debian's mricron-data), written in the generic layout (data.name=generic); none -> data.name's
+    source: Optional[str] = None
 
 
 @dataclass
