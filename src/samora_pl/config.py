@@ -113,6 +113,11 @@ def validate(cfg: DictConfig) -> None:
             f"Config key 'finetune.lorahub.warmup' is {cfg.finetune.lorahub.warmup}; give the share of the decoder's "
             "training steps before the search, in [0, 1)."
         )
+    if cfg.finetune.train_experts and (cfg.mode != "samora" or cfg.model.fusion == "lorahub"):
+        raise SamoraError(
+            "Config key 'finetune.train_experts' is true; it trains the experts of mode=samora with a fusion "
+            f"other than lorahub (here mode={cfg.mode}, model.fusion={cfg.model.fusion}); leave it false."
+        )
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise SamoraError(f"Config key 'data.fraction' (FRACTION) is {cfg.data.fraction}; it must be in (0, 1].")
     if cfg.data.fraction_by == "list" and not cfg.data.fraction_list:

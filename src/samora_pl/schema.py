@@ -110,6 +110,8 @@ class FinetuneConfig:
     experts: ExpertPaths = field(default_factory=ExpertPaths)
     levels: Optional[List[str]] = None  # experts fused in stage 2, e.g. [image, patch]; none -> all three
     zero_experts: bool = False  # ablation: untrained experts (B = 0) instead of distilled ones
+    # ablation (not the paper's: it freezes them): mode=samora also trains the experts' LoRA A/B with the labels
+    train_experts: bool = False
     evaluate: bool = True  # evaluate the test volumes after training
     lorahub: LoraHubConfig = field(default_factory=LoraHubConfig)  # model.fusion=lorahub only
 

@@ -286,6 +286,14 @@ class SAMoraSegmenter(nn.Module):
             raise SamoraError(f"unknown trainable mode {mode!r}; choose one of {list(TRAINABLE_MODES)}")
         self.trainable_mode = mode
 
+    def train_expert_weights(self) -> None:
+        """Also train every expert's A/B (scales stay frozen): the `finetune.train_experts` ablation, which
+        asks how much of SAMed's lead comes from adapting the encoder with labels rather than from the
+        experts' self-supervised content."""
+        for name in self.lora.names:
+            for p in self.lora[name].ab_parameters():
+                p.requires_grad_(True)
+
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

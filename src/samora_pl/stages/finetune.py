@@ -50,6 +50,7 @@ TAG_KEYS = (  # make tag_of
     "model.decoder",
     "finetune.levels",
     "finetune.zero_experts",
+    "finetune.train_experts",
     "data.fraction",
 )
 # what a fine-tuned model is and what it reads: `samora evaluate` takes them from the fine-tune, never changes them
@@ -67,6 +68,7 @@ def tag_of(cfg: DictConfig) -> str:
         return cfg.finetune.tag
     fusion = "lora" if cfg.mode == "samed" else cfg.model.fusion.replace(":", "-")
     zero = "-zero" if cfg.finetune.zero_experts and cfg.mode == "samora" else ""
+    zero += "-trainexp" if cfg.finetune.train_experts and cfg.mode == "samora" else ""
     levels = "" if cfg.mode == "samed" or cfg.finetune.levels is None else "-" + "+".join(finetune_levels(cfg))
     decoder = "" if cfg.model.decoder == "sam" else f"-{cfg.model.decoder}"
     return f"{cfg.mode}-{fusion}{levels}{zero}{decoder}-f{cfg.data.fraction:g}"
@@ -175,6 +177,8 @@ def build_model(cfg: DictConfig, num_classes: int, record: StageRecord = None):
                 if record is not None:
                     record.add_input(f"expert_{level}", verify_input(path, Path(path).parent))
     model.set_trainable(cfg.mode)
+    if cfg.finetune.train_experts:
+        model.train_expert_weights()
     return model
 
 

@@ -305,3 +305,16 @@ def test_transductive_pretraining_is_said_in_the_results(tmp_path):
     rows = [{"case": "c1", "class_id": 1, "dice": 0.5, "hd95": 3.0}]
     write_results(rows, ["organ"], tmp_path / "out", notes=[finetune.TRANSDUCTIVE_NOTE])
     assert finetune.TRANSDUCTIVE_NOTE in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_train_experts_adds_only_the_experts_ab_to_the_trainable_set(quick):
+    """The `finetune.train_experts` ablation: mode=samora's set plus every expert's A/B, never the scales."""
+    cfg = compose("finetune", quick("finetune.zero_experts=true"))
+    frozen = set(finetune.build_model(cfg, 8).trainable_parameter_names())
+    cfg = compose("finetune", quick("finetune.zero_experts=true", "finetune.train_experts=true"))
+    added = set(finetune.build_model(cfg, 8).trainable_parameter_names()) - frozen
+    assert added and all(".lora_A_" in n or ".lora_B_" in n for n in added)
+    assert {n.split(".experts.")[1].split(".")[0] for n in added} == set(LEVELS)
+    assert finetune.tag_of(cfg).endswith("-zero-trainexp-f0.1")
+    with pytest.raises(SamoraError, match="finetune.train_experts"):
+        compose("finetune", quick("mode=samed", "finetune.train_experts=true"))
