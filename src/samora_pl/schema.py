@@ -68,7 +68,8 @@ class TrainerConfig:
 @dataclass
 class OptimConfig:
     lr: float = 0.005
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # matrices only; biases, norms, gates and temperatures (<= 1-D) are not decayed
+    decay_all: bool = False  # true: every trainable parameter decays (the samed / hsam profiles: their trainers)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_epochs: float = 1.0
     warmup_steps: Optional[int] = None  # iterations; overrides warmup_epochs (SAMed, H-SAM: 250)
