@@ -68,7 +68,8 @@ class TrainerConfig:
 @dataclass
 class OptimConfig:
     lr: float = 0.005
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # matrices only; biases, norms, gates and temperatures (<= 1-D) are not decayed
+    decay_all: bool = False  # true: every trainable parameter decays (the samed / hsam profiles: their trainers)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_epochs: float = 1.0
     warmup_steps: Optional[int] = None  # iterations; overrides warmup_epochs (SAMed, H-SAM: 250)
@@ -164,7 +165,9 @@ class SimclrConfig:
     max_epochs: int = 100
     warmup_epochs: float = 1.0
     img_size: int = 224
-    normalize: str = "imagenet"  # imagenet | none (input normalisation inside the teacher)
+    # input normalisation inside the teacher: auto | imagenet | none. auto follows the starting weights: none
+    # (SimCLRv2's [0, 1]) for SimCLRv2-Pytorch files and from scratch, imagenet for torchvision / timm ResNets
+    normalize: str = "auto"
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     rotation_deg: float = 20.0
     jitter: float = 0.4  # brightness and contrast strength

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 FUSIONS = FUSION_NAMES + ("single:<level>",)  # as error messages name them
-MOLE_MIN_TEMPERATURE = 0.05  # the learnable tau is used as max(tau, this), so weight decay cannot drive it to 0
+MOLE_MIN_TEMPERATURE = 0.05  # the learnable tau is used as max(tau, this), so the gate stays a finite softmax
 
 
 def _tokens(r: torch.Tensor) -> Tuple[torch.Tensor, torch.Size]:

@@ -1,7 +1,9 @@
 """The teachers' shared input step: grey slices in [0, 1] become 3 normalised channels.
 
-Both teachers start from public ImageNet checkpoints, so by default they see ImageNet statistics
-(`normalize="imagenet"`); "none" keeps [0, 1].
+`normalize="imagenet"` applies ImageNet mean / std (what torchvision / timm ResNets and MAE were trained
+on); "none" keeps [0, 1] (what SimCLRv2 was trained on). The SimCLR teacher's config default, "auto", picks
+one from its starting weights (`teacher_io.simclr_normalize`); the teacher itself always holds a resolved
+value, which `teacher.pt` records in its architecture.
 """
 
 import torch
@@ -12,6 +14,7 @@ from samora_pl.errors import SamoraError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZE = ("imagenet", "none")
+NORMALIZE_AUTO = "auto"  # cpt.simclr.normalize only: follow the starting weights
 
 
 class GreyInput(nn.Module):

@@ -4,7 +4,8 @@ A timm ResNet (depth 18/34/50/101/152) whose channels are all multiplied by `wid
 SimCLRv2's 1x and 2x; at 2x, ResNet-50 has 94M parameters as in SimCLRv2), optionally with selective
 kernels (timm's SK bottleneck with two 3x3 paths, attention width max(C/16, 32), deep stem and average-pool
 shortcut; 140M parameters at 2x, as SimCLRv2's R50-2x+SK), then the 3-layer projection head: Linear
-without bias + BatchNorm1d, ReLU after the first two, `proj_dim` (128) out. `embed()` returns the head's
+without bias + BatchNorm1d, ReLU after the first two, `proj_dim` (128) out, the last BatchNorm without a
+trained shift (as SimCLRv2's). `embed()` returns the head's
 final output (before L2 normalisation): the distillation target. Inputs are grey slices in [0, 1]
 ([B, 1, H, W] or 3-channel); `GreyInput` repeats and normalises them.
 """
@@ -77,7 +78,13 @@ def _scale_stem(model: ResNet, width: int) -> None:
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """SimCLRv2's 3-layer head: (Linear no bias, BN, ReLU) x 2, then Linear no bias, BN."""
+    """SimCLRv2's 3-layer head: (Linear no bias, BN, ReLU) x 2, then Linear no bias, BN without a shift.
+
+    SimCLRv2's last BatchNorm has a scale but no shift (TensorFlow `center=False`). Its bias stays in the
+    state dict, so the converted files (which carry it at 0) and older teacher.pt files load, but it starts
+    at 0 and never trains (requires_grad False)."""
+    last = nn.BatchNorm1d(out_dim)
+    last.bias.requires_grad_(False)
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim, bias=False),
         nn.BatchNorm1d(hidden_dim),
@@ -86,7 +93,7 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
         nn.BatchNorm1d(hidden_dim),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim, bias=False),
-        nn.BatchNorm1d(out_dim),
+        last,
     )
 
 

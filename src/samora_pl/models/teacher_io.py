@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from samora_pl.atomic import atomic_torch_save
 from samora_pl.errors import SamoraError
+from samora_pl.models.grey_input import NORMALIZE, NORMALIZE_AUTO
 from samora_pl.models.mae import MaeTeacher
 from samora_pl.models.simclr import SimclrTeacher
 from samora_pl.models.simclrv2_keys import convert as convert_simclrv2
@@ -148,6 +149,35 @@ def _split_simclr(data: dict) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.
         else:
             backbone[key] = value
     return backbone, head
+
+
+def simclr_normalize(requested: str, checkpoint=None) -> str:
+    """`cpt.simclr.normalize` resolved against the starting weights: "imagenet" or "none".
+
+    SimCLRv2 was trained on [0, 1] images without mean / std (SimCLRv2-Pytorch's verify.py feeds
+    `ToTensor()` output to the converted weights), torchvision / timm ImageNet ResNets on ImageNet
+    statistics. "auto": none for a SimCLRv2-layout file and for a teacher without weights (from scratch),
+    the value a `teacher.pt` records, imagenet for other ResNet files. "imagenet" with a SimCLRv2 file is
+    refused: every input would be shifted away from what those weights were trained on."""
+    if requested != NORMALIZE_AUTO and requested not in NORMALIZE:
+        raise SamoraError(
+            f"Config key 'cpt.simclr.normalize' is {requested!r}; allowed: {NORMALIZE_AUTO}, {', '.join(NORMALIZE)}."
+        )
+    if not checkpoint:
+        return "none" if requested == NORMALIZE_AUTO else requested
+    data = read_checkpoint(checkpoint, "SimCLR checkpoint")
+    if is_simclrv2_pytorch(data):
+        if requested == "imagenet":
+            raise SamoraError(
+                f"cpt.simclr.normalize=imagenet, but {checkpoint} holds SimCLRv2 weights (SimCLRv2-Pytorch's "
+                "convert.py layout), which were trained on [0, 1] images without ImageNet mean / std. Set "
+                "cpt.simclr.normalize=auto (or none)."
+            )
+        return "none"
+    if requested != NORMALIZE_AUTO:
+        return requested
+    recorded = data.get("arch", {}).get("normalize") if data.get("samora_teacher") else None
+    return recorded if recorded in NORMALIZE else "imagenet"
 
 
 def load_simclr_checkpoint(model: SimclrTeacher, path) -> dict:

@@ -36,10 +36,15 @@ from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
 from samora_pl.errors import SamoraError
 from samora_pl.guards import check_finite_state, skipped_batches
-from samora_pl.models.grey_input import NORMALIZE
+from samora_pl.models.grey_input import NORMALIZE, NORMALIZE_AUTO
 from samora_pl.models.mae import MaeTeacher
 from samora_pl.models.simclr import RESNET_DEPTHS, SimclrTeacher
-from samora_pl.models.teacher_io import load_public_checkpoint, load_teacher, save_teacher  # noqa: F401 (API)
+from samora_pl.models.teacher_io import (  # noqa: F401 (load_teacher: API)
+    load_public_checkpoint,
+    load_teacher,
+    save_teacher,
+    simclr_normalize,
+)
 from samora_pl.reuse import changed_settings
 from samora_pl.runs import MANIFEST, StageRecord, file_record, is_rank_zero, read_manifest, save_config, stage_dir
 from samora_pl.stages.cpt_mae import MaeCpt
@@ -82,7 +87,8 @@ def validate_cpt(cfg: DictConfig) -> None:
             sub.max_epochs,
             "it must be at least 0 (0 keeps the starting weights: no continual pre-training)",
         )
-        need(sub.normalize in NORMALIZE, f"cpt.{name}.normalize", sub.normalize, f"allowed: {', '.join(NORMALIZE)}")
+        allowed = (NORMALIZE_AUTO, *NORMALIZE) if name == "simclr" else NORMALIZE
+        need(sub.normalize in allowed, f"cpt.{name}.normalize", sub.normalize, f"allowed: {', '.join(allowed)}")
         scale = list(sub.crop_scale)
         need(
             len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
@@ -103,6 +109,7 @@ def validate_cpt(cfg: DictConfig) -> None:
 
 
 def build_simclr(cfg: DictConfig) -> SimclrTeacher:
+    """The SimCLR teacher of cpt.simclr, its input normalisation resolved against cpt.simclr.checkpoint."""
     s = cfg.cpt.simclr
     return SimclrTeacher(
         depth=s.depth,
@@ -110,7 +117,7 @@ def build_simclr(cfg: DictConfig) -> SimclrTeacher:
         selective_kernel=s.selective_kernel,
         proj_dim=s.proj_dim,
         proj_hidden_dim=s.proj_hidden_dim,
-        normalize=s.normalize,
+        normalize=simclr_normalize(s.normalize, s.checkpoint),
         img_size=s.img_size,
     )
 
@@ -195,6 +202,9 @@ def _starting_teacher(cfg: DictConfig, kind: str):
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     sub = cfg.cpt[kind]
     teacher = build_simclr(cfg) if kind == "simclr" else build_mae(cfg)
+    log.info(
+        "cpt: %s input normalisation: %s (cpt.%s.normalize=%s)", kind, teacher.arch["normalize"], kind, sub.normalize
+    )
     if not sub.checkpoint:
         log.info("cpt: %s starts from random initialisation (no cpt.%s.checkpoint).", kind, kind)
         return teacher, None
@@ -286,6 +296,7 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -
         "train_seconds": round(seconds, 2),
         "pool_slices": len(pool),
         "lr": lr,
+        "normalize": teacher.arch["normalize"],  # the input normalisation teacher.pt records for distillation
         "teacher": str(folder / TEACHER_FILE),
         **skipped_batches(trainer),
     }
@@ -297,6 +308,7 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -
             "loss_last_epoch": metrics["loss_last_epoch"],
             "pool_slices": len(pool),
             "start_checkpoint": sub.checkpoint,
+            "normalize": teacher.arch["normalize"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         check_finite_state(teacher.state_dict().items(), f"cpt {kind}", folder / TEACHER_FILE)

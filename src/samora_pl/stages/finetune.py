@@ -189,6 +189,7 @@ def _module(cfg: DictConfig, model, class_names) -> FinetuneModule:
         class_names,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
+        decay_all=cfg.optim.decay_all,
         betas=cfg.optim.betas,
         warmup_epochs=cfg.optim.warmup_epochs,
         warmup_steps=cfg.optim.warmup_steps,

@@ -3,7 +3,9 @@
 The module receives a built `SAMoraSegmenter` whose trainable parameters are already chosen
 (`set_trainable(mode)`); it adds the loss, the optimiser schedule, validation Dice and image panels.
 With H-SAM's decoder (`model.decoder=hsam`) the loss is H-SAM's two-stage loss (`losses/hsam.py`); both
-stage losses and their weight go to TensorBoard, and the panels show each stage's prediction.
+stage losses and their weight go to TensorBoard, and the panels show each stage's prediction. AdamW's weight
+decay reaches matrices and kernels only (`schedules.decay_groups`, as distillation and CPT), unless
+`decay_all` (SAMed's and H-SAM's recipe: every trainable parameter).
 """
 
 import lightning as L
@@ -15,7 +17,7 @@ from samora_pl.guards import guard_loss
 from samora_pl.image_cadence import ImageCadence
 from samora_pl.losses.hsam import HSAMLoss
 from samora_pl.losses.segmentation import SegmentationLoss
-from samora_pl.schedules import lightning_scheduler, warmup_poly
+from samora_pl.schedules import decay_groups, lightning_scheduler, warmup_poly
 
 
 class FinetuneModule(L.LightningModule):
@@ -25,6 +27,7 @@ class FinetuneModule(L.LightningModule):
         class_names,
         lr: float = 0.005,
         weight_decay: float = 0.1,
+        decay_all: bool = False,
         betas=(0.9, 0.999),
         warmup_epochs: float = 1.0,
         warmup_steps=None,
@@ -43,7 +46,8 @@ class FinetuneModule(L.LightningModule):
         self.two_stage = getattr(model, "hsam_decoder", None) is not None
         self.hsam_loss = HSAMLoss(ce_weight, dice_weight) if self.two_stage else None
         self.aux_weight = aux_weight
-        self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        self.optim = dict(lr=lr, betas=tuple(betas))
+        self.weight_decay, self.decay_all = weight_decay, decay_all
         self.warmup_epochs = warmup_epochs
         self.warmup_steps = warmup_steps
         self.poly_power = poly_power
@@ -115,8 +119,14 @@ class FinetuneModule(L.LightningModule):
         self.log("val/mean_dice", torch.nan_to_num(per_class).mean(), prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, **self.optim)
+        # matrices decay; biases, norms, gates and temperatures (<= 1-D) do not: decoupled decay would shrink
+        # HL-Attn's g1 / g2 and MoLE's tau on steps where their gradient is zero. decay_all: the baselines' recipe
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.decay_all:
+            groups = [{"params": [p for _, p in named], "weight_decay": self.weight_decay}]
+        else:
+            groups = decay_groups(named, self.weight_decay)
+        optimizer = torch.optim.AdamW(groups, **self.optim)
         total = self.trainer.estimated_stepping_batches
         per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
         warmup = int(self.warmup_epochs * per_epoch) if self.warmup_steps is None else int(self.warmup_steps)

@@ -1,9 +1,13 @@
 """The SimCLR teacher (models/simclr.py): ResNet widths, torchvision key names, projection head."""
 
+from types import SimpleNamespace
+
 import timm
 import torch
 
+from samora_pl.losses.nt_xent import nt_xent
 from samora_pl.models.simclr import build_resnet
+from samora_pl.stages.cpt_simclr import SimclrCpt
 
 
 def test_simclr_head_and_embedding(tiny_simclr):
@@ -18,6 +22,24 @@ def test_simclr_head_and_embedding(tiny_simclr):
     out = model.embed(grey)
     assert out.shape == (3, 16)
     assert torch.allclose(out, model.embed(grey.repeat(1, 3, 1, 1)))  # grey is repeated to 3 channels
+
+
+def test_the_last_batchnorm_has_a_scale_but_no_trained_shift(tiny_simclr):
+    """SimCLRv2's output BatchNorm has no beta (TensorFlow center=False): its bias stays 0 through CPT."""
+    teacher = tiny_simclr().train()
+    last = teacher.head[-1]
+    assert last.weight.requires_grad and not last.bias.requires_grad and not last.bias.any()
+    assert "7.bias" in teacher.head.state_dict()  # kept as a key: converted files and old teacher.pt load
+    module = SimclrCpt(teacher, lr=0.1)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=1)  # what the schedule reads
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert all(p is not last.bias for group in optimizer.param_groups for p in group["params"])
+    weight = last.weight.detach().clone()
+    z1, z2 = teacher(torch.rand(8, 1, 32, 32)).chunk(2)
+    nt_xent(z1, z2, 0.1, gather=False).backward()
+    optimizer.step()
+    assert last.bias.grad is None and not last.bias.any()
+    assert not torch.equal(last.weight.detach(), weight)  # the scale trains
 
 
 def test_resnet_width_multiplies_every_channel():

@@ -3,6 +3,8 @@
 shapes, and the loaded teacher computes what SimCLRv2's TensorFlow ResNet computes with those weights (a
 functional forward over the file's own keys is the oracle)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,3 +160,30 @@ def test_a_file_of_another_layout_is_one_clear_error_and_cpt_writes_nothing(tmp_
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "none of the layouts" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_simclrv2_weights_see_unnormalised_inputs_from_cpt_to_distillation(tmp_path, config):
+    """SimCLRv2 was trained on [0, 1] images: cpt.simclr.normalize=auto (the default) gives the teacher of a
+    converted file no mean / std, teacher.pt and the CPT manifest record it, and the teacher distillation
+    loads computes SimCLRv2's own function of the [0, 1] slice."""
+    from samora_pl.models.teacher_io import load_teacher
+    from samora_pl.stages.cpt import run, teacher_file
+
+    data = write_layout(50, True)
+    path = tmp_path / "r50_1x_sk1.pth"
+    torch.save(data, path)
+    arch = ["cpt.simclr.depth=50", f"cpt.simclr.width={WIDTH}", "cpt.simclr.selective_kernel=true"]
+    start = [*arch, f"cpt.simclr.checkpoint={path}", "cpt.teacher=simclr", "cpt.simclr.max_epochs=0"]
+    cfg = config(tmp_path, *start)
+    assert cfg.cpt.simclr.normalize == "auto"
+    assert run(cfg)["simclr"]["normalize"] == "none"
+    manifest = json.loads((teacher_file(cfg, "simclr").parent / "manifest.json").read_text())
+    assert manifest["metrics"]["normalize"] == "none"
+    teacher = load_teacher(teacher_file(cfg, "simclr"), kind="simclr")  # as distillation loads it
+    assert teacher.arch["normalize"] == "none" and teacher.teacher_meta["normalize"] == "none"
+    grey = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(teacher.embed(grey), reference(data, grey.repeat(1, 3, 1, 1)), atol=1e-4, rtol=1e-4)
+
+    with pytest.raises(SamoraError, match=r"cpt.simclr.normalize=imagenet, but .*SimCLRv2 weights .*auto"):
+        run(config(tmp_path, *start, "cpt.simclr.normalize=imagenet", "overwrite=true"))

@@ -8,7 +8,13 @@ import torch
 
 from samora_pl.errors import SamoraError
 from samora_pl.models.simclr import SimclrTeacher, build_resnet
-from samora_pl.models.teacher_io import load_mae_checkpoint, load_simclr_checkpoint, load_teacher, save_teacher
+from samora_pl.models.teacher_io import (
+    load_mae_checkpoint,
+    load_simclr_checkpoint,
+    load_teacher,
+    save_teacher,
+    simclr_normalize,
+)
 
 # ------------------------------------------------------------------------------------ public checkpoints
 
@@ -23,6 +29,19 @@ def test_simclr_checkpoint_torchvision_layout(tmp_path):
     assert report["head"] == "initialised" and "fc.weight" in report["ignored"]
     assert torch.equal(model.backbone.layer3[2].conv2.weight, source.layer3[2].conv2.weight)
     assert torch.equal(model.backbone.bn1.running_var, source.bn1.running_var)
+
+
+def test_simclr_normalisation_follows_the_starting_weights(tmp_path, tiny_simclr):
+    """auto: ImageNet statistics for an ImageNet ResNet file, [0, 1] from scratch, a teacher.pt's own record."""
+    resnet = tmp_path / "resnet18.pth"
+    torch.save(build_resnet(18, 0.25).state_dict(), resnet)
+    assert simclr_normalize("auto", resnet) == "imagenet"
+    assert simclr_normalize("none", resnet) == "none"  # an explicit choice stands
+    assert simclr_normalize("auto", None) == "none" and simclr_normalize("imagenet", None) == "imagenet"
+    save_teacher(tiny_simclr(normalize="none"), tmp_path / "teacher.pt")
+    assert simclr_normalize("auto", tmp_path / "teacher.pt") == "none"
+    with pytest.raises(SamoraError, match="cpt.simclr.normalize.*allowed: auto, imagenet, none"):
+        simclr_normalize("zscore", resnet)
 
 
 def test_simclr_checkpoint_with_head(tmp_path, tiny_simclr):
