@@ -117,7 +117,11 @@ def _start_and_random(path: Path, kind: str, trained, notes: list) -> dict:
         notes.append(f"teacher_{kind}_start: skipped, {saved} is missing (the starting weights cannot be rebuilt)")
         return {"start": None, "random": _random_teacher(kind, trained, 1)}
     ccfg = load_saved(saved)
-    start, _ = initial_teacher(ccfg, kind)
+    try:
+        start, _ = initial_teacher(ccfg, kind)
+    except SamoraError as err:  # e.g. the public checkpoint CPT started from has moved
+        notes.append(f"teacher_{kind}_start: skipped, its starting weights cannot be loaded ({err})")
+        return {"start": None, "random": _random_teacher(kind, trained, ccfg.seed + 1)}
     if dict(start.arch) != dict(trained.arch):
         notes.append(f"teacher_{kind}_start: skipped, {saved} describes another architecture than {path}")
         start = None
