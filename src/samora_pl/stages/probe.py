@@ -282,7 +282,11 @@ def run(cfg: DictConfig) -> dict:
     if is_rank_zero():
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "metrics.json", json.dumps(_no_nan(metrics), indent=2))
-        text = f"# Probe of run {cfg.run}\n\n{table}\n\n" + "".join(f"- {note}\n" for note in notes)
+        where = (
+            f"{info['slices']} labelled training slices: {info['train_slices']} to fit, {info['heldout_slices']} "
+            f"held out by {info['split_by']} ({', '.join(info['heldout_cases'])}); no test volume read."
+        )
+        text = f"# Probe of run {cfg.run}\n\n{where}\n\n{table}\n\n" + "".join(f"- {note}\n" for note in notes)
         atomic_write_text(folder / "results.md", text)
         save_config(cfg, folder)
         _write_events(cfg, scores, table)
