@@ -32,7 +32,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
 	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
 
-.PHONY: setup demo test test-fast test-slow lint cpt distill finetune evaluate predict check prepare ablation bench tensorboard clean-venv
+.PHONY: setup demo test test-fast test-slow lint cpt distill finetune evaluate predict probe check prepare ablation bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -80,6 +80,9 @@ evaluate: $(STAMP)
 # make predict IN=<volume or folder> OUT=<folder> RUN=... [ARGS="finetune.tag=... predict.overlay=true"]
 predict: $(STAMP)
 	$(SAMORA) predict $(COMMON) $(if $(IN),predict.input=$(IN)) $(if $(OUT),predict.output=$(OUT))
+
+probe: $(STAMP)
+	$(SAMORA) probe $(COMMON)
 
 check: $(STAMP)
 	$(SAMORA) check $(COMMON)

@@ -1,6 +1,6 @@
 """`samora <command> key=value ...`: the command line every make target calls.
 
-Commands: cpt, distill, finetune, evaluate, predict, check, prepare, demo, ablation. A user mistake
+Commands: cpt, distill, finetune, evaluate, predict, probe, check, prepare, demo, ablation. A user mistake
 (SamoraError) prints one message and exits 1; anything else is a bug and keeps its traceback.
 """
 
@@ -19,6 +19,7 @@ COMMANDS = {
     "finetune": "stage 2 on a labelled fraction (data.fraction=0.1), then evaluation",
     "evaluate": "re-evaluate a finished fine-tuning run and rewrite its results",
     "predict": "label maps of new volumes from a fine-tuned run (predict.input=... predict.output=...)",
+    "probe": "linear / k-NN probes and CKA of a run's teachers and experts on its labelled training slices",
     "check": "validate a dataset (every file, key, shape, label value) without training",
     "prepare": "public raw download -> the layout the data module reads (prepare.raw=... prepare.out=...)",
     "demo": "the whole chain (cpt, distill x3, finetune) on the built-in demo data",
@@ -81,6 +82,8 @@ def run_command(command: str, overrides) -> dict:
         from samora_pl.stages.distill import run
     elif command == "finetune":
         from samora_pl.stages.finetune import run
+    elif command == "probe":
+        from samora_pl.stages.probe import run
     else:
         from data_modules.prepare import run
     return run(cfg)

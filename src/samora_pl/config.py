@@ -17,7 +17,7 @@ from samora_pl.choices import LEVELS
 from samora_pl.errors import SamoraError
 from samora_pl.schema import RootConfig
 
-STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict")
+STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict", "probe")
 CHOICES = {
     "data.fraction_by": choices.FRACTION_MODES,
     "data.intensity": choices.INTENSITY_OPTIONS,
@@ -145,9 +145,27 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
     _check_devices(cfg.trainer.devices)
+    _check_probe(cfg)
     _check_levels(cfg)
     _check_lac_weights(cfg)
     check_checkpoints(cfg)
+
+
+def _check_probe(cfg: DictConfig) -> None:
+    """probe.*: a split with both parts, and positive sizes."""
+    p = cfg.probe
+    if not 0.0 < p.holdout < 1.0:
+        raise SamoraError(
+            f"Config key 'probe.holdout' is {p.holdout}; give the held-out share of the training cases in (0, 1), "
+            "e.g. 0.3."
+        )
+    if p.max_slices < 4:
+        raise SamoraError(f"Config key 'probe.max_slices' is {p.max_slices}; it must be at least 4.")
+    if p.l2 < 0:
+        raise SamoraError(f"Config key 'probe.l2' is {p.l2}; it must be >= 0.")
+    for key in ("knn_k", "max_patches", "batch_size"):
+        if p[key] < 1:
+            raise SamoraError(f"Config key 'probe.{key}' is {p[key]}; it must be a positive integer.")
 
 
 def _check_lac_weights(cfg: DictConfig) -> None:

@@ -149,6 +149,19 @@ class PredictConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """`samora probe`: linear / k-NN probes and CKA of a run's teachers and experts (docs/diagnostics.md)."""
+
+    max_slices: int = 256  # labelled TRAINING slices read (seeded sample); never a test volume
+    holdout: float = 0.3  # share of their cases (of the slices, for a single case) the probes are scored on
+    seed: int = 0  # seeds the sample and the split
+    knn_k: int = 5  # neighbours of the k-NN probe
+    l2: float = 0.01  # L2 penalty of the logistic probe (on standardised features)
+    max_patches: int = 20000  # positions sampled for the patch-level probe (seeded)
+    batch_size: int = 16  # slices per forward pass
+
+
+@dataclass
 class SimclrConfig:
     depth: int = 50  # ResNet depth: 18 | 34 | 50 | 101 | 152
     width: float = 1.0  # channel multiplier: 1 or 2 (SimCLRv2 1x / 2x); fractions for CPU-sized runs
@@ -253,7 +266,7 @@ class DistillConfig:
 
 @dataclass
 class RootConfig:
-    stage: str = "finetune"  # cpt | distill | finetune | evaluate | check | prepare | predict
+    stage: str = "finetune"  # cpt | distill | finetune | evaluate | check | prepare | predict | probe
     run: str = "default"
     runs_dir: str = "runs"
     profile: Optional[str] = None  # tiny | paper; none -> tiny for demo data, paper otherwise
@@ -277,3 +290,4 @@ class RootConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)

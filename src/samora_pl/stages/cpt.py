@@ -197,21 +197,30 @@ def run(cfg: DictConfig) -> Dict[str, dict]:
     return results
 
 
-def _starting_teacher(cfg: DictConfig, kind: str):
-    """(teacher, load report or None): the `kind` teacher, from the public checkpoint unless it resumes."""
+def initial_teacher(cfg: DictConfig, kind: str, load_checkpoint: bool = True):
+    """(teacher, load report or None): the `kind` teacher as CPT starts it, before any step: the random
+    initialisation seeded by `seed`, with the public `cpt.<kind>.checkpoint` loaded when set (and
+    `load_checkpoint`). `samora probe` rebuilds the "before CPT" teacher with it."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     sub = cfg.cpt[kind]
     teacher = build_simclr(cfg) if kind == "simclr" else build_mae(cfg)
+    if not sub.checkpoint or not load_checkpoint:
+        return teacher, None
+    return teacher, load_public_checkpoint(teacher, sub.checkpoint)
+
+
+def _starting_teacher(cfg: DictConfig, kind: str):
+    """(teacher, load report or None): the `kind` teacher, from the public checkpoint unless it resumes."""
+    sub = cfg.cpt[kind]
+    resumes = (stage_dir(cfg, "cpt", kind) / "checkpoints" / "last.ckpt").exists()
+    teacher, report = initial_teacher(cfg, kind, load_checkpoint=not resumes)  # a resumed run's weights: last.ckpt
     log.info(
         "cpt: %s input normalisation: %s (cpt.%s.normalize=%s)", kind, teacher.arch["normalize"], kind, sub.normalize
     )
     if not sub.checkpoint:
         log.info("cpt: %s starts from random initialisation (no cpt.%s.checkpoint).", kind, kind)
-        return teacher, None
-    if (stage_dir(cfg, "cpt", kind) / "checkpoints" / "last.ckpt").exists():
-        return teacher, None  # its weights come from the checkpoint it resumes
-    report = load_public_checkpoint(teacher, sub.checkpoint)
-    log.info("cpt: %s starts from %s (%s)", kind, sub.checkpoint, report)
+    elif report is not None:
+        log.info("cpt: %s starts from %s (%s)", kind, sub.checkpoint, report)
     return teacher, report
 
 
