@@ -196,6 +196,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         low_res_factor: int = 4,
         pin_memory: Optional[bool] = None,
         cache: bool = False,
+        train_size: Optional[int] = None,
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -237,6 +238,9 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         self.low_res_factor = int(low_res_factor)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.cache = bool(cache)
+        if train_size is not None and int(train_size) <= 0:
+            raise SamoraError(f"train_size={train_size} must be a positive integer (e.g. 224) or None")
+        self.train_size = None if train_size is None else int(train_size)  # SAMed: 224, zoomed to img_size
         self._selected: Optional[list[str]] = None
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
@@ -326,7 +330,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             names = self.selected_train_names()
-            transform = SegmentationTransform(self.img_size, self.low_res_factor, augment=self.augment)
+            transform = self.transform(augment=self.augment)
             if self.cache:
                 self.train_set = self._cached_train_set(names, transform)
             else:
@@ -334,6 +338,10 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             self.write_split()
         if stage in (None, "fit", "validate") and self.val_set is None:
             self.val_set = self._build_val_set()
+
+    def transform(self, augment: bool) -> SegmentationTransform:
+        """The slice transform of training (augment) and monitoring (not): the same sizes for both."""
+        return SegmentationTransform(self.img_size, self.low_res_factor, augment=augment, train_size=self.train_size)
 
     def _cached_train_set(self, names: list[str], transform: SegmentationTransform) -> Dataset:
         """The training slices read (and checked) once into memory, so that an epoch costs only the
@@ -350,7 +358,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         return ArraySliceDataset(names, images, labels, transform)
 
     def _build_val_set(self) -> Dataset:
-        transform = SegmentationTransform(self.img_size, self.low_res_factor, augment=False)
+        transform = self.transform(augment=False)
         if self.val_slices == 0:
             return ArraySliceDataset([], [], [], transform)
         selected = set(self.selected_train_names())

@@ -106,7 +106,12 @@ def _check_reuse(cfg, folder: Path) -> None:
     """A finished fine-tune is reused by its tag only if it was made with the same settings (the experts it
     read are keyed by their own settings, and the cache changes nothing); else an error names them."""
     changed = changed_settings(
-        "finetune", folder.name, cfg, folder, also_watch=("trainer.max_epochs",), also_ignore=("finetune.experts.",)
+        "finetune",
+        folder.name,
+        cfg,
+        folder,
+        also_watch=("trainer.max_epochs", "trainer.stop_epoch"),
+        also_ignore=("finetune.experts.",),
     )
     if changed:
         raise SamoraError(

@@ -14,6 +14,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from samora_pl import choices
 from samora_pl.choices import LEVELS
+from samora_pl.effective_batch import accumulate_grad_batches
 from samora_pl.errors import SamoraError
 from samora_pl.schema import RootConfig
 
@@ -146,6 +147,7 @@ def validate(cfg: DictConfig) -> None:
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
     _check_devices(cfg.trainer.devices)
     _check_probe(cfg)
+    _check_recipe(cfg)
     _check_levels(cfg)
     _check_lac_weights(cfg)
     check_checkpoints(cfg)
@@ -166,6 +168,22 @@ def _check_probe(cfg: DictConfig) -> None:
     for key in ("knn_k", "max_patches", "batch_size"):
         if p[key] < 1:
             raise SamoraError(f"Config key 'probe.{key}' is {p[key]}; it must be a positive integer.")
+
+
+def _check_recipe(cfg: DictConfig) -> None:
+    """The fine-tune's stop epoch, train-time size and global batch (SAMed's recipe keys) fit together."""
+    stop, epochs = cfg.trainer.stop_epoch, cfg.trainer.max_epochs
+    if stop is not None and not 1 <= stop <= epochs:
+        raise SamoraError(
+            f"Config key 'trainer.stop_epoch' is {stop}; it must be in [1, trainer.max_epochs={epochs}] (training "
+            "stops there, the LR schedule spans trainer.max_epochs), or unset (trainer.stop_epoch=null) to train "
+            "every epoch of the schedule."
+        )
+    size = cfg.data.train_size
+    if size is not None and size < 1:
+        raise SamoraError(f"Config key 'data.train_size' is {size}; it must be a positive integer (e.g. 224) or unset.")
+    if cfg.stage == "finetune":  # the other stages do not step this batch
+        accumulate_grad_batches(cfg)
 
 
 def _check_lac_weights(cfg: DictConfig) -> None:

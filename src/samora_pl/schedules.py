@@ -31,6 +31,17 @@ def _warmup_then(total_steps: int, warmup_steps: int, decay: Callable[[float], f
     return factor
 
 
+def schedule_steps(steps_run: int, epochs_run: int, schedule_epochs=None) -> tuple:
+    """(optimiser steps per epoch, steps the schedule spans) of a run of `steps_run` optimiser steps (not
+    micro-batches: Lightning's `estimated_stepping_batches` counts after gradient accumulation) over
+    `epochs_run` epochs, whose schedule spans `schedule_epochs` (SAMed: 200, of which it trains 160);
+    unset, the schedule spans the run."""
+    per_epoch = max(int(steps_run) // max(int(epochs_run), 1), 1)
+    if schedule_epochs is None or int(schedule_epochs) == int(epochs_run):
+        return per_epoch, int(steps_run)
+    return per_epoch, per_epoch * int(schedule_epochs)
+
+
 def warmup_poly(total_steps: int, warmup_steps: int, power: float = 0.9, horizon: str = "after_warmup"):
     """Linear warm-up, then (1 - progress) ** power (down to 0 with horizon="after_warmup")."""
     return _warmup_then(total_steps, warmup_steps, lambda progress: (1.0 - progress) ** power, horizon)

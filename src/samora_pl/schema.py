@@ -13,13 +13,20 @@ from typing import Any, List, Optional
 class DataConfig:
     name: str = "demo"  # demo | synapse | la | promise12 | generic
     dir: Optional[str] = None  # default: data/<name>
-    batch_size: int = 8
+    batch_size: int = 8  # per device (one micro-batch)
+    # fine-tune: slices per optimiser step over all devices; none -> batch_size x devices. Reached by
+    # accumulating effective / (batch_size x devices) micro-batches (SAMed: 24, H-SAM: 16; effective_batch.py)
+    effective_batch_size: Optional[int] = None
     num_workers: int = 0
     fraction: float = 1.0  # labelled fraction, in (0, 1]
     fraction_by: str = "slice"  # one of choices.FRACTION_MODES
     fraction_list: Optional[str] = None  # file of slice names, with fraction_by=list
     val_slices: int = 32  # monitoring only (TensorBoard), from training slices; the final model is the last epoch
     augment: bool = True
+    # fine-tune: training (and monitoring) slices go to this size first (cubic image, nearest label), are
+    # augmented there, then resized to model.img_size, as SAMed trains on its 224 release zoomed to 512;
+    # none -> straight to model.img_size
+    train_size: Optional[int] = None
     cache: bool = False  # hold the labelled training slices in memory after one read (Synapse 10 %: 0.3 GB per rank)
     # Dataset options; set for a dataset that lacks them, they are refused by name.
     intensity: str = "auto"  # la, promise12, generic: one of choices.INTENSITY_OPTIONS (auto: the dataset's)
@@ -53,7 +60,10 @@ class ModelConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 20
+    max_epochs: int = 20  # fine-tune: also the span of the LR schedule, in epochs
+    # fine-tune: stop after this many epochs of the max_epochs schedule (SAMed's stop_epoch: 160 of 200, so
+    # the last LR is ~0.25x base); none -> train all max_epochs
+    stop_epoch: Optional[int] = None
     accelerator: str = "auto"
     devices: Any = 1  # GPUs, or CPU processes where there is no GPU; >1 means DDP
     num_nodes: int = 1

@@ -42,8 +42,12 @@ def build_trainer(
     max_epochs: Optional[int] = None,
     callbacks: Optional[List[Callback]] = None,
     checkpoint_every_n_epochs: int = 1,
+    accumulate_grad_batches: int = 1,
 ) -> L.Trainer:
     """A Trainer logging to TensorBoard under the run and checkpointing `last.ckpt` into `folder`.
+
+    `accumulate_grad_batches` micro-batches make one optimiser step (the fine-tune's global batch,
+    `effective_batch.py`); Lightning scales each micro-batch's loss by its inverse.
 
     Also applies `threads` (torch intra-op threads) for this process, since every stage passes here.
     """
@@ -83,6 +87,7 @@ def build_trainer(
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
         limit_train_batches=cfg.trainer.limit_train_batches,
+        accumulate_grad_batches=accumulate_grad_batches,
         deterministic=cfg.deterministic,
         logger=logger,
         callbacks=all_callbacks,

@@ -186,3 +186,13 @@ def test_ddp_ranks_share_the_selected_slices(root, tmp_path, fraction, count, re
         assert len(ranks[0]) == len(ranks[1]) == math.ceil(count / 2)  # the same number of steps
         assert set(ranks[0]) | set(ranks[1]) == set(selected)  # nothing lost
         assert len(ranks[0]) + len(ranks[1]) - count == count % 2  # repeats: only the padding
+
+
+def test_train_size_sizes_training_and_monitoring_slices_alike(root):
+    dm = dm_for(root, img_size=32, train_size=16, augment=False, val_slices=2)
+    dm.setup("fit")
+    assert dm.train_set.transform.train_size == 16 and dm.val_set.transform.train_size == 16
+    assert dm.train_set[0]["image"].shape == (1, 32, 32)
+    assert dm_for(root).transform(augment=True).train_size is None  # off unless asked for
+    with pytest.raises(SamoraError, match="train_size"):
+        dm_for(root, train_size=0)

@@ -123,3 +123,30 @@ def test_rotation_grid_matches_affine_grid(h, w, angle):
     theta = torch.tensor([[[c, -s * h / w, 0.0], [s * w / h, c, 0.0]]], dtype=torch.float32)
     expected = torch.nn.functional.affine_grid(theta, [1, 1, h, w], align_corners=False)
     assert torch.allclose(_rotation_grid(h, w, c, s), expected, rtol=0, atol=1e-6)
+
+
+def test_train_size_goes_through_224_before_the_model_size_as_samed_trains():
+    """SAMed trains on its 224 release zoomed to 512: the image is the 224 slice resized, not a direct resize."""
+    from data_modules.transforms import resize_image
+
+    rng = np.random.default_rng(6)
+    image, label = phantom_slice(rng, 512)
+    out = SegmentationTransform(512, augment=False, train_size=224)(image, label)
+    x = torch.from_numpy(image)[None, None]
+    via_224 = resize_image(resize_image(x, 224), 512)[0]
+    direct = resize_image(x, 512)[0]
+    assert out["image"].shape == (1, 512, 512) and out["label"].shape == (512, 512)
+    assert torch.allclose(out["image"], via_224)
+    assert not torch.allclose(out["image"], direct, atol=1e-3)  # the native 512 slice, untouched
+    lab_224 = resize_label(torch.from_numpy(label)[None, None], 224)
+    assert torch.equal(out["label"], resize_label(lab_224, 512)[0, 0])
+    assert torch.equal(out["low_res_label"], resize_label(lab_224, 128)[0, 0])
+
+
+def test_train_size_augments_at_that_size():
+    rng = np.random.default_rng(8)
+    image, label = phantom_slice(rng, 64)
+    out = SegmentationTransform(64, train_size=32, rot_flip_prob=1.0)(image, label)
+    assert out["image"].shape == (1, 64, 64) and _agreement(out) > 0.9  # 0.92 without augmentation
+    with pytest.raises(ValueError):
+        SegmentationTransform(64, train_size=0)

@@ -34,7 +34,8 @@ def test_hsam_and_samed_profiles_are_the_published_recipes():
         "hsam",
         5,
     )
-    assert hsam.mode == "samed" and hsam.data.batch_size == 16 and hsam.trainer.max_epochs == 300
+    assert hsam.mode == "samed" and hsam.trainer.max_epochs == 300 and hsam.trainer.stop_epoch is None
+    assert (hsam.data.batch_size, hsam.data.effective_batch_size, hsam.data.train_size) == (8, 16, None)
     assert (hsam.optim.lr, hsam.optim.warmup_steps, hsam.optim.poly_power, hsam.optim.poly_horizon) == (
         0.0025,
         250,
@@ -51,13 +52,23 @@ def test_hsam_and_samed_profiles_are_the_published_recipes():
         "sam",
         4,
     )
-    assert samed.mode == "samed" and samed.data.batch_size == 12 and samed.trainer.max_epochs == 200
+    assert samed.mode == "samed" and (samed.trainer.max_epochs, samed.trainer.stop_epoch) == (200, 160)
+    assert (samed.data.batch_size, samed.data.effective_batch_size, samed.data.train_size) == (12, 24, 224)
     assert (samed.optim.lr, samed.optim.warmup_steps, samed.optim.poly_horizon) == (0.005, 250, "total")
-    assert (samed.loss.ce_weight, samed.loss.dice_weight, samed.eval.resize) == (0.2, 0.8, "direct")
+    assert (samed.loss.ce_weight, samed.loss.dice_weight) == (0.2, 0.8)
+    assert (samed.eval.resize, samed.eval.two_step_size) == ("two_step", 224)
     assert (
         compose("finetune", ["data.name=synapse", "profile=hsam", "mode=samora", "model.checkpoint=none"]).mode
         == "samora"
     )
+
+
+def test_stage2_warms_up_over_the_authors_25_iterations_and_tiny_over_one_epoch():
+    paper = compose("finetune", ["data.name=synapse", "model.checkpoint=none"])
+    assert paper.optim.warmup_steps == 25
+    tiny = compose("finetune")
+    assert tiny.optim.warmup_steps is None and tiny.optim.warmup_epochs == 1.0
+    assert (tiny.data.effective_batch_size, tiny.data.train_size, tiny.trainer.stop_epoch) == (None, None, None)
 
 
 def test_pos_embed_resize_defaults_to_bilinear():
@@ -102,6 +113,11 @@ def test_config_is_read_only():
         (["model.hsam_cmattn=on"], ["model.hsam_cmattn", "released", "working"]),
         (["model.pos_embed_resize=nearest"], ["model.pos_embed_resize", "bilinear", "bicubic"]),
         (["optim.warmup_steps=-1"], ["optim.warmup_steps"]),
+        (["trainer.stop_epoch=0"], ["trainer.stop_epoch", "[1, trainer.max_epochs=100]"]),
+        (["trainer.max_epochs=5", "trainer.stop_epoch=6"], ["trainer.stop_epoch", "trainer.stop_epoch=null"]),
+        (["data.train_size=0"], ["data.train_size", "positive"]),
+        (["data.effective_batch_size=0"], ["data.effective_batch_size", "positive"]),
+        (["data.effective_batch_size=6"], ["data.effective_batch_size=6", "data.batch_size=4", "data.batch_size=3"]),
     ],
 )
 def test_bad_config_names_the_key(override, words):

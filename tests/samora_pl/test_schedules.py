@@ -44,3 +44,17 @@ def test_warmup_in_iterations_with_samed_poly_over_all_steps():
     assert f(1000) == pytest.approx((1 - 750 / total) ** 0.9)
     assert f(total - 1) == pytest.approx((1 - (total - 251) / total) ** 0.9) and f(total - 1) > 0.05
     assert warmup_poly(total, 250, 0.9)(total - 1) < 0.01  # after_warmup: decays to ~0
+
+
+def test_a_stop_epoch_trains_the_head_of_a_longer_schedule():
+    """SAMed: 200 epochs of schedule, 160 trained; steps are optimiser steps (after accumulation)."""
+    from samora_pl.schedules import schedule_steps
+
+    iters = 93  # Synapse's 2211 slices in steps of 24
+    assert schedule_steps(160 * iters, 160, 200) == (iters, 200 * iters)
+    assert schedule_steps(1234, 20) == (61, 1234)  # no stop: the schedule spans the run exactly
+    per_epoch, total = schedule_steps(160 * iters, 160, 200)
+    f = warmup_poly(total, 250, 0.9, horizon="total")
+    last = f(160 * iters)  # the LR after the last step, the one epoch_159.pth ends on
+    assert last == pytest.approx((1 - (160 * iters - 250) / (200 * iters)) ** 0.9)
+    assert last == pytest.approx(0.25, abs=0.01)

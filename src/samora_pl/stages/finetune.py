@@ -20,6 +20,7 @@ from samora_pl.atomic import atomic_save
 from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
 from samora_pl.config import compose_on_saved, data_options, diff_keys, finetune_levels, load_saved
+from samora_pl.effective_batch import accumulate_grad_batches
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import CaseMetricsPool, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
@@ -89,6 +90,7 @@ def build_data(cfg: DictConfig, folder: Path, **overrides):
         augment=cfg.data.augment,
         val_slices=cfg.data.val_slices,
         cache=cfg.data.cache,
+        train_size=cfg.data.train_size,
         **{**data_options(cfg), **overrides},
     )
 
@@ -195,6 +197,7 @@ def _module(cfg: DictConfig, model, class_names) -> FinetuneModule:
         warmup_steps=cfg.optim.warmup_steps,
         poly_power=cfg.optim.poly_power,
         poly_horizon=cfg.optim.poly_horizon,
+        schedule_epochs=cfg.trainer.max_epochs,
         ce_weight=cfg.loss.ce_weight,
         dice_weight=cfg.loss.dice_weight,
         aux_weight=cfg.model.mole_balance_weight if uses_aux else 0.0,
@@ -225,7 +228,15 @@ def run(cfg: DictConfig) -> dict:
     record.metrics["test_cases_in_pretraining"] = pretraining_saw_test_cases(cfg)
     module = _module(cfg, model, data.class_names)
     save_config(cfg, folder)
-    trainer = build_trainer(cfg, folder, "finetune", tag, callbacks=callbacks)
+    trainer = build_trainer(
+        cfg,
+        folder,
+        "finetune",
+        tag,
+        max_epochs=cfg.trainer.stop_epoch or cfg.trainer.max_epochs,  # SAMed's stop_epoch of its schedule
+        callbacks=callbacks,
+        accumulate_grad_batches=accumulate_grad_batches(cfg),
+    )
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     if uses_lorahub(cfg):
         record.metrics["lorahub_weights"] = callbacks[-1].weights

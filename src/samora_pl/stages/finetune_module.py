@@ -17,7 +17,7 @@ from samora_pl.guards import guard_loss
 from samora_pl.image_cadence import ImageCadence
 from samora_pl.losses.hsam import HSAMLoss
 from samora_pl.losses.segmentation import SegmentationLoss
-from samora_pl.schedules import decay_groups, lightning_scheduler, warmup_poly
+from samora_pl.schedules import decay_groups, lightning_scheduler, schedule_steps, warmup_poly
 
 
 class FinetuneModule(L.LightningModule):
@@ -33,6 +33,7 @@ class FinetuneModule(L.LightningModule):
         warmup_steps=None,
         poly_power: float = 0.9,
         poly_horizon: str = "after_warmup",
+        schedule_epochs=None,
         ce_weight: float = 0.2,
         dice_weight: float = 0.8,
         aux_weight: float = 0.0,
@@ -53,6 +54,7 @@ class FinetuneModule(L.LightningModule):
         self.poly_power = poly_power
         self.image_cadence = ImageCadence(image_log_every_n_epochs)  # validation runs on some epochs only
         self.poly_horizon = poly_horizon
+        self.schedule_epochs = schedule_epochs  # epochs the LR schedule spans; none -> the epochs trained
         self.val_dice = DiceScore(
             num_classes=self.num_classes + 1, include_background=False, average="none", input_format="index"
         )
@@ -127,8 +129,10 @@ class FinetuneModule(L.LightningModule):
         else:
             groups = decay_groups(named, self.weight_decay)
         optimizer = torch.optim.AdamW(groups, **self.optim)
-        total = self.trainer.estimated_stepping_batches
-        per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
+        # optimiser steps of this run; a stop epoch (SAMed's 160 of 200) trains the head of a longer schedule
+        per_epoch, total = schedule_steps(
+            self.trainer.estimated_stepping_batches, self.trainer.max_epochs, self.schedule_epochs
+        )
         warmup = int(self.warmup_epochs * per_epoch) if self.warmup_steps is None else int(self.warmup_steps)
         factor = warmup_poly(total, warmup, self.poly_power, self.poly_horizon)
         return {"optimizer": optimizer, "lr_scheduler": lightning_scheduler(optimizer, factor)}

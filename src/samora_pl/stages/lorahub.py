@@ -38,7 +38,6 @@ from omegaconf import DictConfig
 from torch.utils.data import Subset
 
 from data_modules.base import SliceDataset
-from data_modules.transforms import SegmentationTransform
 from samora_pl.atomic import atomic_write_text
 from samora_pl.config import finetune_levels
 from samora_pl.errors import SamoraError
@@ -219,7 +218,7 @@ def prepare(cfg: DictConfig, model, data, folder: Path, expert_paths: dict, reco
 
     data.setup("fit")
     held = holdout_names(data.selected_train_names(), hub_cfg.holdout, hub_cfg.max_slices, cfg.seed)
-    transform = SegmentationTransform(cfg.model.img_size, getattr(data, "low_res_factor", 4), augment=False)
+    transform = data.transform(augment=False)  # sized as the training slices (data.train_size too)
     dataset = SliceDataset(held, data.slice_reader(), transform)
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([it["image"] for it in items])

@@ -318,3 +318,36 @@ def test_train_experts_adds_only_the_experts_ab_to_the_trainable_set(quick):
     assert finetune.tag_of(cfg).endswith("-zero-trainexp-f0.1")
     with pytest.raises(SamoraError, match="finetune.train_experts"):
         compose("finetune", quick("mode=samed", "finetune.train_experts=true"))
+
+
+@pytest.mark.slow
+def test_samed_recipe_keys_on_the_tiny_profile(tmp_path, quick, monkeypatch):
+    """Global batch 4 from micro-batches of 2 (two per optimiser step), a 4-epoch schedule stopped after 2,
+    slices through 64 px: the run counts optimiser steps and ends on the LR of the schedule's step there."""
+    made = []
+    build = finetune.build_trainer
+    monkeypatch.setattr(finetune, "build_trainer", lambda *a, **k: made.append(build(*a, **k)) or made[-1])
+    cfg = compose(
+        "finetune",
+        quick(
+            "mode=samed",
+            "finetune.evaluate=false",
+            "data.val_slices=0",
+            "data.batch_size=2",
+            "data.effective_batch_size=4",
+            "data.train_size=64",
+            "trainer.limit_train_batches=4",
+            "trainer.max_epochs=4",
+            "trainer.stop_epoch=2",
+            "optim.warmup_steps=1",
+            "optim.poly_horizon=total",
+        ),
+    )
+    finetune.run(cfg)
+    trainer = made[0]
+    iters = 2  # 4 micro-batches of 2 per epoch, two per step
+    assert trainer.accumulate_grad_batches == 2 and trainer.max_epochs == 2
+    assert trainer.global_step == 2 * iters  # optimiser steps, not micro-batches
+    expected = cfg.optim.lr * (1 - (2 * iters - 1) / (4 * iters)) ** 0.9
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+    assert trainer.datamodule.train_set.transform.train_size == 64
