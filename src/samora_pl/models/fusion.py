@@ -233,13 +233,15 @@ class HLAttention(Fusion):
     ablation's pairs) only the first unit exists and ``h = LN(low)``: the lower level still attends
     into the higher one, as in the full hierarchy. The output depends on ``init``:
 
-    ``residual_mean`` (default)  ``mean_e(r_e) + gamma * h`` with ``gamma`` a learnable scalar at 0.
-        At initialisation the block computes ``x + base + mean_e(r_e)``: the frozen encoder sees the
-        average of its distilled experts, not a random LayerNorm output, and HL-Attn is learned as a
-        correction on top (gamma receives gradient from step 0, the rest once gamma moves).
+    ``paper`` (the paper profile's)  ``h``, as the paper writes it and the authors' code computes it: the
+        block is ``x + base + LN(high)``. The LayerNorm makes the update full-scale (unit variance per
+        token) at step 0, which perturbs the frozen encoder before any training.
+    ``residual_mean`` (the schema default and the tiny profile's)  ``mean_e(r_e) + gamma * h`` with
+        ``gamma`` a learnable scalar at 0. At initialisation the block computes ``x + base + mean_e(r_e)``:
+        the frozen encoder sees the average of its distilled experts, and HL-Attn is learned as a
+        correction on top (gamma receives gradient from step 0, the rest once gamma moves). Every
+        HL-Attn result made this way is mean fusion plus a correction; results tables name the init.
     ``zero``  ``gamma * h`` with ``gamma`` at 0: the block is exactly plain SAM at initialisation.
-    ``paper`` ``h`` as written in the paper; the LayerNorm makes the update full-scale (unit variance
-        per token) at step 0, which perturbs the frozen encoder before any training.
     """
 
     def __init__(

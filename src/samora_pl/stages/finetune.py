@@ -72,6 +72,16 @@ def tag_of(cfg: DictConfig) -> str:
     return f"{cfg.mode}-{fusion}{levels}{zero}{decoder}-f{cfg.data.fraction:g}"
 
 
+def fusion_label(cfg: DictConfig) -> str:
+    """The fusion as every results table states it, e.g. `hl_attn (hl_init=paper)`: HL-Attn's init decides
+    whether its block starts as the authors' `x + base + LN(high)` or as mean fusion plus a correction."""
+    if cfg.mode == "samed":
+        return "none (mode=samed, one LoRA)"
+    if cfg.model.fusion == "hl_attn":
+        return f"hl_attn (hl_init={cfg.model.hl_init})"
+    return str(cfg.model.fusion)
+
+
 def build_data(cfg: DictConfig, folder: Path, **overrides):
     return build_datamodule(
         cfg.data.name,
@@ -296,8 +306,10 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
             "hd95_unit": "voxels",
             "tag": folder.name,
             "test_cases_in_pretraining": transductive,
+            "fusion": fusion_label(cfg),
         }
-        write_results(rows, data.class_names, folder, extra=extra, notes=[TRANSDUCTIVE_NOTE] if transductive else [])
+        notes = [f"fusion: {fusion_label(cfg)}"] + ([TRANSDUCTIVE_NOTE] if transductive else [])
+        write_results(rows, data.class_names, folder, extra=extra, notes=notes)
         print(format_table(summary, data.class_names, title=f"{cfg.run}/{folder.name}"))
     return {"mean_dice": summary["mean_dice"], "mean_hd95": summary["mean_hd95"]}
 

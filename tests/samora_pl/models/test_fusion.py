@@ -227,3 +227,44 @@ def test_bad_fusion_names():
         build_fusion("single:organ", EXPERTS, 32)
     with pytest.raises(SamoraError, match="finetune"):
         build_fusion("lorahub", EXPERTS, 32)
+
+
+def hand_cross_attention(unit, q, kv):
+    """CA(Q, KV) = Linear(MHA(LN_q(Q), LN_k(KV), LN_v(KV))) + Q, the attention written out head by head."""
+    c, heads = q.shape[-1], unit.attn.num_heads
+    w, b = unit.attn.in_proj_weight, unit.attn.in_proj_bias
+
+    def ln(t, norm):
+        return torch.nn.functional.layer_norm(t, (c,), norm.weight, norm.bias)
+
+    def split(t):  # [B, N, C] -> [B, heads, N, C / heads]
+        return t.reshape(*t.shape[:-1], heads, c // heads).transpose(1, 2)
+
+    qh = split(ln(q, unit.norm_q) @ w[:c].T + b[:c])
+    kh = split(ln(kv, unit.norm_k) @ w[c : 2 * c].T + b[c : 2 * c])
+    vh = split(ln(kv, unit.norm_v) @ w[2 * c :].T + b[2 * c :])
+    p = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(c // heads), -1)
+    o = (p @ vh).transpose(1, 2).reshape(q.shape) @ unit.attn.out_proj.weight.T + unit.attn.out_proj.bias
+    return o @ unit.proj.weight.T + unit.proj.bias + q
+
+
+def hand_hl_attn_paper(f, rs):
+    """The authors' fused update at initialisation (g1 = g2 = 1, final LayerNorm with weight 1 and bias 0):
+    low = CA1(Q = r_patch, KV = r_pixel), high = CA2(Q = r_image, KV = low), update = LN(high)."""
+    tokens = {n: r.flatten(1, 2) for n, r in rs.items()}
+    low = hand_cross_attention(f.ca1, tokens["patch"], tokens["pixel"])
+    high = hand_cross_attention(f.ca2, tokens["image"], low)
+    return torch.nn.functional.layer_norm(high, (high.shape[-1],)).reshape(rs["image"].shape)
+
+
+def test_hl_init_paper_is_the_authors_form_at_init():
+    """hl_init=paper: the update is LN(high) alone (no mean of the residuals, no gamma), so the block is
+    x + base + LN(high); the residual_mean update at init differs from it by the whole LN(high) term."""
+    rs = residuals()
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_init="paper")
+    assert f.gamma is None and f.g1.item() == 1.0 and f.g2.item() == 1.0
+    expect = hand_hl_attn_paper(f, rs)
+    assert torch.allclose(f(rs), expect, atol=1e-5), (f(rs) - expect).abs().max()
+    torch.manual_seed(0)
+    mean_init = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_init="residual_mean")
+    assert torch.allclose(mean_init(rs), mean_of(rs), atol=1e-6) and not torch.allclose(expect, mean_of(rs), atol=0.1)

@@ -28,6 +28,7 @@ def test_samed_finetune_writes_results_and_dashboards(tmp_path, quick):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert 0.0 <= metrics["mean_dice"] <= 1.0 and set(metrics["per_class"]) == organs
     assert "liver" in (folder / "results.md").read_text() and metrics["test_cases_in_pretraining"] is False
+    assert "fusion: none (mode=samed, one LoRA)" in (folder / "results.md").read_text()
     assert (folder / "splits" / "train_selected.txt").exists() and (folder / "final.safetensors").exists()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete" and "final.safetensors" in manifest["outputs"]
@@ -122,6 +123,15 @@ def test_given_experts_are_loaded_and_recorded(tmp_path, quick, write_experts):
     assert main(["finetune", *quick(*paths, "finetune.tag=given")]) == 0
     manifest = json.loads((tmp_path / "runs" / "t" / "finetune" / "given" / "manifest.json").read_text())
     assert {"expert_image", "expert_patch", "expert_pixel"} <= set(manifest["inputs"])
+
+
+@pytest.mark.slow
+def test_hl_attn_finetune_states_its_init_in_the_results(tmp_path, quick, write_experts):
+    paths = write_experts(tmp_path, rank=4, random_b=True)
+    assert main(["finetune", *quick(*paths, "finetune.tag=hl", "model.hl_init=paper")]) == 0
+    folder = tmp_path / "runs" / "t" / "finetune" / "hl"
+    assert "fusion: hl_attn (hl_init=paper)" in (folder / "results.md").read_text()
+    assert json.loads((folder / "metrics.json").read_text())["fusion"] == "hl_attn (hl_init=paper)"
 
 
 def trainable_after_each_validation(cfg, monkeypatch) -> list:
