@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from data_modules import build_datamodule
 from samora_pl.atomic import atomic_save
-from samora_pl.callbacks import Throughput
+from samora_pl.callbacks import FusionDiagnostics, Throughput
 from samora_pl.checkpoint_io import resumable
 from samora_pl.config import compose_on_saved, data_options, diff_keys, finetune_levels, load_saved
 from samora_pl.errors import SamoraError
@@ -222,7 +222,8 @@ def run(cfg: DictConfig) -> dict:
     record = StageRecord(cfg, folder)
     data = build_data(cfg, folder)
     model = build_model(cfg, data.num_classes, record)
-    callbacks = [Throughput()]
+    diagnostics = FusionDiagnostics(model.fusion or [])
+    callbacks = [Throughput(), diagnostics]
     if uses_lorahub(cfg):  # the decoder warms up, the search runs mid-training, then the decoder trains on
         paths = {} if cfg.finetune.zero_experts else expert_paths(cfg)
         callbacks.append(lorahub.prepare(cfg, model, data, folder, paths, record))
@@ -248,9 +249,11 @@ def run(cfg: DictConfig) -> dict:
         for split in sorted((folder / "splits").glob("*")):
             record.add_output(split)
     record.metrics.update(skipped_batches(trainer))
+    if diagnostics.latest:
+        record.metrics["fusion_diagnostics"] = diagnostics.latest
     metrics = {}
     if cfg.finetune.evaluate:
-        metrics = evaluate_model(cfg, model, data, folder, trainer.strategy.root_device)
+        metrics = evaluate_model(cfg, model, data, folder, trainer.strategy.root_device, diagnostics.latest)
         record.metrics.update(metrics)
     record.write()
     return metrics
@@ -273,8 +276,9 @@ def _resume_checkpoint(cfg: DictConfig, folder: Path):
     return resume
 
 
-def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> dict:
-    """The evaluation protocol (docs/method.md) on every test volume; each rank takes its share, rank zero writes."""
+def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None, fusion_diagnostics=None) -> dict:
+    """The evaluation protocol (docs/method.md) on every test volume; each rank takes its share, rank zero writes.
+    `fusion_diagnostics` (the fine-tune's last validation, `FusionDiagnostics.latest`) goes into metrics.json."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
 
@@ -308,6 +312,8 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
             "test_cases_in_pretraining": transductive,
             "fusion": fusion_label(cfg),
         }
+        if fusion_diagnostics:
+            extra["fusion_diagnostics"] = fusion_diagnostics
         notes = [f"fusion: {fusion_label(cfg)}"] + ([TRANSDUCTIVE_NOTE] if transductive else [])
         write_results(rows, data.class_names, folder, extra=extra, notes=notes)
         print(format_table(summary, data.class_names, title=f"{cfg.run}/{folder.name}"))
@@ -381,7 +387,8 @@ def evaluate(cfg: DictConfig, overrides=()) -> dict:
         device = fabric.device
     data = build_evaluation_data(cfg, folder)
     model = load_finetuned(cfg, weights, data.num_classes)
-    return evaluate_model(cfg, model, data, folder, device)
+    diagnostics = ((read_manifest(folder) or {}).get("metrics") or {}).get("fusion_diagnostics")
+    return evaluate_model(cfg, model, data, folder, device, diagnostics)
 
 
 def load_finetuned(cfg: DictConfig, weights: Path, num_classes: int = None):
