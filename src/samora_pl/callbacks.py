@@ -1,4 +1,4 @@
-"""TensorBoard pictures and throughput, shared by all stages.
+"""TensorBoard pictures, throughput and fusion diagnostics, shared by the stages.
 
 Label maps are shown as colour overlays on the grey slice, because people judge a segmentation by
 looking at it; one panel row per sample: slice | ground truth | prediction.
@@ -86,6 +86,43 @@ class Throughput(L.Callback):
                 peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
                 pl_module.log("perf/peak_memory_gib", peak, on_step=True, on_epoch=False)
             self._start, self._images = time.perf_counter(), 0
+
+
+class FusionDiagnostics(L.Callback):
+    """What the fusion modules do, per block, at each validation of a fine-tune (the sanity check excluded).
+
+    Each fusion records only during validation (``Fusion.record_diagnostics``), so training keeps its fast
+    attention path; at the end of the epoch every value goes to TensorBoard as ``fusion/blockNN/<name>``
+    (HL-Attn: g1, g2, gamma, entropy_step1/2, entropy_uniform; MoLE: gate_<expert>, tau; LAC:
+    weight_<expert>) and the latest set is kept in :attr:`latest` for the fine-tune's manifest. Each rank
+    records its own validation share; rank zero's is the one written."""
+
+    def __init__(self, fusions):
+        self.fusions = list(fusions)
+        self.latest = None
+
+    def _record(self, on: bool) -> None:
+        for fusion in self.fusions:
+            fusion.record_diagnostics(on)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._record(True)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not self.fusions or not self.fusions[0].recording:
+            return
+        blocks = {f"block{i:02d}": fusion.diagnostics() for i, fusion in enumerate(self.fusions)}
+        self._record(False)
+        blocks = {name: values for name, values in blocks.items() if values}
+        if not blocks:
+            return
+        self.latest = {"epoch": trainer.current_epoch, "step": trainer.global_step, "blocks": blocks}
+        writer = tensorboard(trainer)
+        if writer is not None:
+            for block, values in blocks.items():
+                for name, value in values.items():
+                    writer.add_scalar(f"fusion/{block}/{name}", value, trainer.global_step)
 
 
 class RandomState(L.Callback):

@@ -206,6 +206,26 @@ def test_shipped_ablations_compose():
             compose("finetune", extra or [])  # every variant's keys and values are valid (one schema for all stages)
 
 
+def test_fusion_ablation_has_both_hl_attn_inits_and_each_builds():
+    """The fusion ablation runs HL-Attn at the profile's init (its reference) and at each init explicitly;
+    each variant composes on both profiles and builds a model whose blocks use that init."""
+    from samora_pl.choices import LEVELS
+    from samora_pl.models.factory import build_segmenter
+
+    spec = ablation.load_ablation("fusion")
+    assert spec["reference"] == "hl_attn"
+    inits = {"hl_attn_paper": "paper", "hl_attn_residual_mean": "residual_mean"}
+    assert set(inits) <= set(spec["variants"])
+    for variant, init in inits.items():
+        for profile in ([], ["data.name=synapse", "model.checkpoint=none"]):
+            cfg = compose("finetune", profile + spec["variants"][variant])
+            assert cfg.model.fusion == "hl_attn" and cfg.model.hl_init == init
+            assert finetune.fusion_label(cfg) == f"hl_attn (hl_init={init})"
+        model = build_segmenter(compose("finetune", spec["variants"][variant]), 8, LEVELS, "hl_attn")
+        assert {f.init for f in model.fusion} == {init}
+    assert compose("finetune", spec["variants"]["hl_attn"]).model.hl_init == "residual_mean"  # tiny profile's
+
+
 def _fake_stage(stage, calls, fail_on=None):
     """Stands in for `samora cpt` / `samora distill` of one teacher or level: records (stage, sub, folder,
     config), saves the config, writes an output naming the settings that matter here, finishes the manifest."""
@@ -280,6 +300,19 @@ def test_variants_sharing_experts_distil_once(tmp_path, experiments, stages):
         shared = {str(_expert(seen[f"share-{v}-s{s}"], level, root)) for v in "ab" for s in range(2)}
         assert len(shared) == 1 and "/upstream/" in shared.pop()  # both variants, both seeds: one expert
         assert seen["share-c-s0"].finetune.experts[level] is None  # plain: the run's own, config as before
+
+
+@pytest.mark.slow
+def test_fusion_table_states_each_fusion_and_hl_init(tmp_path, experiments, stages):
+    ablation.run_ablation("fusion", [f"runs_dir={tmp_path / 'runs'}", "run=r"])
+    folder = tmp_path / "runs" / "r" / "ablations" / "fusion"
+    table = (folder / "table.md").read_text()
+    for label in ("hl_attn (hl_init=paper)", "hl_attn (hl_init=residual_mean)", "| mole |", "| lorahub |"):
+        assert label in table
+    with open(folder / "table.csv") as handle:
+        fusion = {row["variant"]: row["fusion"] for row in csv.DictReader(handle)}
+    assert fusion["hl_attn"] == fusion["hl_attn_residual_mean"] == "hl_attn (hl_init=residual_mean)"
+    assert fusion["hl_attn_paper"] == "hl_attn (hl_init=paper)" and fusion["sum"] == "sum"
 
 
 @pytest.mark.slow

@@ -23,6 +23,20 @@ def test_paper_profile_for_real_data():
     assert (cfg.loss.ce_weight, cfg.loss.dice_weight) == (0.2, 0.8)
 
 
+def test_hl_attn_init_is_a_profile_setting():
+    """PROFILE=paper runs HL-Attn as the authors' code (x + base + LN(high)); the tiny profile keeps the
+    mean-of-experts start; each is one line of its profile and an override wins."""
+    paper = compose("finetune", ["data.name=synapse", "model.checkpoint=none"])
+    assert paper.profile == "paper" and paper.model.hl_init == "paper"
+    assert compose("finetune", []).model.hl_init == "residual_mean"  # demo data: tiny profile
+    assert compose("finetune", ["profile=paper", "model.checkpoint=none"]).model.hl_init == "paper"
+    chosen = compose("finetune", ["data.name=synapse", "model.checkpoint=none", "model.hl_init=residual_mean"])
+    assert chosen.model.hl_init == "residual_mean"
+    for profile, init in (("paper", "paper"), ("tiny", "residual_mean")):
+        lines = (experiments_dir() / "model" / f"{profile}.yaml").read_text().splitlines()
+        assert [line.split("#")[0].strip() for line in lines if "hl_init" in line] == [f"hl_init: {init}"]
+
+
 def test_hsam_and_samed_profiles_are_the_published_recipes():
     for profile in ("hsam", "samed"):  # GPU scale: SAM's public weights or an explicit none
         with pytest.raises(SamoraError, match="sam_vit_b_01ec64.pth"):

@@ -23,6 +23,11 @@ Choices (``build_fusion(name, ...)``; :data:`FUSION_NAMES` is the one list the c
               runs it on a fast path that never computes the base attention separately.
 
 ``docs/baselines.md`` says how each baseline follows its paper and where it deviates.
+
+Diagnostics: between :meth:`Fusion.record_diagnostics` ``(True)`` and ``(False)`` (the fine-tune's
+validation, ``callbacks.FusionDiagnostics``) a fusion accumulates what :meth:`Fusion.diagnostics` reports:
+HL-Attn's gates and the entropy of each cross-attention unit's attention, MoLE's mean gate per expert,
+LAC's weights. Training never records, so it keeps the fast attention path.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ __all__ = [
     "LACFusion",
     "MoLEFusion",
     "mole_balance_loss",
+    "attention_entropy",
     "CrossAttentionUnit",
     "HLAttention",
     "valid_hl_orders",
@@ -78,6 +84,20 @@ class Fusion(nn.Module):
         super().__init__()
         #: per-sample gate of the last forward, [B, E] (MoLE only): the encoder's balance loss reads it
         self.last_gate: Optional[torch.Tensor] = None
+        self.recording = False
+
+    def record_diagnostics(self, on: bool) -> None:
+        """Start (from empty) or stop accumulating what :meth:`diagnostics` reports over the forwards."""
+        self.recording = bool(on)
+        for module in self.modules():
+            if isinstance(module, CrossAttentionUnit):
+                module.recording = self.recording
+                if on:
+                    module.entropy_sum, module.entropy_count = None, 0
+
+    def diagnostics(self) -> Dict[str, float]:
+        """Named scalars of this block's fusion (empty for fusions with nothing learned or weighted)."""
+        return {}
 
     def _get(self, residuals: Dict[str, torch.Tensor]):
         try:
@@ -146,6 +166,9 @@ class LACFusion(Fusion):
     def forward(self, residuals: Dict[str, torch.Tensor]) -> torch.Tensor:
         raise RuntimeError("LAC is merged into qkv by the encoder; it does not fuse attention residuals")
 
+    def diagnostics(self) -> Dict[str, float]:
+        return {f"weight_{n}": float(w) for n, w in zip(self.levels, self.weights.tolist())}
+
     def extra_repr(self) -> str:
         return f"levels={list(self.levels)}, weights={[round(w, 4) for w in self.weights.tolist()]}"
 
@@ -177,6 +200,20 @@ class MoLEFusion(Fusion):
         n = len(self.levels)
         self.e = nn.Parameter(torch.zeros(n * int(dim), n))
         self.tau = nn.Parameter(torch.ones(()))
+        self.gate_sum: Optional[torch.Tensor] = None  # sum over recorded samples of G, [E]
+        self.gate_count = 0
+
+    def record_diagnostics(self, on: bool) -> None:
+        super().record_diagnostics(on)
+        if on:
+            self.gate_sum, self.gate_count = None, 0
+
+    def diagnostics(self) -> Dict[str, float]:
+        out = {"tau": float(self.tau.detach().clamp_min(MOLE_MIN_TEMPERATURE))}
+        if self.gate_count:
+            mean = (self.gate_sum / self.gate_count).tolist()
+            out.update({f"gate_{n}": g for n, g in zip(self.levels, mean)})
+        return out
 
     def gate(self, rs: Sequence[torch.Tensor]) -> torch.Tensor:
         """G [B, E] from the experts' residuals (each [B, H, W, C] or [B, N, C])."""
@@ -189,6 +226,10 @@ class MoLEFusion(Fusion):
         rs = self._get(residuals)
         g = self.gate(rs)
         self.last_gate = g
+        if self.recording:
+            total = g.detach().sum(0)
+            self.gate_sum = total if self.gate_sum is None else self.gate_sum + total
+            self.gate_count += g.shape[0]
         shape = (g.shape[0],) + (1,) * (rs[0].dim() - 1)
         out = g[:, 0].reshape(shape).to(rs[0].dtype) * rs[0]
         for i in range(1, len(rs)):
@@ -204,8 +245,17 @@ def mole_balance_loss(gates: Sequence[torch.Tensor]) -> torch.Tensor:
     return -torch.log(q).sum()
 
 
+def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """``-sum_k p_k log p_k`` (nats) of every attention row of ``weights`` [..., N_kv] -> [...]: log(N_kv)
+    when a query spreads evenly over the keys, 0 when it attends to one key only."""
+    return torch.special.entr(weights.float()).sum(-1)
+
+
 class CrossAttentionUnit(nn.Module):
-    """``CA(Q, KV) = Linear(MHA(LN_q(Q), LN_k(KV), LN_v(KV))) + Q`` over [B, N, W] tokens."""
+    """``CA(Q, KV) = Linear(MHA(LN_q(Q), LN_k(KV), LN_v(KV))) + Q`` over [B, N, W] tokens.
+
+    While ``recording`` (validation diagnostics only) the MHA also returns its per-head weights, a slower
+    path, and the unit adds up their entropy per head and query (:func:`attention_entropy`)."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -214,10 +264,26 @@ class CrossAttentionUnit(nn.Module):
         self.norm_v = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.proj = nn.Linear(width, width)
+        self.recording = False
+        self.entropy_sum: Optional[torch.Tensor] = None
+        self.entropy_count = 0
+        self.kv_tokens = 0
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        o, _ = self.attn(self.norm_q(q), self.norm_k(kv), self.norm_v(kv), need_weights=False)
+        qn, kn, vn = self.norm_q(q), self.norm_k(kv), self.norm_v(kv)
+        if not self.recording:
+            o, _ = self.attn(qn, kn, vn, need_weights=False)
+            return self.proj(o) + q
+        o, weights = self.attn(qn, kn, vn, need_weights=True, average_attn_weights=False)  # [B, heads, Nq, Nkv]
+        h = attention_entropy(weights.detach())
+        self.entropy_sum = h.sum() if self.entropy_sum is None else self.entropy_sum + h.sum()
+        self.entropy_count += h.numel()
+        self.kv_tokens = kv.shape[1]
         return self.proj(o) + q
+
+    def mean_entropy(self) -> Optional[float]:
+        """Mean attention entropy over the recorded heads and queries (None before any)."""
+        return float(self.entropy_sum) / self.entropy_count if self.entropy_count else None
 
 
 class HLAttention(Fusion):
@@ -233,13 +299,15 @@ class HLAttention(Fusion):
     ablation's pairs) only the first unit exists and ``h = LN(low)``: the lower level still attends
     into the higher one, as in the full hierarchy. The output depends on ``init``:
 
-    ``residual_mean`` (default)  ``mean_e(r_e) + gamma * h`` with ``gamma`` a learnable scalar at 0.
-        At initialisation the block computes ``x + base + mean_e(r_e)``: the frozen encoder sees the
-        average of its distilled experts, not a random LayerNorm output, and HL-Attn is learned as a
-        correction on top (gamma receives gradient from step 0, the rest once gamma moves).
+    ``paper`` (the paper profile's)  ``h``, as the paper writes it and the authors' code computes it: the
+        block is ``x + base + LN(high)``. The LayerNorm makes the update full-scale (unit variance per
+        token) at step 0, which perturbs the frozen encoder before any training.
+    ``residual_mean`` (the schema default and the tiny profile's)  ``mean_e(r_e) + gamma * h`` with
+        ``gamma`` a learnable scalar at 0. At initialisation the block computes ``x + base + mean_e(r_e)``:
+        the frozen encoder sees the average of its distilled experts, and HL-Attn is learned as a
+        correction on top (gamma receives gradient from step 0, the rest once gamma moves). Every
+        HL-Attn result made this way is mean fusion plus a correction; results tables name the init.
     ``zero``  ``gamma * h`` with ``gamma`` at 0: the block is exactly plain SAM at initialisation.
-    ``paper`` ``h`` as written in the paper; the LayerNorm makes the update full-scale (unit variance
-        per token) at step 0, which perturbs the frozen encoder before any training.
     """
 
     def __init__(
@@ -294,6 +362,17 @@ class HLAttention(Fusion):
         out = self.gamma * h
         if self.init == "residual_mean":
             out = out + torch.stack(rs, 0).mean(0)
+        return out
+
+    def diagnostics(self) -> Dict[str, float]:
+        """g1, g2, gamma (where present), and each unit's mean attention entropy with its uniform value
+        log(N_kv), recorded over the forwards since :meth:`record_diagnostics`."""
+        gates = (("g1", self.g1), ("g2", self.g2), ("gamma", self.gamma))
+        out = {name: float(p.detach()) for name, p in gates if p is not None}
+        for step, unit in ((1, self.ca1), (2, self.ca2)):
+            if unit is not None and unit.mean_entropy() is not None:
+                out[f"entropy_step{step}"] = unit.mean_entropy()
+                out["entropy_uniform"] = math.log(unit.kv_tokens)
         return out
 
     def extra_repr(self) -> str:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from data_modules import build_datamodule
 from samora_pl.atomic import atomic_save
-from samora_pl.callbacks import Throughput
+from samora_pl.callbacks import FusionDiagnostics, Throughput
 from samora_pl.checkpoint_io import resumable
 from samora_pl.config import compose_on_saved, data_options, diff_keys, finetune_levels, load_saved
 from samora_pl.effective_batch import accumulate_grad_batches
@@ -73,6 +73,16 @@ def tag_of(cfg: DictConfig) -> str:
     levels = "" if cfg.mode == "samed" or cfg.finetune.levels is None else "-" + "+".join(finetune_levels(cfg))
     decoder = "" if cfg.model.decoder == "sam" else f"-{cfg.model.decoder}"
     return f"{cfg.mode}-{fusion}{levels}{zero}{decoder}-f{cfg.data.fraction:g}"
+
+
+def fusion_label(cfg: DictConfig) -> str:
+    """The fusion as every results table states it, e.g. `hl_attn (hl_init=paper)`: HL-Attn's init decides
+    whether its block starts as the authors' `x + base + LN(high)` or as mean fusion plus a correction."""
+    if cfg.mode == "samed":
+        return "none (mode=samed, one LoRA)"
+    if cfg.model.fusion == "hl_attn":
+        return f"hl_attn (hl_init={cfg.model.hl_init})"
+    return str(cfg.model.fusion)
 
 
 def build_data(cfg: DictConfig, folder: Path, **overrides):
@@ -220,7 +230,8 @@ def run(cfg: DictConfig) -> dict:
     record = StageRecord(cfg, folder)
     data = build_data(cfg, folder)
     model = build_model(cfg, data.num_classes, record)
-    callbacks = [Throughput()]
+    diagnostics = FusionDiagnostics(model.fusion or [])
+    callbacks = [Throughput(), diagnostics]
     if uses_lorahub(cfg):  # the decoder warms up, the search runs mid-training, then the decoder trains on
         paths = {} if cfg.finetune.zero_experts else expert_paths(cfg)
         callbacks.append(lorahub.prepare(cfg, model, data, folder, paths, record))
@@ -254,9 +265,11 @@ def run(cfg: DictConfig) -> dict:
         for split in sorted((folder / "splits").glob("*")):
             record.add_output(split)
     record.metrics.update(skipped_batches(trainer))
+    if diagnostics.latest:
+        record.metrics["fusion_diagnostics"] = diagnostics.latest
     metrics = {}
     if cfg.finetune.evaluate:
-        metrics = evaluate_model(cfg, model, data, folder, trainer.strategy.root_device)
+        metrics = evaluate_model(cfg, model, data, folder, trainer.strategy.root_device, diagnostics.latest)
         record.metrics.update(metrics)
     record.write()
     return metrics
@@ -279,8 +292,9 @@ def _resume_checkpoint(cfg: DictConfig, folder: Path):
     return resume
 
 
-def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> dict:
-    """The evaluation protocol (docs/method.md) on every test volume; each rank takes its share, rank zero writes."""
+def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None, fusion_diagnostics=None) -> dict:
+    """The evaluation protocol (docs/method.md) on every test volume; each rank takes its share, rank zero writes.
+    `fusion_diagnostics` (the fine-tune's last validation, `FusionDiagnostics.latest`) goes into metrics.json."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
 
@@ -312,8 +326,12 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
             "hd95_unit": "voxels",
             "tag": folder.name,
             "test_cases_in_pretraining": transductive,
+            "fusion": fusion_label(cfg),
         }
-        write_results(rows, data.class_names, folder, extra=extra, notes=[TRANSDUCTIVE_NOTE] if transductive else [])
+        if fusion_diagnostics:
+            extra["fusion_diagnostics"] = fusion_diagnostics
+        notes = [f"fusion: {fusion_label(cfg)}"] + ([TRANSDUCTIVE_NOTE] if transductive else [])
+        write_results(rows, data.class_names, folder, extra=extra, notes=notes)
         print(format_table(summary, data.class_names, title=f"{cfg.run}/{folder.name}"))
     return {"mean_dice": summary["mean_dice"], "mean_hd95": summary["mean_hd95"]}
 
@@ -385,7 +403,8 @@ def evaluate(cfg: DictConfig, overrides=()) -> dict:
         device = fabric.device
     data = build_evaluation_data(cfg, folder)
     model = load_finetuned(cfg, weights, data.num_classes)
-    return evaluate_model(cfg, model, data, folder, device)
+    diagnostics = ((read_manifest(folder) or {}).get("metrics") or {}).get("fusion_diagnostics")
+    return evaluate_model(cfg, model, data, folder, device, diagnostics)
 
 
 def load_finetuned(cfg: DictConfig, weights: Path, num_classes: int = None):

@@ -204,3 +204,31 @@ def test_sdpa_attention_folds_the_rel_pos_bias_exactly():
     ref = logits.softmax(-1) @ v
     out = sdpa_attention(attn, q, k, v, (3, 5))
     assert out.shape == v.shape and torch.allclose(out, ref, atol=1e-10)
+
+
+def test_paper_init_block_is_x_plus_base_plus_ln_high(randomize_encoder, randomize_lora):
+    """Every block with hl_init=paper computes x + base + LN(high) at initialisation: SAM's own attention
+    for the base and each expert's residual (naive calls), the authors' HL-Attn written out by hand."""
+    from samora_pl.models.encoder import naive_block_forward
+    from samora_pl.models.fusion import Fusion
+    from tests.samora_pl.models.test_fusion import hand_hl_attn_paper
+
+    enc = build(randomize_encoder, "tiny", 128, hl_init="paper")
+    randomize_lora(enc.lora)
+
+    class ByHand(Fusion):
+        levels = ("image", "patch", "pixel")
+
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, rs):
+            return hand_hl_attn_paper(self.module, rs)
+
+    x = torch.randn(2, 8, 8, enc.embed_dim)
+    with torch.no_grad():
+        for i, blk in enumerate(enc.image_encoder.blocks):
+            lora_blocks = {n: enc.lora.experts[n].blocks[i] for n in enc.lora.names}
+            expect = naive_block_forward(blk, x, lora_blocks, ByHand(enc.fusion[i]))
+            assert torch.allclose(enc.block_forward(i, x), expect, atol=1e-5)

@@ -10,6 +10,7 @@ from samora_pl.models.fusion import (
     MoLEFusion,
     SingleFusion,
     SumFusion,
+    attention_entropy,
     build_fusion,
     mole_balance_loss,
     valid_hl_orders,
@@ -227,3 +228,100 @@ def test_bad_fusion_names():
         build_fusion("single:organ", EXPERTS, 32)
     with pytest.raises(SamoraError, match="finetune"):
         build_fusion("lorahub", EXPERTS, 32)
+
+
+def hand_attention(unit, q, kv):
+    """(CA(Q, KV), per-head attention weights [B, heads, Nq, Nkv]) of a cross-attention unit written out head
+    by head: CA(Q, KV) = Linear(MHA(LN_q(Q), LN_k(KV), LN_v(KV))) + Q."""
+    c, heads = q.shape[-1], unit.attn.num_heads
+    w, b = unit.attn.in_proj_weight, unit.attn.in_proj_bias
+
+    def ln(t, norm):
+        return torch.nn.functional.layer_norm(t, (c,), norm.weight, norm.bias)
+
+    def split(t):  # [B, N, C] -> [B, heads, N, C / heads]
+        return t.reshape(*t.shape[:-1], heads, c // heads).transpose(1, 2)
+
+    qh = split(ln(q, unit.norm_q) @ w[:c].T + b[:c])
+    kh = split(ln(kv, unit.norm_k) @ w[c : 2 * c].T + b[c : 2 * c])
+    vh = split(ln(kv, unit.norm_v) @ w[2 * c :].T + b[2 * c :])
+    p = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(c // heads), -1)
+    o = (p @ vh).transpose(1, 2).reshape(q.shape) @ unit.attn.out_proj.weight.T + unit.attn.out_proj.bias
+    return o @ unit.proj.weight.T + unit.proj.bias + q, p
+
+
+def hand_cross_attention(unit, q, kv):
+    return hand_attention(unit, q, kv)[0]
+
+
+def hand_hl_attn_paper(f, rs):
+    """The authors' fused update at initialisation (g1 = g2 = 1, final LayerNorm with weight 1 and bias 0):
+    low = CA1(Q = r_patch, KV = r_pixel), high = CA2(Q = r_image, KV = low), update = LN(high)."""
+    tokens = {n: r.flatten(1, 2) for n, r in rs.items()}
+    low = hand_cross_attention(f.ca1, tokens["patch"], tokens["pixel"])
+    high = hand_cross_attention(f.ca2, tokens["image"], low)
+    return torch.nn.functional.layer_norm(high, (high.shape[-1],)).reshape(rs["image"].shape)
+
+
+def test_hl_init_paper_is_the_authors_form_at_init():
+    """hl_init=paper: the update is LN(high) alone (no mean of the residuals, no gamma), so the block is
+    x + base + LN(high); the residual_mean update at init differs from it by the whole LN(high) term."""
+    rs = residuals()
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_init="paper")
+    assert f.gamma is None and f.g1.item() == 1.0 and f.g2.item() == 1.0
+    expect = hand_hl_attn_paper(f, rs)
+    assert torch.allclose(f(rs), expect, atol=1e-5), (f(rs) - expect).abs().max()
+    torch.manual_seed(0)
+    mean_init = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_init="residual_mean")
+    assert torch.allclose(mean_init(rs), mean_of(rs), atol=1e-6) and not torch.allclose(expect, mean_of(rs), atol=0.1)
+
+
+def test_attention_entropy_is_log_n_for_uniform_and_zero_for_one_hot():
+    n = 7
+    uniform = torch.full((2, 3, 5, n), 1.0 / n)
+    assert torch.allclose(attention_entropy(uniform), torch.full((2, 3, 5), math.log(n)))
+    one_hot = torch.nn.functional.one_hot(torch.randint(0, n, (2, 3, 5)), n).float()
+    assert torch.equal(attention_entropy(one_hot), torch.zeros(2, 3, 5))
+
+
+def test_hl_attn_diagnostics_record_only_when_asked_and_leave_the_output_unchanged():
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4)
+    rs = residuals()
+    plain = f(rs)
+    assert f.ca1.entropy_count == 0 and set(f.diagnostics()) == {"g1", "g2", "gamma"}  # training: fast path only
+    f.record_diagnostics(True)
+    assert torch.allclose(f(rs), plain, atol=1e-6)  # the weights come from the same attention
+    f(rs)
+    d = f.diagnostics()
+    assert (d["g1"], d["g2"], d["gamma"]) == (1.0, 1.0, 0.0) and d["entropy_uniform"] == pytest.approx(math.log(16))
+    # by hand: the mean over batch, heads and queries of each softmax row's entropy
+    tokens = {n: r.detach().flatten(1, 2) for n, r in rs.items()}
+    with torch.no_grad():
+        low, p1 = hand_attention(f.ca1, tokens["patch"], tokens["pixel"])
+        _, p2 = hand_attention(f.ca2, tokens["image"], low)
+    assert d["entropy_step1"] == pytest.approx(float(-(p1 * p1.log()).sum(-1).mean()), rel=1e-5)
+    assert d["entropy_step2"] == pytest.approx(float(-(p2 * p2.log()).sum(-1).mean()), rel=1e-5)
+    f.record_diagnostics(False)
+    f(rs)
+    assert f.ca1.entropy_count == 2 * 2 * 4 * 16  # two recorded forwards of [B=2, heads=4, 16 queries]
+    assert "g2" not in build_fusion("hl_attn", ("image", "patch"), 32, num_heads=4, hl_init="paper").diagnostics()
+
+
+def test_mole_and_lac_diagnostics():
+    mole = MoLEFusion(EXPERTS, 32)
+    with torch.no_grad():
+        mole.e.normal_()
+    mole.record_diagnostics(True)
+    batches = [residuals(seed=s) for s in (1, 2)]
+    gates = [mole.gate([rs[n] for n in EXPERTS]).detach() for rs in batches]
+    for rs in batches:
+        mole(rs)
+    d = mole.diagnostics()
+    mean = torch.cat(gates).mean(0)
+    assert [d[f"gate_{n}"] for n in EXPERTS] == pytest.approx(mean.tolist(), abs=1e-6) and d["tau"] == 1.0
+    assert LACFusion(EXPERTS, [0.5, 0.25, 0.25]).diagnostics() == {
+        "weight_image": 0.5,
+        "weight_patch": 0.25,
+        "weight_pixel": 0.25,
+    }
+    assert SumFusion(EXPERTS).diagnostics() == {}

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import lightning as L
 import pytest
@@ -28,6 +29,7 @@ def test_samed_finetune_writes_results_and_dashboards(tmp_path, quick):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert 0.0 <= metrics["mean_dice"] <= 1.0 and set(metrics["per_class"]) == organs
     assert "liver" in (folder / "results.md").read_text() and metrics["test_cases_in_pretraining"] is False
+    assert "fusion: none (mode=samed, one LoRA)" in (folder / "results.md").read_text()
     assert (folder / "splits" / "train_selected.txt").exists() and (folder / "final.safetensors").exists()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete" and "final.safetensors" in manifest["outputs"]
@@ -122,6 +124,36 @@ def test_given_experts_are_loaded_and_recorded(tmp_path, quick, write_experts):
     assert main(["finetune", *quick(*paths, "finetune.tag=given")]) == 0
     manifest = json.loads((tmp_path / "runs" / "t" / "finetune" / "given" / "manifest.json").read_text())
     assert {"expert_image", "expert_patch", "expert_pixel"} <= set(manifest["inputs"])
+
+
+@pytest.mark.slow
+def test_hl_attn_finetune_states_its_init_and_logs_fusion_diagnostics(tmp_path, quick, write_experts):
+    """results.md names the fusion and its hl_init; each validation logs every block's gates and attention
+    entropies to TensorBoard, and the last set goes into manifest.json and metrics.json."""
+    paths = write_experts(tmp_path, rank=4, random_b=True)
+    assert main(["finetune", *quick(*paths, "finetune.tag=hl")]) == 0  # tiny profile: hl_init=residual_mean
+    folder = tmp_path / "runs" / "t" / "finetune" / "hl"
+    assert "fusion: hl_attn (hl_init=residual_mean)" in (folder / "results.md").read_text()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["fusion"] == "hl_attn (hl_init=residual_mean)"
+    diagnostics = json.loads((folder / "manifest.json").read_text())["metrics"]["fusion_diagnostics"]
+    assert metrics["fusion_diagnostics"] == diagnostics and diagnostics["epoch"] == 0
+    blocks = diagnostics["blocks"]
+    names = {"g1", "g2", "gamma", "entropy_step1", "entropy_step2", "entropy_uniform"}
+    assert len(blocks) == 4 and all(set(values) == names for values in blocks.values())  # the tiny SAM's 4 blocks
+    for values in blocks.values():
+        assert values["entropy_uniform"] == pytest.approx(math.log(64))  # 8 x 8 tokens at 128 px
+        assert 0.0 < values["entropy_step1"] <= values["entropy_uniform"] + 1e-6
+        assert values["gamma"] != 0.0  # two steps of training moved it
+    events = EventAccumulator(str(tmp_path / "runs" / "t" / "tb" / "finetune" / "hl"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"fusion/block{i:02d}/{name}" for i in range(4) for name in names} <= tags
+    (logged,) = events.Scalars("fusion/block03/entropy_step2")
+    assert logged.value == pytest.approx(blocks["block03"]["entropy_step2"], rel=1e-6)
+    (folder / "metrics.json").unlink()  # `samora evaluate` rewrites it from the manifest's record
+    assert main(["evaluate", *quick(*paths, "finetune.tag=hl")]) == 0
+    assert json.loads((folder / "metrics.json").read_text())["fusion_diagnostics"] == diagnostics
 
 
 def trainable_after_each_validation(cfg, monkeypatch) -> list:
