@@ -16,6 +16,7 @@ from samora_pl import choices
 from samora_pl.choices import LEVELS
 from samora_pl.effective_batch import accumulate_grad_batches
 from samora_pl.errors import SamoraError
+from samora_pl.migrate import added_since
 from samora_pl.schema import RootConfig
 
 STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict", "probe")
@@ -374,7 +375,8 @@ def _saved(path: Path) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise SamoraError(f"{path} is missing: the stage folder is incomplete; re-run the stage that made it.")
-    return _merge(OmegaConf.structured(RootConfig), _load_yaml(path), str(path))
+    raw = _load_yaml(path)
+    return _merge(_merge(OmegaConf.structured(RootConfig), raw, str(path)), added_since(raw), "migration")
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -398,8 +400,8 @@ def changed_since(saved: Path, cfg: DictConfig, watched: Iterable[str], ignore: 
     if not Path(saved).exists():
         return []
     try:
-        old = OmegaConf.load(saved)
-    except (OSError, OmegaConfBaseException, ValueError) as err:
+        old = _saved(saved)  # on today's schema, keys added since it was saved at their old-run values
+    except SamoraError as err:
         return [f"{Path(saved).name} unreadable ({err})"]
     return [key for key in diff_keys(old, cfg, ignore) if key.startswith(tuple(watched))]
 
