@@ -11,7 +11,7 @@ from samora_pl.config import compose, experiments_dir
 from samora_pl.errors import SamoraError
 from samora_pl.stages import cpt, distill, finetune
 
-SHIPPED = ("mechanism", "fusion", "order", "rank", "level", "fraction", "cpt", "epochs")
+SHIPPED = tuple(sorted(p.stem for p in (experiments_dir() / "ablations").glob("*.yaml")))
 
 
 @pytest.fixture
@@ -201,6 +201,7 @@ def test_unknown_ablation_lists_known(experiments):
 
 @pytest.mark.slow
 def test_shipped_ablations_compose():
+    assert {"mechanism", "fusion", "diagnosis", "headline"} <= set(SHIPPED)
     for name in SHIPPED:
         for extra in ablation.load_ablation(name)["variants"].values():
             compose("finetune", extra or [])  # every variant's keys and values are valid (one schema for all stages)
