@@ -39,7 +39,7 @@ from samora_pl.runs import (
 )
 from samora_pl.stages import lorahub
 from samora_pl.stages.finetune_module import FinetuneModule
-from samora_pl.trainer import build_trainer, strategy_for, world_size
+from samora_pl.trainer import build_fabric, build_trainer
 
 log = logging.getLogger(__name__)
 FINAL = "final.safetensors"
@@ -362,13 +362,8 @@ def evaluate(cfg: DictConfig, overrides=()) -> dict:
         cfg, weights = evaluation_config(cfg, folder, overrides), folder / FINAL
     verify_input(weights, folder)
     device = None
-    if world_size(cfg) > 1:  # DEVICES=2: Lightning launches the ranks; each evaluates its share of the cases
-        fabric = L.Fabric(
-            accelerator=cfg.trainer.accelerator,
-            devices=cfg.trainer.devices,
-            num_nodes=cfg.trainer.num_nodes,
-            strategy=strategy_for(cfg),
-        )
+    fabric = build_fabric(cfg)
+    if fabric.world_size > 1:  # DEVICES=2, -1, NUM_NODES=2: Fabric starts the ranks; each evaluates its share
         fabric.launch()
         device = fabric.device
     data = build_evaluation_data(cfg, folder)
