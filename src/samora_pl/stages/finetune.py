@@ -276,10 +276,12 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
     def predict(batch: torch.Tensor) -> torch.Tensor:
         return model(batch.to(device)).float().cpu()
 
-    cases = shard_cases(list(data.test_cases()))  # this rank's share
+    every = list(data.test_cases())
+    cases = shard_cases(every)  # this rank's share
+    shown = "evaluate" if len(cases) == len(every) else f"evaluate (rank 0's share of {len(every)})"
     # eval.workers > 1: each case's Dice/HD95 runs in a worker process while the model predicts the next
     with CaseMetricsPool(data.num_classes, workers=cfg.eval.workers) as pool:
-        for case in track(cases, "evaluate", "volume"):
+        for case in track(cases, shown, "volume"):  # rank zero's line only
             volume = data.load_volume(case)
             pred = predict_volume(
                 predict,
