@@ -40,8 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_zero_or_warning(record: logging.LogRecord) -> bool:
+    """Info lines from global rank zero only: under DDP every rank runs this CLI and would repeat them."""
+    from samora_pl.runs import is_rank_zero
+
+    return record.levelno >= logging.WARNING or is_rank_zero()
+
+
 def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_rank_zero_or_warning)
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -4,7 +4,7 @@ A tqdm bar redraws itself on every step with a carriage return; written to a fil
 every redraw is kept, and a 40-second tiny fine-tune left 190 KB of them. When stderr is not a terminal,
 training prints one line per epoch (its epoch metrics, validation's once it has run) and, during a long
 epoch, one line every `interval_s` seconds; loops over volumes print one line every `interval_s` seconds
-and one at the end.
+and one at the end. Under DDP only global rank zero prints.
 """
 
 import sys
@@ -13,6 +13,8 @@ from typing import Iterable, Iterator, Optional, TypeVar
 
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from tqdm import tqdm
+
+from samora_pl.runs import is_rank_zero
 
 T = TypeVar("T")
 INTERVAL_S = 60.0
@@ -85,7 +87,13 @@ class LineProgressBar(ProgressBar):
 
 
 def track(items: Iterable[T], desc: str, unit: str, total: Optional[int] = None) -> Iterator[T]:
-    """`items` with progress: a tqdm bar on a terminal, else a line every `INTERVAL_S` seconds and at the end."""
+    """`items` with progress: a tqdm bar on a terminal, else a line every `INTERVAL_S` seconds and at the end.
+
+    Only global rank zero shows it: under DDP every rank loops over its share (evaluation's volumes), and
+    one line per rank would repeat itself N times; rank zero's share tells how far the run is."""
+    if not is_rank_zero():
+        yield from items
+        return
     if interactive():
         yield from tqdm(items, desc=desc, unit=unit, total=total)
         return

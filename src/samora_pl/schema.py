@@ -65,9 +65,9 @@ class TrainerConfig:
     # the last LR is ~0.25x base); none -> train all max_epochs
     stop_epoch: Optional[int] = None
     accelerator: str = "auto"
-    devices: Any = 1  # GPUs, or CPU processes where there is no GPU; >1 means DDP
+    devices: Any = 1  # GPUs (-1 or auto: all), or CPU processes where there is no GPU; >1 means DDP
     num_nodes: int = 1
-    strategy: str = "auto"  # auto picks ddp when devices * num_nodes > 1
+    strategy: str = "auto"  # auto: Lightning picks ddp when there is more than one device or node
     precision: str = "32-true"  # one of choices.PRECISIONS
     log_every_n_steps: int = 10
     check_val_every_n_epoch: int = 1

@@ -1,8 +1,10 @@
 """One place that turns the `trainer` config into a Lightning Trainer, the same for every stage.
 
-Lightning does the distributed work: `devices * num_nodes > 1` selects DDP (gloo on CPU, NCCL on GPU;
-multi-node through torchrun or SLURM), `precision` selects mixed precision. Every stage logs to
-`runs/<run>/tb/<stage>/<sub>` and checkpoints into its stage folder.
+Lightning does the distributed work: `strategy=auto` with more than one device or node selects DDP (gloo on
+CPU, NCCL on GPU; multi-node through torchrun or SLURM), `precision` selects mixed precision. How many
+processes there are is the Trainer's (or Fabric's) `world_size`, never read off the config: `devices=-1`
+or `auto` means every device the machine has. Every stage logs to `runs/<run>/tb/<stage>/<sub>` and
+checkpoints into its stage folder.
 """
 
 import warnings
@@ -22,16 +24,17 @@ from samora_pl.progress import progress_bar
 from samora_pl.runs import tb_root
 
 
-def world_size(cfg: DictConfig) -> int:
-    devices = cfg.trainer.devices
-    count = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, (list, tuple)) else 1)
-    return max(count, 1) * max(cfg.trainer.num_nodes, 1)
+def build_fabric(cfg: DictConfig) -> L.Fabric:
+    """A Fabric of the `trainer` config, for work outside a Trainer (`samora evaluate`), not launched yet.
 
-
-def strategy_for(cfg: DictConfig) -> str:
-    if cfg.trainer.strategy != "auto":
-        return cfg.trainer.strategy
-    return "ddp" if world_size(cfg) > 1 else "auto"
+    Its `world_size` is the real process count (`devices=-1`, `auto`, a list, `num_nodes`, torchrun or
+    SLURM), which the config text alone does not say."""
+    return L.Fabric(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+    )
 
 
 def build_trainer(
@@ -81,7 +84,7 @@ def build_trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=strategy_for(cfg),
+        strategy=cfg.trainer.strategy,  # auto: Lightning picks DDP for more than one device or node
         precision=cfg.trainer.precision,
         max_epochs=max_epochs if max_epochs is not None else cfg.trainer.max_epochs,
         log_every_n_steps=cfg.trainer.log_every_n_steps,

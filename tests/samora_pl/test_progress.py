@@ -1,15 +1,20 @@
-"""Progress output in a log file: a line per epoch, not a tqdm redraw per step."""
+"""Progress output in a log file: a line per epoch, not a tqdm redraw per step; under DDP from rank zero only."""
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, TensorDataset
 
+from samora_pl import progress
+from samora_pl.cli import _rank_zero_or_warning
 from samora_pl.progress import LineProgressBar, progress_bar, track
 
 
@@ -54,6 +59,38 @@ def test_track_prints_a_summary_line(capsys):
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("evaluate: 3/3 volumes in ")
     assert list(track([], "evaluate", "volume")) == [] and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_track_speaks_on_rank_zero_only(capsys, monkeypatch, terminal):
+    """Under DDP each rank evaluates its share; only global rank zero prints the `evaluate:` line (or bar)."""
+    monkeypatch.setattr(progress, "interactive", lambda: terminal)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert list(track(range(3), "evaluate", "volume")) == [0, 1, 2]  # the work is done, silently
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert list(track(range(3), "evaluate", "volume")) == [0, 1, 2]
+    assert "evaluate: " in capsys.readouterr().err
+
+
+def test_epoch_lines_come_from_global_rank_zero_only(capsys):
+    """Lightning disables the progress callback on other ranks (`setup`); the epoch lines honour that."""
+    for global_zero, printed in ((False, ""), (True, "finetune x: epoch 1/2\n")):
+        bar = LineProgressBar("finetune x")
+        bar.setup(SimpleNamespace(is_global_zero=global_zero), None, "fit")
+        bar._emit("epoch 1/2")
+        assert capsys.readouterr().err == printed
+
+
+def test_cli_info_lines_come_from_rank_zero_only(monkeypatch):
+    """Every DDP rank runs the CLI; its info lines (checkpoint loaded, resuming...) are rank zero's, its
+    warnings and errors every rank's."""
+    record = logging.LogRecord("samora_pl", logging.INFO, __file__, 1, "loaded", None, None)
+    warning = logging.LogRecord("samora_pl", logging.WARNING, __file__, 1, "careful", None, None)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert not _rank_zero_or_warning(record) and _rank_zero_or_warning(warning)
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert _rank_zero_or_warning(record) and _rank_zero_or_warning(warning)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from typing import Dict
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from omegaconf import DictConfig
 
 from data_modules.ssl_views import TwoViews, mae_augment, simclr_augment
@@ -49,7 +50,7 @@ from samora_pl.reuse import changed_settings
 from samora_pl.runs import MANIFEST, StageRecord, file_record, is_rank_zero, read_manifest, save_config, stage_dir
 from samora_pl.stages.cpt_mae import MaeCpt
 from samora_pl.stages.cpt_simclr import SimclrCpt
-from samora_pl.trainer import build_trainer, world_size
+from samora_pl.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 TEACHERS = ("simclr", "mae")
@@ -243,12 +244,10 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -
     if resume is not None:
         log.info("cpt: resuming the %s teacher from %s", kind, resume)
 
-    if (
-        kind == "simclr"
-        and world_size(cfg) > 1
-        and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-        and torch.cuda.is_available()
-    ):
+    save_config(cfg, folder)
+    # built first: the process count (MAE's LR scaling, SyncBatchNorm) is the Trainer's, e.g. devices=-1
+    trainer = build_trainer(cfg, folder, "cpt", kind, max_epochs=sub.max_epochs, callbacks=[Throughput()])
+    if kind == "simclr" and trainer.world_size > 1 and isinstance(trainer.accelerator, CUDAAccelerator):
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # global BatchNorm across GPUs, as SimCLR
     interval = cfg.trainer.image_log_every_n_epochs
     if kind == "simclr":
@@ -266,7 +265,7 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -
         )
         lr = sub.lr
     else:
-        lr = sub.base_lr * sub.batch_size * world_size(cfg) / 256
+        lr = sub.base_lr * sub.batch_size * trainer.world_size / 256  # MAE's rule, on the global batch
         transform = mae_augment(sub.img_size, sub.crop_scale)
         module = MaeCpt(
             teacher,
@@ -284,8 +283,6 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -
         skip_bad_files=cfg.cpt.skip_bad_files,
         cache_volumes=cfg.cpt.cache_volumes,
     )
-    save_config(cfg, folder)
-    trainer = build_trainer(cfg, folder, "cpt", kind, max_epochs=sub.max_epochs, callbacks=[Throughput()])
     started = time.time()
     if sub.max_epochs > 0:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)

@@ -40,7 +40,7 @@ from samora_pl.runs import (
 )
 from samora_pl.stages import lorahub
 from samora_pl.stages.finetune_module import FinetuneModule
-from samora_pl.trainer import build_trainer, strategy_for, world_size
+from samora_pl.trainer import build_fabric, build_trainer
 
 log = logging.getLogger(__name__)
 FINAL = "final.safetensors"
@@ -302,10 +302,12 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None, fusi
     def predict(batch: torch.Tensor) -> torch.Tensor:
         return model(batch.to(device)).float().cpu()
 
-    cases = shard_cases(list(data.test_cases()))  # this rank's share
+    every = list(data.test_cases())
+    cases = shard_cases(every)  # this rank's share
+    shown = "evaluate" if len(cases) == len(every) else f"evaluate (rank 0's share of {len(every)})"
     # eval.workers > 1: each case's Dice/HD95 runs in a worker process while the model predicts the next
     with CaseMetricsPool(data.num_classes, workers=cfg.eval.workers) as pool:
-        for case in track(cases, "evaluate", "volume"):
+        for case in track(cases, shown, "volume"):  # rank zero's line only
             volume = data.load_volume(case)
             pred = predict_volume(
                 predict,
@@ -392,13 +394,8 @@ def evaluate(cfg: DictConfig, overrides=()) -> dict:
         cfg, weights = evaluation_config(cfg, folder, overrides), folder / FINAL
     verify_input(weights, folder)
     device = None
-    if world_size(cfg) > 1:  # DEVICES=2: Lightning launches the ranks; each evaluates its share of the cases
-        fabric = L.Fabric(
-            accelerator=cfg.trainer.accelerator,
-            devices=cfg.trainer.devices,
-            num_nodes=cfg.trainer.num_nodes,
-            strategy=strategy_for(cfg),
-        )
+    fabric = build_fabric(cfg)
+    if fabric.world_size > 1:  # DEVICES=2, -1, NUM_NODES=2: Fabric starts the ranks; each evaluates its share
         fabric.launch()
         device = fabric.device
     data = build_evaluation_data(cfg, folder)

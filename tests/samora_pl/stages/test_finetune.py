@@ -223,6 +223,68 @@ def test_ddp_two_cpu_processes_evaluate_every_case_once(tmp_path, quick, subproc
     assert len((tmp_path / "runs/t/finetune/samed-lora-f0.1/splits/train_selected.txt").read_text().split()) > 0
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_equal_two_devices_on_one_node(tmp_path, quick, subprocess_env):
+    """Multi-node as a cluster launches it: torchrun on each of 2 "nodes" (one process each, on 127.0.0.1).
+
+    The fine-tune equals `trainer.devices=2` on one node (same global ranks, same shards), and node 1, given
+    a runs folder of its own, writes nothing: the run files come from rank zero only."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    run = ["mode=samed", "deterministic=true", "trainer.max_epochs=2", "trainer.accelerator=cpu"]
+    cli = ["-m", "samora_pl", "finetune"]
+    single = subprocess.run(
+        [sys.executable, *cli, *quick(*run, "trainer.devices=2", "run=one")],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.stderr.count("evaluate (rank 0's share of 12)") == 1  # Lightning's rank 1 is silent too
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+            + [f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", *cli]
+            + quick(
+                *run, "trainer.devices=1", "trainer.num_nodes=2", "run=two", f"runs_dir={tmp_path / f'node{rank}'}"
+            ),
+            env=subprocess_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "MEMBER: 2/2" in logs[0] + logs[1]  # one process group across the two nodes
+    one = tmp_path / "runs/one/finetune/samed-lora-f0.1"
+    two = tmp_path / "node0/two/finetune/samed-lora-f0.1"
+    assert json.loads((two / "metrics.json").read_text()) == json.loads((one / "metrics.json").read_text())
+    assert (two / "results.csv").read_text() == (one / "results.csv").read_text()
+    weights, reference = load_file(str(two / "final.safetensors")), load_file(str(one / "final.safetensors"))
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+    written = sorted(p.name for p in (tmp_path / "node1").rglob("*") if p.is_file())
+    assert written == [], f"node 1 wrote {written}"
+    # one speaker: rank zero's progress line and table; node 1 has neither (nor the CLI's info lines)
+    assert "evaluate (rank 0's share of 12): 6/6 volumes" in logs[0]
+    assert "evaluate" not in logs[1] and "\nMean " not in logs[1] and "samora finetune finished" not in logs[1]
+    assert logs[0].count("\nMean ") == 1 and "samora finetune finished" in logs[0]
+
+
 def test_experts_distilled_on_another_encoder_are_refused(tmp_path, capsys, quick):
     from samora_pl.models.factory import base_fingerprint
 
