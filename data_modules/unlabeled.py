@@ -28,6 +28,7 @@ cached in a JSON file keyed by path + size + mtime, so a large pool starts in se
 Unreadable files are all reported together; they stop the run unless `skip_bad_files` is set.
 """
 
+import functools
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ from data_modules.unlabeled_io import (
 from samora_pl.atomic import atomic_write_text
 from samora_pl.choices import INTENSITY_OPTIONS
 from samora_pl.errors import SamoraError
-from samora_pl.runs import is_rank_zero
+from samora_pl.runs import is_rank_zero, sha256
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +161,26 @@ class HeldOut:
     cases: Tuple[str, ...] = ()
     included: bool = False
     dataset: str = ""
+    files: Tuple[Tuple[str, str, int], ...] = ()  # (path, case, bytes) of each test volume's image file
 
     def test_case_of(self, volume: Volume) -> Optional[str]:
-        """The test case whose patient `volume` holds, by its name or by any of its patient ids; else None."""
+        """The test case whose patient `volume` holds, by its name, any of its patient ids, or a byte-equal
+        copy of its image file (hashed only when the sizes agree, so the check stays cheap); else None."""
         if not self.cases:
             return None
         names, ids = case_names(volume), file_patient_ids(self.dataset, volume.path)
-        return next((c for c in self.cases if c in names or patient_id(self.dataset, c) in ids), None)
+        named = next((c for c in self.cases if c in names or patient_id(self.dataset, c) in ids), None)
+        return named or self._copy_of(volume.path)
+
+    def _copy_of(self, path: str) -> Optional[str]:
+        try:
+            size = os.path.getsize(path) if self.files and not os.path.isdir(path) else None
+        except OSError:
+            return None
+        for test, case, test_size in self.files:
+            if size == test_size and _digest(path) == _digest(test):
+                return case
+        return None
 
     def leaves_out(self, volume: Volume) -> bool:
         if self.included or self.root is None or not Path(volume.path).is_relative_to(self.root):
@@ -175,6 +189,16 @@ class HeldOut:
 
 
 NOTHING_HELD_OUT = HeldOut()
+
+
+def _digest(path: str) -> str:
+    stat = os.stat(path)
+    return _cached_sha256(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256(Path(path))
 
 
 def held_out_cases(cfg) -> HeldOut:
@@ -211,7 +235,10 @@ def held_out_cases(cfg) -> HeldOut:
             err,
         )
         return NOTHING_HELD_OUT
-    return HeldOut(Path(data.root).expanduser().resolve(), cases, include, cfg.data.name)
+    image_path = getattr(data, "volume_path", None) or data.reader().path  # Synapse's h5, or the case's image
+    paths = [Path(image_path(case)).resolve() for case in cases]
+    files = tuple((str(p), case, p.stat().st_size) for p, case in zip(paths, cases) if p.is_file())
+    return HeldOut(Path(data.root).expanduser().resolve(), cases, include, cfg.data.name, files)
 
 
 def _overlaps(path: Path, root: Path) -> bool:

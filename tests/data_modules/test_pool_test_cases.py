@@ -61,7 +61,7 @@ def test_an_explicit_source_inside_the_dataset_folder_leaves_them_out_too(tmp_pa
     cfg = cfg_for("synapse", synapse_root, f"cpt.sources=[{{path: '{synapse_root / 'test_vol_h5'}', format: h5}}]")
     with pytest.raises(Exception, match="pool is empty"):  # its only files are test volumes
         build_pool(sources_from_config(cfg), held_out=held_out_cases(cfg))
-    outside = write_synapse_tree(tmp_path / "other", test_cases=("case0003",))  # no test patient of synapse_root
+    outside = write_synapse_tree(tmp_path / "other", test_cases=("case0003",), seed=1)  # none of synapse_root
     elsewhere = cfg_for("synapse", synapse_root, f"cpt.sources=[{{path: '{outside}', format: synapse}}]")
     pool = build_pool(sources_from_config(elsewhere), held_out=held_out_cases(elsewhere))
     assert "case0003" in cases_of_pool(pool) and pool.summary()["included_test_cases"] == []
@@ -128,3 +128,15 @@ def test_include_test_cases_without_a_test_split_is_refused_and_writes_nothing(t
     assert "cpt.include_test_cases=true" in err and "no test split" in err and err.count("error:") == 1
     assert not runs.exists()
     assert held_out_cases(cfg_for("generic", root)).cases == ()  # by default: nothing to leave out, a warning
+
+
+def test_a_renamed_byte_copy_of_a_test_volume_is_found_by_its_content(tmp_path, synapse_root):
+    copy = tmp_path / "renamed"
+    copy.mkdir()
+    shutil.copy(synapse_root / "test_vol_h5" / "case0002.npy.h5", copy / "scan_b.h5")
+    shutil.copy(synapse_root / "test_vol_h5" / "case0001.npy.h5", copy / "scan_a.h5")
+    (copy / "scan_a.h5").write_bytes((copy / "scan_a.h5").read_bytes()[:-1] + b"\x01")  # same size, other bytes
+    cfg = _source(synapse_root, copy, "h5")
+    with pytest.raises(SamoraError, match="scan_b.h5: test case case0002") as err:
+        build_pool(sources_from_config(cfg), held_out=held_out_cases(cfg))
+    assert "scan_a" not in str(err.value)
