@@ -95,8 +95,8 @@ class ExpertPaths:
 class LoraHubConfig:
     """model.fusion=lorahub: LoRAHub's gradient-free search of the expert weights (see stages/lorahub.py)."""
 
-    holdout: float = 0.2  # share of the selected labelled TRAINING slices that scores the candidates (few-shot set)
-    max_slices: int = 16  # at most this many held-out slices (keeps the search seconds-long)
+    holdout: float = 0.2  # share of the selected training slices scoring the candidates (they stay in training)
+    max_slices: int = 16  # at most this many scoring slices (keeps the search seconds-long)
     budget: int = 40  # NGOpt evaluations (LoRAHub's max_inference_step)
     l1: float = 0.05  # LoRAHub's penalty: objective = loss + l1 * mean_e |w_e|
     bound: float = 1.5  # each weight is searched in [-bound, bound]
