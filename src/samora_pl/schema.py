@@ -18,6 +18,7 @@ class DataConfig:
     fraction: float = 1.0  # labelled fraction, in (0, 1]
     fraction_by: str = "slice"  # one of choices.FRACTION_MODES
     fraction_list: Optional[str] = None  # file of slice names, with fraction_by=list
+    subset_seed: Optional[int] = None  # seeds the labelled subset alone (fixed across seeds); none -> the run seed
     val_slices: int = 32  # monitoring only (TensorBoard), from training slices; the final model is the last epoch
     augment: bool = True
     cache: bool = False  # hold the labelled training slices in memory after one read (Synapse 10 %: 0.3 GB per rank)

@@ -28,6 +28,8 @@ def test_samed_finetune_writes_results_and_dashboards(tmp_path, quick):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert 0.0 <= metrics["mean_dice"] <= 1.0 and set(metrics["per_class"]) == organs
     assert "liver" in (folder / "results.md").read_text() and metrics["test_cases_in_pretraining"] is False
+    assert metrics["labelled_subset"] == "redrawn by slice for each run seed"  # data.subset_seed unset
+    assert "Labelled subset: redrawn by slice for each run seed." in (folder / "results.md").read_text()
     assert (folder / "splits" / "train_selected.txt").exists() and (folder / "final.safetensors").exists()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete" and "final.safetensors" in manifest["outputs"]
