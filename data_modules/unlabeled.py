@@ -169,8 +169,12 @@ class HeldOut:
         if not self.cases:
             return None
         names, ids = case_names(volume), file_patient_ids(self.dataset, volume.path)
-        named = next((c for c in self.cases if c in names or patient_id(self.dataset, c) in ids), None)
+        named = next((c for c, pid in self._ids.items() if c in names or pid in ids), None)
         return named or self._copy_of(volume.path)
+
+    @functools.cached_property
+    def _ids(self) -> Dict[str, Optional[str]]:
+        return {case: patient_id(self.dataset, case) for case in self.cases}
 
     def _copy_of(self, path: str) -> Optional[str]:
         try:
@@ -551,8 +555,9 @@ def _refuse_test_patients(volumes: List[Volume], held_out: HeldOut) -> None:
     raise SamoraError(
         f"{len(found)} file(s) of the CPT pool belong to test cases of {held_out.dataset} at {held_out.root} "
         f"(the patients fine-tuning evaluates, here under another name or folder):\n{listed}{more}\n"
-        "Remove them from cpt.sources, or set cpt.include_test_cases=true to pre-train on the test images on "
-        "purpose (transductive; the results then say so)."
+        "Remove them from cpt.sources (rename them if they are other patients that only share the name), or set "
+        "cpt.include_test_cases=true to pre-train on the test images on purpose (transductive; the results then "
+        "say so)."
     )
 
 
