@@ -156,10 +156,12 @@ class ArraySliceDataset(Dataset):
         return out
 
 
-def subset_policy(fraction_by: str, fraction_list=None, subset_seed: Optional[int] = None) -> str:
+def subset_policy(fraction_by: str, fraction_list=None, subset_seed: Optional[int] = None, fraction=None) -> str:
     """How the labelled subset was chosen, for results tables: seeds compare training only when it is fixed."""
     if fraction_by == "list":
         return f"fixed list {Path(fraction_list).name} (the same for every seed)"
+    if fraction is not None and float(fraction) >= 1.0:
+        return "every training slice (nothing drawn)"
     if subset_seed is not None:
         return f"drawn once by {fraction_by} (data.subset_seed={subset_seed}; the same for every seed)"
     return f"redrawn by {fraction_by} for each run seed"
@@ -330,7 +332,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             "fraction_list": str(self.fraction_list) if self.fraction_list else None,
             "seed": self.seed,
             "subset_seed": self.subset_seed,
-            "subset_policy": subset_policy(self.fraction_by, self.fraction_list, self.subset_seed),
+            "subset_policy": subset_policy(self.fraction_by, self.fraction_list, self.subset_seed, self.fraction),
             "num_selected": len(selected),
             "num_train_slices": len(self.train_names()),
             "cases": sorted({self.case_of(nm) for nm in selected}),

@@ -239,10 +239,18 @@ def held_out_cases(cfg) -> HeldOut:
             err,
         )
         return NOTHING_HELD_OUT
-    image_path = getattr(data, "volume_path", None) or data.reader().path  # Synapse's h5, or the case's image
-    paths = [Path(image_path(case)).resolve() for case in cases]
-    files = tuple((str(p), case, p.stat().st_size) for p, case in zip(paths, cases) if p.is_file())
-    return HeldOut(Path(data.root).expanduser().resolve(), cases, include, cfg.data.name, files)
+    return HeldOut(Path(data.root).expanduser().resolve(), cases, include, cfg.data.name, _test_files(data, cases))
+
+
+def _test_files(data, cases) -> tuple:
+    """(path, case, bytes) of each test volume's image file, for the content check; none when the data
+    module does not say where its volumes are."""
+    try:
+        path_of = data.volume_path if hasattr(data, "volume_path") else data.reader().path  # Synapse h5 / image
+        paths = [Path(path_of(case)).resolve() for case in cases]
+    except (AttributeError, SamoraError):
+        return ()
+    return tuple((str(p), case, p.stat().st_size) for p, case in zip(paths, cases) if p.is_file())
 
 
 def _overlaps(path: Path, root: Path) -> bool:

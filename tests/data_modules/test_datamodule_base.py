@@ -58,7 +58,8 @@ def test_subset_seed_fixes_the_subset_for_every_run_seed(root, tmp_path, fractio
     dm.write_split()
     info = json.loads((tmp_path / "s" / "fraction.json").read_text())
     assert info["subset_seed"] == 7 and "the same for every seed" in info["subset_policy"]
-    assert subset_policy(fraction_by) == f"redrawn by {fraction_by} for each run seed"
+    assert subset_policy(fraction_by, fraction=0.1) == f"redrawn by {fraction_by} for each run seed"
+    assert subset_policy(fraction_by, subset_seed=3, fraction=1.0) == "every training slice (nothing drawn)"
     assert subset_policy("list", "lists/hsam_10.txt") == "fixed list hsam_10.txt (the same for every seed)"
 
 

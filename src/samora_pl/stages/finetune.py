@@ -308,7 +308,7 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None) -> d
 
 def subset_policy_of(cfg: DictConfig) -> str:
     """How this fine-tune's labelled subset was chosen (redrawn per seed, fixed seed or list), for its tables."""
-    return subset_policy(cfg.data.fraction_by, cfg.data.fraction_list, cfg.data.subset_seed)
+    return subset_policy(cfg.data.fraction_by, cfg.data.fraction_list, cfg.data.subset_seed, cfg.data.fraction)
 
 
 def finished_folder(cfg: DictConfig, overrides=()) -> Path:
