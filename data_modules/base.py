@@ -14,7 +14,9 @@ Batches (dicts, from both `train_dataloader` and `val_dataloader`):
 Labels travel as uint8 (an eighth of int64's bytes through the worker queues and to the GPU); the
 LightningModule receives them as int64, cast on the device by `on_after_batch_transfer`.
 
-Labelled fraction (stage 2's few-shot protocol), chosen once in `setup` and seeded by `seed`:
+Labelled fraction (stage 2's few-shot protocol), chosen once in `setup` and seeded by `subset_seed`, or by
+`seed` (the run seed: redrawn per seed, the default) when that is None; a fixed `subset_seed` or a list
+file keeps one subset for every seed, as H-SAM's fixed lists do, so seeds vary only the training:
 
     fraction_by="slice"  a random `fraction` of the training slices (at least one); H-SAM's 10 % list
                          of Synapse is 221 of 2211 slices drawn from all training cases.
@@ -154,6 +156,17 @@ class ArraySliceDataset(Dataset):
         return out
 
 
+def subset_policy(fraction_by: str, fraction_list=None, subset_seed: Optional[int] = None, fraction=None) -> str:
+    """How the labelled subset was chosen, for results tables: seeds compare training only when it is fixed."""
+    if fraction_by == "list":
+        return f"fixed list {Path(fraction_list).name} (the same for every seed)"
+    if fraction is not None and float(fraction) >= 1.0:
+        return "every training slice (nothing drawn)"
+    if subset_seed is not None:
+        return f"drawn once by {fraction_by} (data.subset_seed={subset_seed}; the same for every seed)"
+    return f"redrawn by {fraction_by} for each run seed"
+
+
 class SegmentationDataModule(L.LightningDataModule, ABC):
     """Base of every labelled dataset. Subclasses set `num_classes`, `class_names` and the hooks below.
 
@@ -164,7 +177,8 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         fraction: labelled fraction in (0, 1] (ignored for fraction_by="list").
         fraction_by: "slice", "case" or "list" (see the module doc).
         fraction_list: slice-name file for fraction_by="list".
-        seed: seeds the fraction selection and the choice of validation slices (training data only).
+        seed: seeds the fraction selection (unless subset_seed) and the validation slices (training data only).
+        subset_seed: seeds the fraction selection alone, the same for every run seed (None: `seed`).
         split_dir: where `train_selected.txt` and `fraction.json` are written (None: not written).
         augment: SAMed's random rot90/flip/rotation on training slices.
         val_slices: size of the monitoring set (0 disables it).
@@ -197,6 +211,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         pin_memory: Optional[bool] = None,
         cache: bool = False,
         train_size: Optional[int] = None,
+        subset_seed: Optional[int] = None,
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -232,6 +247,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         self.fraction_by = fraction_by
         self.fraction_list = Path(fraction_list) if fraction_list is not None else None
         self.seed = int(seed)
+        self.subset_seed = None if subset_seed is None else int(subset_seed)
         self.split_dir = Path(split_dir) if split_dir is not None else None
         self.augment = bool(augment)
         self.val_slices = int(val_slices)
@@ -281,7 +297,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         names = self.train_names()
         if not names:
             raise SamoraError(f"the training list of {self.root} is empty: it must name at least one slice")
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.seed if self.subset_seed is None else self.subset_seed)
         if self.fraction_by == "slice":
             n = max(1, int(round(self.fraction * len(names))))
             keep = set(rng.choice(len(names), size=n, replace=False).tolist())
@@ -319,6 +335,8 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             "fraction_by": self.fraction_by,
             "fraction_list": str(self.fraction_list) if self.fraction_list else None,
             "seed": self.seed,
+            "subset_seed": self.subset_seed,
+            "subset_policy": subset_policy(self.fraction_by, self.fraction_list, self.subset_seed, self.fraction),
             "num_selected": len(selected),
             "num_train_slices": len(self.train_names()),
             "cases": sorted({self.case_of(nm) for nm in selected}),

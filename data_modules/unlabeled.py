@@ -14,19 +14,21 @@ Each source has an intensity mode: `none` (values already in [0, 1]; clipped), `
 slice comes out as float32 [1, H, W] in [0, 1].
 
 No test image before the final evaluation: the pool leaves out the test cases of the configured dataset
-(`data.name` / `data.dir`: the split fine-tuning evaluates, from its list files or its seeded split) in
-every file it reads under `data.dir`, whether the pool is the dataset's own (`cpt.sources` empty) or a
-source that points into it. A volume's case is its file name without extension, `_sliceNNN` or nnU-Net
-channel suffix (`caseXXXX_slice012.npz` and `caseXXXX.npy.h5` are case `caseXXXX`; LA's
-`<ID>/mri_norm2.h5` is case `<ID>`). `cpt.include_test_cases=true` reads them anyway (transductive
-pre-training); the pool summary (`inputs.pool` of the CPT and distill manifests) records the case ids read
-(`cases`), the evaluation cases left out (`excluded_cases`) and `include_test_cases`.
+(`data.name` / `data.dir`: the split fine-tuning evaluates, from its list files or its seeded split), matched
+by patient id across the dataset's naming schemes (`data_modules/patient_ids.py`: Synapse's `caseXXXX`,
+`imgXXXX`, `labelXXXX`; PROMISE12's `CaseNN`; LA's case folders; generic case names, with `_sliceNNN` or
+nnU-Net channel suffixes). A matching file under `data.dir` is left out; one anywhere else (a copy, the raw
+release) stops the run with a message naming it, its test case and the opt-in.
+`cpt.include_test_cases=true` reads them anyway (transductive pre-training); the pool summary
+(`inputs.pool` of the CPT and distill manifests) records the case ids read (`cases`), the evaluation cases
+left out (`excluded_cases`), the test cases read (`included_test_cases`) and `include_test_cases`.
 
 Indexing reads headers only (plus, for `mr_percentile` volumes, one pass for the percentiles) and is
 cached in a JSON file keyed by path + size + mtime, so a large pool starts in seconds the second time.
 Unreadable files are all reported together; they stop the run unless `skip_bad_files` is set.
 """
 
+import functools
 import json
 import logging
 import os
@@ -43,6 +45,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.patient_ids import file_patient_ids, patient_id
 from data_modules.unlabeled_io import (
     DEFAULT_AXIS,
     ReadError,
@@ -58,7 +61,7 @@ from data_modules.unlabeled_io import (
 from samora_pl.atomic import atomic_write_text
 from samora_pl.choices import INTENSITY_OPTIONS
 from samora_pl.errors import SamoraError
-from samora_pl.runs import is_rank_zero
+from samora_pl.runs import is_rank_zero, sha256
 
 log = logging.getLogger(__name__)
 
@@ -150,33 +153,71 @@ def sources_from_config(cfg) -> List[dict]:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """The evaluation cases of the configured dataset: left out of the pool wherever it reads `root`,
-    unless `included` (cpt.include_test_cases=true)."""
+    """The evaluation cases of dataset `dataset`, matched by patient id across its naming schemes
+    (`data_modules.patient_ids`) in every pool file: under `root` such a file is left out, elsewhere it
+    stops the run, unless `included` (cpt.include_test_cases=true) keeps both."""
 
     root: Optional[Path] = None
     cases: Tuple[str, ...] = ()
     included: bool = False
+    dataset: str = ""
+    files: Tuple[Tuple[str, str, int], ...] = ()  # (path, case, bytes) of each test volume's image file
+
+    def test_case_of(self, volume: Volume) -> Optional[str]:
+        """The test case whose patient `volume` holds, by its name, any of its patient ids, or a byte-equal
+        copy of its image file (hashed only when the sizes agree, so the check stays cheap); else None."""
+        if not self.cases:
+            return None
+        names, ids = case_names(volume), file_patient_ids(self.dataset, volume.path)
+        named = next((c for c, pid in self._ids.items() if c in names or pid in ids), None)
+        return named or self._copy_of(volume.path)
+
+    @functools.cached_property
+    def _ids(self) -> Dict[str, Optional[str]]:
+        return {case: patient_id(self.dataset, case) for case in self.cases}
+
+    def _copy_of(self, path: str) -> Optional[str]:
+        try:
+            size = os.path.getsize(path) if self.files and not os.path.isdir(path) else None
+        except OSError:
+            return None
+        for test, case, test_size in self.files:
+            if size == test_size and _digest(path) == _digest(test):
+                return case
+        return None
 
     def leaves_out(self, volume: Volume) -> bool:
         if self.included or self.root is None or not Path(volume.path).is_relative_to(self.root):
             return False
-        return bool(case_names(volume) & set(self.cases))
+        return self.test_case_of(volume) is not None
 
 
 NOTHING_HELD_OUT = HeldOut()
 
 
-def held_out_cases(cfg) -> HeldOut:
-    """The test cases fine-tuning evaluates on `data.name` (its list files or its seeded split by case), when
-    the pool reads the dataset's folder (nothing to leave out otherwise).
+def _digest(path: str) -> str:
+    stat = os.stat(path)
+    return _cached_sha256(path, stat.st_size, stat.st_mtime_ns)
 
-    A dataset without a test split has nothing to leave out (warned); asking to include its test cases
-    (`cpt.include_test_cases=true`) is then a mistake, refused before any work."""
+
+@functools.lru_cache(maxsize=4096)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256(Path(path))
+
+
+def held_out_cases(cfg) -> HeldOut:
+    """The test cases fine-tuning evaluates on `data.name` (its list files or its seeded split by case), to
+    keep out of the pool wherever its sources are (a copy elsewhere is the same patient).
+
+    Without the dataset's folder (a pool of other images, the dataset not on this machine) there is nothing
+    to compare with. A dataset without a test split has nothing to leave out (warned); asking to include
+    its test cases (`cpt.include_test_cases=true`) is then a mistake, refused before any work."""
     from data_modules import build_datamodule
     from samora_pl.config import data_options
 
     root = Path(cfg.data.dir).expanduser().resolve()
-    if not any(_overlaps(Path(s["path"]).expanduser().resolve(), root) for s in sources_from_config(cfg)):
+    reads_root = any(_overlaps(Path(s["path"]).expanduser().resolve(), root) for s in sources_from_config(cfg))
+    if not reads_root and not root.is_dir():
         return NOTHING_HELD_OUT
     include = bool(cfg.cpt.include_test_cases)
     try:
@@ -198,7 +239,18 @@ def held_out_cases(cfg) -> HeldOut:
             err,
         )
         return NOTHING_HELD_OUT
-    return HeldOut(Path(data.root).expanduser().resolve(), cases, include)
+    return HeldOut(Path(data.root).expanduser().resolve(), cases, include, cfg.data.name, _test_files(data, cases))
+
+
+def _test_files(data, cases) -> tuple:
+    """(path, case, bytes) of each test volume's image file, for the content check; none when the data
+    module does not say where its volumes are."""
+    try:
+        path_of = data.volume_path if hasattr(data, "volume_path") else data.reader().path  # Synapse h5 / image
+        paths = [Path(path_of(case)).resolve() for case in cases]
+    except (AttributeError, SamoraError):
+        return ()
+    return tuple((str(p), case, p.stat().st_size) for p, case in zip(paths, cases) if p.is_file())
 
 
 def _overlaps(path: Path, root: Path) -> bool:
@@ -391,6 +443,8 @@ class SlicePool:
             "cases": sorted({case_of(v) for v in self.volumes}),
             "excluded_cases": [] if self.held_out.included else list(self.held_out.cases),
             "include_test_cases": self.held_out.included,
+            # the test cases read (cpt.include_test_cases=true), under any of their names
+            "included_test_cases": sorted({c for v in self.volumes if (c := self.held_out.test_case_of(v))}),
         }
 
 
@@ -437,6 +491,7 @@ def build_pool(
         volumes.extend(v for v in found if not held_out.leaves_out(v))
         bad.update({path: why for path, why in errors.items() if not _in_held_out_case(path, held_out)})
     if held_out.cases and not held_out.included:
+        _refuse_test_patients(volumes, held_out)
         log.info("CPT pool: the %d test cases of %s are left out.", len(held_out.cases), held_out.root)
 
     records: Dict[str, dict] = {}
@@ -495,6 +550,23 @@ def build_pool(
             "Point cpt.sources at folders of images (npz, h5, nii/nii.gz, mhd, dicom, png)."
         )
     return pool
+
+
+def _refuse_test_patients(volumes: List[Volume], held_out: HeldOut) -> None:
+    """A test patient outside the dataset's folder (a copy, the raw release) is refused, not left out: the
+    user decides whether the name match is that patient (remove it) or a transductive run (opt in)."""
+    found = [(_display(v), case) for v in volumes if (case := held_out.test_case_of(v)) is not None]
+    if not found:
+        return
+    listed = "\n".join(f"  {path}: test case {case}" for path, case in found[:MAX_LISTED])
+    more = f"\n  ... and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else ""
+    raise SamoraError(
+        f"{len(found)} file(s) of the CPT pool belong to test cases of {held_out.dataset} at {held_out.root} "
+        f"(the patients fine-tuning evaluates, here under another name or folder):\n{listed}{more}\n"
+        "Remove them from cpt.sources (rename them if they are other patients that only share the name), or set "
+        "cpt.include_test_cases=true to pre-train on the test images on purpose (transductive; the results then "
+        "say so)."
+    )
 
 
 def _in_held_out_case(path: str, held_out: HeldOut) -> bool:

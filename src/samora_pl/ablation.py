@@ -11,9 +11,10 @@ shared (see `ablation_upstream.py`).
 
 Outputs in `runs/<run>/ablations/<name>/`: `table.md` and `table.csv` (each variant's fusion, HL-Attn's with
 its `model.hl_init`; mean and sample standard deviation over seeds of Mean Dice and HD95, the mean Dice of
-every class and, with two seeds or more, the comparison with the reference variant below), `table.png` (mean
-Dice per variant with 95 % confidence intervals of the mean over seeds); the table also goes to
-TensorBoard's text tab under `runs/<run>/tb/ablations/<name>`.
+every class and, with two seeds or more, the comparison with the reference variant below; and how the
+labelled subset was chosen: redrawn per seed, or fixed by `data.subset_seed` or a list file, so that seeds
+vary the training only), `table.png` (mean Dice per variant with 95 % confidence intervals of the mean over
+seeds); the table also goes to TensorBoard's text tab under `runs/<run>/tb/ablations/<name>`.
 
 How sure a table is: each variant is compared with the ablation's reference variant (`reference:` in the
 ablation file, else the variant named `hl_attn`), paired by seed, since a seed fixes the data fraction,
@@ -96,7 +97,16 @@ def run_ablation(name: str, overrides, seeds: int = 1) -> list:
                 metrics = finetune.run(cfg)
             runs.append({**metrics, "per_class": _per_class(folder), "seed": seed})
         fusion = finetune.fusion_label(cfg)
-        rows.append({"variant": variant, "overrides": " ".join(extra), "fusion": fusion, **summarise_seeds(runs)})
+        subset = finetune.subset_policy_of(cfg)  # the variant's (its last seed's config; seeds share the policy)
+        rows.append(
+            {
+                "variant": variant,
+                "overrides": " ".join(extra),
+                "fusion": fusion,
+                "subset": subset,
+                **summarise_seeds(runs),
+            }
+        )
     compare_to_reference(rows, spec["reference"])
     if is_rank_zero():
         write_table(rows, run_dir(cfg) / "ablations" / name, spec.get("description", name))
@@ -232,8 +242,9 @@ def markdown_table(rows: list, description: str) -> str:
     classes = []
     for row in rows:
         classes += [c for c in row["per_class"] if c not in classes]
+    subsets = list(dict.fromkeys(row.get("subset") or "-" for row in rows))
     head = ["variant", "overrides", "fusion", "seeds", "Mean Dice (%)", "± std", "95% CI", "Mean HD95", "± std"]
-    head += ["Δ vs ref (pp)", "Δ 95% CI", "p"] + classes
+    head += ["Δ vs ref (pp)", "Δ 95% CI", "p"] + (["labelled subset"] if len(subsets) > 1 else []) + classes
     lines = [f"# {description}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [
@@ -250,10 +261,13 @@ def markdown_table(rows: list, description: str) -> str:
             _interval(row.get("delta_ci95_low"), row.get("delta_ci95_high"), _signed_pct),
             _p(row.get("p_value")),
         ]
+        cells += [row.get("subset") or "-"] if len(subsets) > 1 else []
         cells += [_pct(row["per_class"].get(c)) for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "std: sample standard deviation over seeds. 95% CI: Student-t interval of the mean over seeds."]
     lines += ["fusion: the variant's fusion; for HL-Attn with its model.hl_init (what its blocks compute at step 0)."]
+    if len(subsets) == 1:  # whether seeds varied the labelled slices too, or the training only
+        lines += [f"Labelled subset: {subsets[0]}."]
     if rows and rows[0].get("reference"):
         lines += [
             f"Δ vs ref: Mean Dice minus that of the reference variant `{rows[0]['reference']}`, in percentage "
@@ -275,7 +289,7 @@ def write_table(rows: list, folder: Path, description: str) -> None:
     classes = []
     for row in rows:
         classes += [c for c in row["per_class"] if c not in classes]
-    fields = ["variant", "overrides", "fusion", "seeds", "mean_dice", "mean_dice_std", "mean_dice_ci95_low"]
+    fields = ["variant", "overrides", "fusion", "subset", "seeds", "mean_dice", "mean_dice_std", "mean_dice_ci95_low"]
     fields += ["mean_dice_ci95_high", "mean_hd95", "mean_hd95_std", "reference", *COMPARISON]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields + [f"dice_{c}" for c in classes])

@@ -124,6 +124,11 @@ def validate(cfg: DictConfig) -> None:
         raise SamoraError(f"Config key 'data.fraction' (FRACTION) is {cfg.data.fraction}; it must be in (0, 1].")
     if cfg.data.fraction_by == "list" and not cfg.data.fraction_list:
         raise SamoraError("Config key 'data.fraction_list' must name a slice-list file when data.fraction_by=list.")
+    if cfg.data.subset_seed is not None and (cfg.data.fraction_by == "list" or cfg.data.subset_seed < 0):
+        raise SamoraError(
+            f"Config key 'data.subset_seed' is {cfg.data.subset_seed} with data.fraction_by={cfg.data.fraction_by}; "
+            "give a seed >= 0 with fraction_by slice or case (a list file is fixed already), or leave it unset."
+        )
     positive = {
         "model.img_size": cfg.model.img_size,
         "model.lora_rank": cfg.model.lora_rank,

@@ -21,6 +21,7 @@ class DataConfig:
     fraction: float = 1.0  # labelled fraction, in (0, 1]
     fraction_by: str = "slice"  # one of choices.FRACTION_MODES
     fraction_list: Optional[str] = None  # file of slice names, with fraction_by=list
+    subset_seed: Optional[int] = None  # seeds the labelled subset alone (fixed across seeds); none -> the run seed
     val_slices: int = 32  # monitoring only (TensorBoard), from training slices; the final model is the last epoch
     augment: bool = True
     # fine-tune: training (and monitoring) slices go to this size first (cubic image, nearest label), are
@@ -106,8 +107,8 @@ class ExpertPaths:
 class LoraHubConfig:
     """model.fusion=lorahub: LoRAHub's gradient-free search of the expert weights (see stages/lorahub.py)."""
 
-    holdout: float = 0.2  # share of the selected labelled TRAINING slices that scores the candidates (few-shot set)
-    max_slices: int = 16  # at most this many held-out slices (keeps the search seconds-long)
+    holdout: float = 0.2  # share of the selected training slices scoring the candidates (they stay in training)
+    max_slices: int = 16  # at most this many scoring slices (keeps the search seconds-long)
     budget: int = 40  # NGOpt evaluations (LoRAHub's max_inference_step)
     l1: float = 0.05  # LoRAHub's penalty: objective = loss + l1 * mean_e |w_e|
     bound: float = 1.5  # each weight is searched in [-bound, bound]

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from data_modules.base import subset_policy
 from data_modules.synapse import SynapseDataModule
 from samora_pl.errors import SamoraError
 
@@ -43,6 +44,23 @@ def test_fraction_by_case(root):
     assert len(names) == 20  # every slice of the chosen cases
     other = dm_for(root, fraction=0.34, fraction_by="case", seed=4).selected_train_names()
     assert other != names
+
+
+@pytest.mark.parametrize("fraction_by", ["slice", "case"])
+def test_subset_seed_fixes_the_subset_for_every_run_seed(root, tmp_path, fraction_by):
+    """H-SAM's fixed lists: with data.subset_seed the run seed varies the training only, not the labels."""
+    kw = dict(fraction=0.34, fraction_by=fraction_by)
+    fixed = [dm_for(root, seed=s, subset_seed=7, **kw).selected_train_names() for s in (0, 1, 2)]
+    assert fixed[0] == fixed[1] == fixed[2] == dm_for(root, seed=7, **kw).selected_train_names()
+    redrawn = [dm_for(root, seed=s, **kw).selected_train_names() for s in (0, 1, 2)]
+    assert len({tuple(r) for r in redrawn}) > 1  # the default: redrawn for each run seed
+    dm = dm_for(root, seed=1, subset_seed=7, split_dir=tmp_path / "s", **kw)
+    dm.write_split()
+    info = json.loads((tmp_path / "s" / "fraction.json").read_text())
+    assert info["subset_seed"] == 7 and "the same for every seed" in info["subset_policy"]
+    assert subset_policy(fraction_by, fraction=0.1) == f"redrawn by {fraction_by} for each run seed"
+    assert subset_policy(fraction_by, subset_seed=3, fraction=1.0) == "every training slice (nothing drawn)"
+    assert subset_policy("list", "lists/hsam_10.txt") == "fixed list hsam_10.txt (the same for every seed)"
 
 
 def test_fraction_by_list(root, tmp_path):

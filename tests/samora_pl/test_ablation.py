@@ -70,6 +70,7 @@ def test_runs_variants_writes_table_and_reuses_finished(tmp_path, experiments, m
     table = (folder / "table.md").read_text()
     assert "| a |" in table and "50.00" in table and "| 25.00 | - |" in table
     assert (folder / "table.csv").exists()
+    assert "Labelled subset: every training slice (nothing drawn)." in table  # data.fraction=1
     ablation.run_ablation("pair", overrides)  # a resumed ablation redoes nothing that finished
     assert calls == ["pair-a-s0", "pair-b-s0"]
 
@@ -461,3 +462,19 @@ def test_decoder_ablation_covers_the_four_methods_and_both_class_attentions():
     assert {("samed", "sam", None), ("samora", "sam", None)} <= seen
     for mode in ("samed", "samora"):
         assert {(mode, "hsam", "released"), (mode, "hsam", "working")} <= seen
+
+
+def test_the_table_says_how_the_labelled_subset_was_chosen(tmp_path, experiments, monkeypatch):
+    """Seeds vary the labelled slices too unless the subset is fixed: every table says which."""
+    monkeypatch.setattr(finetune, "run", _fake_finetune([]))
+    overrides = [f"runs_dir={tmp_path / 'runs'}", "run=r", "data.subset_seed=3", "data.fraction=0.1"]
+    rows = ablation.run_ablation("pair", overrides, seeds=2)
+    policy = "drawn once by slice (data.subset_seed=3; the same for every seed)"
+    assert [r["subset"] for r in rows] == [policy, policy]
+    folder = tmp_path / "runs" / "r" / "ablations" / "pair"
+    assert f"Labelled subset: {policy}." in (folder / "table.md").read_text()
+    assert [r["subset"] for r in csv.DictReader((folder / "table.csv").open())] == [policy, policy]
+    mixed = [dict(rows[0]), {**rows[1], "subset": "redrawn by slice for each run seed"}]
+    table = ablation.markdown_table(mixed, "mixed")
+    assert "| labelled subset |" in table and "Labelled subset:" not in table
+    assert f"| {policy} |" in table and "| redrawn by slice for each run seed |" in table

@@ -114,6 +114,8 @@ def test_config_is_read_only():
         (["fraction"], ["key=value"]),
         (["run=../elsewhere"], ["run"]),
         (["data.fraction_by=list"], ["data.fraction_list"]),
+        (["data.fraction_by=list", "data.fraction_list=l.txt", "data.subset_seed=1"], ["data.subset_seed", "list"]),
+        (["data.subset_seed=-1"], ["data.subset_seed", ">= 0"]),
         (["data.intensity=zscore"], ["data.intensity", "auto", "mr_percentile"]),
         (["trainer.devices=0"], ["trainer.devices", "-1 or auto", "[0,1]"]),
         (["trainer.devices=-2"], ["trainer.devices"]),

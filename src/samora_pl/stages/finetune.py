@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from data_modules import build_datamodule
+from data_modules.base import subset_policy
 from samora_pl.atomic import atomic_save
 from samora_pl.callbacks import FusionDiagnostics, Throughput
 from samora_pl.checkpoint_io import resumable
@@ -96,6 +97,7 @@ def build_data(cfg: DictConfig, folder: Path, **overrides):
         fraction_by=cfg.data.fraction_by,
         fraction_list=cfg.data.fraction_list,
         seed=cfg.seed,
+        subset_seed=cfg.data.subset_seed,
         split_dir=folder / "splits",
         augment=cfg.data.augment,
         val_slices=cfg.data.val_slices,
@@ -329,13 +331,20 @@ def evaluate_model(cfg: DictConfig, model, data, folder: Path, device=None, fusi
             "tag": folder.name,
             "test_cases_in_pretraining": transductive,
             "fusion": fusion_label(cfg),
+            "labelled_subset": subset_policy_of(cfg),
         }
         if fusion_diagnostics:
             extra["fusion_diagnostics"] = fusion_diagnostics
-        notes = [f"fusion: {fusion_label(cfg)}"] + ([TRANSDUCTIVE_NOTE] if transductive else [])
+        notes = [f"fusion: {fusion_label(cfg)}", f"Labelled subset: {extra['labelled_subset']}."]
+        notes += [TRANSDUCTIVE_NOTE] if transductive else []
         write_results(rows, data.class_names, folder, extra=extra, notes=notes)
         print(format_table(summary, data.class_names, title=f"{cfg.run}/{folder.name}"))
     return {"mean_dice": summary["mean_dice"], "mean_hd95": summary["mean_hd95"]}
+
+
+def subset_policy_of(cfg: DictConfig) -> str:
+    """How this fine-tune's labelled subset was chosen (redrawn per seed, fixed seed or list), for its tables."""
+    return subset_policy(cfg.data.fraction_by, cfg.data.fraction_list, cfg.data.subset_seed, cfg.data.fraction)
 
 
 def finished_folder(cfg: DictConfig, overrides=()) -> Path:

@@ -72,6 +72,7 @@ def test_default_pool_of_a_dataset_leaves_out_its_test_volumes(tmp_path, tiny_cp
     pool = manifest["inputs"]["pool"]
     assert pool["cases"] == ["case0005", "case0006", "case0007"] and pool["slices"] == 12
     assert pool["excluded_cases"] == ["case0001", "case0002"] and pool["include_test_cases"] is False
+    assert pool["included_test_cases"] == []
     opted = [*base, *tiny_cpt, "cpt.teacher=mae", "cpt.include_test_cases=true"]
     with pytest.raises(SamoraError, match="cpt.include_test_cases"):  # another pool: not mixed into the folder
         run(compose("cpt", opted))
@@ -79,6 +80,7 @@ def test_default_pool_of_a_dataset_leaves_out_its_test_volumes(tmp_path, tiny_cp
     pool = json.loads((tmp_path / "runs" / "t" / "cpt" / "mae" / "manifest.json").read_text())["inputs"]["pool"]
     assert pool["cases"] == ["case0001", "case0002", "case0005", "case0006", "case0007"] and pool["slices"] == 22
     assert pool["excluded_cases"] == [] and pool["include_test_cases"] is True
+    assert pool["included_test_cases"] == ["case0001", "case0002"]
 
 
 @pytest.mark.slow

@@ -30,6 +30,8 @@ def test_samed_finetune_writes_results_and_dashboards(tmp_path, quick):
     assert 0.0 <= metrics["mean_dice"] <= 1.0 and set(metrics["per_class"]) == organs
     assert "liver" in (folder / "results.md").read_text() and metrics["test_cases_in_pretraining"] is False
     assert "fusion: none (mode=samed, one LoRA)" in (folder / "results.md").read_text()
+    assert metrics["labelled_subset"] == "redrawn by slice for each run seed"  # data.subset_seed unset
+    assert "Labelled subset: redrawn by slice for each run seed." in (folder / "results.md").read_text()
     assert (folder / "splits" / "train_selected.txt").exists() and (folder / "final.safetensors").exists()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete" and "final.safetensors" in manifest["outputs"]

@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_modules.base import SliceDataset
 from samora_pl.choices import LEVELS
 from samora_pl.cli import main
 from samora_pl.config import compose
@@ -49,27 +48,30 @@ def test_holdout_is_a_seeded_bounded_share():
         lorahub.holdout_names(names, 0.0, 16, seed=1)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("cache", [True, False])
-def test_decoder_trains_on_exactly_the_non_held_out_slices(tmp_path, cache, quick):
-    """The held-out few-shot slices leave the decoder's training set by index, so under data.cache=true (slices
-    held in memory) every kept name still comes with its own image and label."""
-    args = quick("model.fusion=lorahub", "finetune.zero_experts=true", f"data.cache={str(cache).lower()}")
-    cfg = compose("finetune", [*args, "data.augment=false", "data.fraction=0.3", "finetune.lorahub.max_slices=5"])
-    folder = tmp_path / "f"
-    data = finetune.build_data(cfg, folder)
-    model = finetune.build_model(cfg, data.num_classes)
-    search = lorahub.prepare(cfg, model, data, folder, {})
+def test_decoder_trains_on_the_same_slices_and_steps_as_every_other_fusion(tmp_path, cache, quick):
+    """The few-shot slices that score the search stay in the decoder's training set: LoRAHub's decoder sees
+    every selected slice, in as many steps as HL-Attn's or the sum's (issue: it once trained on ~7 % fewer)."""
+    extra = ["finetune.zero_experts=true", f"data.cache={str(cache).lower()}", "data.augment=false"]
+    extra += ["data.fraction=0.3", "finetune.lorahub.max_slices=5", "trainer.limit_train_batches=null"]
+
+    def train_set(fusion):
+        cfg = compose("finetune", quick(f"model.fusion={fusion}", *extra))
+        folder = tmp_path / fusion
+        data = finetune.build_data(cfg, folder)
+        search = None
+        if fusion == "lorahub":
+            search = lorahub.prepare(cfg, finetune.build_model(cfg, data.num_classes), data, folder, {})
+        data.setup("fit")
+        return data, [data.train_set[i]["name"] for i in range(len(data.train_set))], search
+
+    data, hub_names, search = train_set("lorahub")
     held = search.settings["holdout_names"]
-    selected = data.selected_train_names()
-    assert len(held) == 5 and set(held) <= set(selected)
-    items = [data.train_set[i] for i in range(len(data.train_set))]
-    assert [it["name"] for it in items] == [nm for nm in selected if nm not in held]
-    reader = data.slice_reader()
-    for it in items:  # the slice as read from disk by its name
-        fresh = SliceDataset([it["name"]], reader, data.train_set.dataset.transform)[0]
-        assert torch.equal(it["image"], fresh["image"]) and torch.equal(it["label"], fresh["label"]), it["name"]
-    assert search.settings["decoder_train_slices"] == len(items)
+    assert len(held) == 5 and set(held) <= set(hub_names) == set(data.selected_train_names())
+    assert search.settings["decoder_train_slices"] == len(hub_names)
+    for fusion in ("hl_attn", "sum"):
+        other, names, _ = train_set(fusion)
+        assert names == hub_names and len(other.train_dataloader()) == len(data.train_dataloader())
 
 
 @pytest.mark.slow
@@ -92,7 +94,7 @@ def test_lorahub_finetune_warms_up_searches_and_freezes(tmp_path, monkeypatch, w
     assert seen == {"grad": False, "start": [pytest.approx(1 / 3)] * 3}
     folder = tmp_path / "runs" / "t" / "finetune" / "samora-lorahub-f0.1"
     summary = json.loads((folder / "lorahub.json").read_text())
-    assert len(summary["history"]) == 6 and set(summary["weights"]) == set(LEVELS) and summary["holdout"]
+    assert len(summary["history"]) == 6 and set(summary["weights"]) == set(LEVELS) and summary["search_slices"]
     assert summary["optimizer"] == "nevergrad.optimizers.NGOpt" and summary["l1"] == 0.05
     # the decoder warmed up for half of its steps (2 epochs x 2 batches), the search ran, the decoder trained on
     assert summary["total_steps"] == 4 and summary["search_step"] == 2
