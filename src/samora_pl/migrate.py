@@ -17,6 +17,7 @@ ADDED_KEYS = {
     "data.train_size": None,
     "trainer.stop_epoch": None,
     "prepare.source": None,
+    "data.subset_seed": None,  # the subset was redrawn for each run seed
 }
 
 
