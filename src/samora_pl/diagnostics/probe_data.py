@@ -6,7 +6,7 @@ share of the drawn slices' cases (at least one case each side), or of the slices
 single case, so the probe scores generalisation to unseen patients where the data allows it.
 
 Targets: per slice, which organs it contains (multi-label, [n, K]); per position of a grid (the encoder's
-16-px stride), whether most of the patch is organ (`patch_foreground`).
+16-px stride), which class covers most of the patch (`patch_classes`).
 """
 
 from dataclasses import dataclass
@@ -85,10 +85,10 @@ def load_slices(data, img_size: int, max_slices: int, holdout: float, seed: int)
     return ProbeSlices(names, cases, torch.stack(images), torch.stack(labels), train, test, by, data.num_classes)
 
 
-def patch_foreground(labels: torch.Tensor, grid, num_classes: int, chunk: int = 16) -> torch.Tensor:
-    """[n, h, w] bool: the majority class of each grid cell (the label pooled as one-hot shares) is an organ."""
+def patch_classes(labels: torch.Tensor, grid, num_classes: int, chunk: int = 16) -> torch.Tensor:
+    """[n, h, w] long: the majority class of each grid cell (the label pooled as one-hot shares), 0 background."""
     out = []
     for start in range(0, labels.shape[0], chunk):
         onehot = F.one_hot(labels[start : start + chunk], num_classes + 1).permute(0, 3, 1, 2).float()
-        out.append(F.adaptive_avg_pool2d(onehot, tuple(grid)).argmax(1) != 0)
+        out.append(F.adaptive_avg_pool2d(onehot, tuple(grid)).argmax(1))
     return torch.cat(out)

@@ -7,8 +7,9 @@ architecture (seed + 1). Does CPT learn anything here?
 
 Part 2, experts: the same probe on SAM's pooled neck features with each distilled expert on
 (`distill/<level>/expert.safetensors`), with the bare encoder and with SAMed's label-trained LoRA of any
-`mode=samed` fine-tune of the run; a patch-level probe (is the 16-px patch mostly organ?) on the neck's
-positions; and the linear CKA between the teacher's and the student's features on the held-out slices
+`mode=samed` fine-tune of the run; a patch-level probe (which class covers most of the 16-px patch, each
+organ against the rest) on the neck's positions; and the linear CKA between the teacher's and the
+student's features on the held-out slices
 (image level: SimCLR projection vs pooled neck; patch level: MAE tokens vs last-block tokens at the same
 positions), for the expert and for the bare encoder.
 
@@ -23,13 +24,14 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from samora_pl.atomic import atomic_write_text
 from samora_pl.config import load_saved
 from samora_pl.diagnostics.cka import linear_cka
 from samora_pl.diagnostics.features import encoder_features, teacher_features
-from samora_pl.diagnostics.probe_data import load_slices, patch_foreground
+from samora_pl.diagnostics.probe_data import load_slices, patch_classes
 from samora_pl.diagnostics.probing import probe_scores
 from samora_pl.distillation import to_teacher_grid
 from samora_pl.errors import SamoraError
@@ -92,14 +94,17 @@ class Prober:
         )
 
     def patch_level(self, neck: torch.Tensor) -> dict:
-        """Linear probe of 'this patch is mostly organ' on the neck's positions (at most max_patches each part)."""
+        """Linear probe of each organ against everything else (background and the other organs) as the majority
+        class of a patch, on the neck's positions (at most max_patches each part). Organ against background
+        alone is too easy to tell encoders apart: a brain or an abdomen is found by intensity."""
         grid = neck.shape[1:3]
-        target = patch_foreground(self.slices.labels, grid, self.slices.num_classes)
+        classes = self.slices.num_classes
+        target = F.one_hot(patch_classes(self.slices.labels, grid, classes), classes + 1)[..., 1:]
         generator = torch.Generator().manual_seed(int(self.p.seed))
 
         def rows(index):
             x = neck[index].reshape(-1, neck.shape[-1])
-            y = target[index].reshape(-1, 1).float()
+            y = target[index].reshape(-1, classes).float()
             if x.shape[0] > self.p.max_patches:
                 keep = torch.randperm(x.shape[0], generator=generator)[: self.p.max_patches]
                 x, y = x[keep], y[keep]

@@ -7,7 +7,7 @@ import torch
 
 from samora_pl.diagnostics.knn_probe import knn_scores
 from samora_pl.diagnostics.linear_probe import LogisticProbe
-from samora_pl.diagnostics.probe_data import patch_foreground, split_indices
+from samora_pl.diagnostics.probe_data import patch_classes, split_indices
 from samora_pl.diagnostics.probing import probe_scores
 from samora_pl.diagnostics.scores import auroc, balanced_accuracy, scorable
 
@@ -89,9 +89,10 @@ def test_split_holds_out_whole_cases_seeded():
     assert by_one == "slice" and len(test_one) == 3
 
 
-def test_patch_foreground_is_the_majority_of_each_cell():
+def test_patch_classes_are_the_majority_of_each_cell():
     label = torch.zeros(1, 32, 32, dtype=torch.long)
-    label[0, :16, :16] = 3  # one whole cell of organ
+    label[0, :16, :16] = 3  # one whole cell of organ 3
     label[0, 16:, 16:22] = 2  # 6/16 of a cell: mostly background
-    fg = patch_foreground(label, (2, 2), num_classes=8)
-    assert fg.tolist() == [[[True, False], [False, False]]]
+    label[0, :16, 16:] = 5
+    label[0, :4, 16:] = 1  # 4/16 organ 1, 12/16 organ 5
+    assert patch_classes(label, (2, 2), num_classes=8).tolist() == [[[3, 5], [0, 0]]]
