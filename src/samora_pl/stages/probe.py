@@ -155,6 +155,8 @@ def probe_teachers(cfg, prober, teachers, record, device, notes) -> tuple:
             print(f"probe: part 1/2, teacher {kind} ({name})", flush=True)
             feats = teacher_features(teacher, images, batch, device)
             scores[f"teacher_{kind}_{name}"] = prober.slice_level(feats["pooled"])
+            if "tokens" in feats:  # MAE: the same patch probe as SAM's neck, on its patch tokens
+                scores[f"teacher_{kind}_{name}"].update(prober.patch_level(feats["tokens"]))
             if name == "cpt":
                 held_out[kind] = {k: v[prober.test] for k, v in feats.items() if k != "pooled"}
     return scores, held_out

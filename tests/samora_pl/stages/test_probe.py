@@ -57,6 +57,8 @@ def test_probe_writes_metrics_manifest_and_scalars(probed, demo_dir):
     assert 0.0 <= scores["expert_image"]["cka_vs_teacher"] <= 1.0
     assert 0.0 <= scores["expert_patch"]["cka_vs_teacher"] <= 1.0
     assert {"cka_vs_simclr", "cka_vs_mae", "patch_linear_auroc"} <= set(scores["encoder_bare"])
+    assert "patch_linear_auroc" in scores["teacher_mae_cpt"]  # MAE has patch tokens, SimCLR a pooled vector
+    assert "patch_linear_auroc" not in scores["teacher_simclr_cpt"]
     # training slices only, held out by case: no test case, no case on both sides
     info = metrics["slices"]
     assert info["split_by"] == "case" and not set(info["train_cases"]) & set(info["heldout_cases"])
