@@ -23,6 +23,7 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ def readme_commands() -> list:
 
 
 @pytest.fixture(scope="session")
-def official_checkpoints(tmp_path_factory) -> tuple:
+def official_checkpoints(tmp_path_factory):
     """(folder, seconds): the three public weight files in their release layouts (random values), written once
     per session."""
     started = time.time()
@@ -73,7 +74,8 @@ def official_checkpoints(tmp_path_factory) -> tuple:
     torch.save({"model": encoder.state_dict()}, folder / "mae_pretrain_vit_large.pth")
     del encoder
     torch.save(write_layout(50, True, proj_dim=128, width=2.0), folder / "r50_2x_sk1.pth")
-    return folder, time.time() - started
+    yield folder, time.time() - started
+    shutil.rmtree(folder, ignore_errors=True)  # 2.2 GB; pytest keeps the last few tmp folders
 
 
 def make_command(line: str, tmp_path: Path) -> tuple:
@@ -159,3 +161,5 @@ def test_the_readme_synapse_commands_run_the_paper_profile_at_its_real_sizes(tmp
     metrics = json.loads((tune / "metrics.json").read_text())
     assert "mean_dice" in metrics and (tune / "results.csv").is_file(), metrics
     assert "hl_attn (hl_init=paper)" in (tune / "results.md").read_text()
+    for big in (*runs.rglob("last.ckpt"), *runs.rglob("teacher.pt")):  # ~10 GB; logs and manifests stay
+        big.unlink()
