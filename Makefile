@@ -32,7 +32,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
 	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
 
-.PHONY: setup demo test test-fast test-slow lint cpt distill finetune evaluate predict probe check prepare ablation bench tensorboard clean-venv
+.PHONY: setup demo test test-fast test-slow smoke-paper lint cpt distill finetune evaluate predict probe check prepare ablation bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ test-fast: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# PROFILE=paper at its real sizes (ViT-B 224, R50-2x+SK, MAE ViT-L) through the README's Synapse commands, from
+# weight files in the official layouts, 2 batches per stage on the CPU (tests/test_smoke_paper.py; docs/design.md)
+smoke-paper: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m slow tests/test_smoke_paper.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -18,22 +18,24 @@ from tests.data_modules.volume_writers import GEOMETRY, LA_IDS, finetune_overrid
 SHAPE_XYZ = (32, 28, 4)  # nibabel order of the raw files; prepared arrays are (4, 28, 32)
 
 
-def raw_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(HU image, label with every raw organ id 0..13), both in nibabel's (x, y, z) order."""
+def raw_case(seed: int, shape=SHAPE_XYZ) -> tuple[np.ndarray, np.ndarray]:
+    """(HU image, label with every raw organ id 0..13), both in nibabel's (x, y, z) order; `shape` has at
+    least 4 slices."""
     rng = np.random.default_rng(seed)
-    hu = rng.uniform(-1000.0, 1000.0, SHAPE_XYZ).astype(np.float32)
-    hu[0, 0, :] = [-125.0, 75.0, 275.0, 1000.0]  # window edges and the middle, exactly
-    label = ((np.arange(np.prod(SHAPE_XYZ)) + seed) % 14).reshape(SHAPE_XYZ).astype(np.uint8)
+    hu = rng.uniform(-1000.0, 1000.0, shape).astype(np.float32)
+    hu[0, 0, :4] = [-125.0, 75.0, 275.0, 1000.0]  # window edges and the middle, exactly
+    label = ((np.arange(np.prod(shape)) + seed) % 14).reshape(shape).astype(np.uint8)
     return hu, label
 
 
-def write_raw_synapse(root, numbers=(1, 5, 6)):
-    """The release's layout: RawData/Training/img/img00XX.nii.gz and .../label/label00XX.nii.gz (nibabel)."""
+def write_raw_synapse(root, numbers=(1, 5, 6), shape=SHAPE_XYZ):
+    """The release's layout: RawData/Training/img/img00XX.nii.gz and .../label/label00XX.nii.gz (nibabel),
+    each case of `shape` (x, y, z)."""
     folder = root / "RawData" / "Training"
     (folder / "img").mkdir(parents=True)
     (folder / "label").mkdir()
     for number in numbers:
-        hu, label = raw_case(number)
+        hu, label = raw_case(number, shape)
         affine = np.diag([-0.7, -0.7, 3.0, 1.0])  # BTCV-like flipped axes: voxel order must still follow nibabel
         nibabel.save(nibabel.Nifti1Image(hu, affine), str(folder / "img" / f"img{number:04d}.nii.gz"))
         nibabel.save(nibabel.Nifti1Image(label, affine), str(folder / "label" / f"label{number:04d}.nii.gz"))

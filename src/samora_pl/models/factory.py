@@ -9,16 +9,25 @@ run `seed`, so an experiment's seeds vary the initialisation too.
 
 import hashlib
 import logging
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
 
 from samora_pl.config import sam_checkpoint
 from samora_pl.models.segmenter import SAMoraSegmenter
+from samora_pl.runs import file_record
 
 SAMED_EXPERT = "samed"
 log = logging.getLogger(__name__)
+
+
+def sam_checkpoint_record(cfg: DictConfig) -> Optional[dict]:
+    """The public SAM file (`model.checkpoint`) a stage starts its frozen encoder from, as its manifest records
+    an input (path, sha256, bytes); None for a random SAM (unset or `none`)."""
+    path = sam_checkpoint(cfg)
+    return file_record(Path(path)) if path else None
 
 
 def build_segmenter(

@@ -37,7 +37,7 @@ from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
 from samora_pl.errors import SamoraError
 from samora_pl.guards import check_finite_state, skipped_batches
-from samora_pl.models.factory import base_fingerprint, build_segmenter, log_trainable
+from samora_pl.models.factory import base_fingerprint, build_segmenter, log_trainable, sam_checkpoint_record
 from samora_pl.models.teacher_io import load_teacher
 from samora_pl.reuse import SIMCLR_VIEW_KEYS, changed_settings
 from samora_pl.runs import (
@@ -254,6 +254,9 @@ def run_level(cfg: DictConfig, level: str, held_out: HeldOut = NOTHING_HELD_OUT)
     loaded = load_level_teacher(cfg, level, record)
     teacher, teacher_entry = loaded if loaded is not None else (None, None)
     student = build_student(cfg, level)
+    sam_file = sam_checkpoint_record(cfg)
+    if sam_file is not None:
+        record.add_input("sam_checkpoint", sam_file)
     head = build_head(
         level,
         student,

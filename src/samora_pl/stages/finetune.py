@@ -26,7 +26,13 @@ from samora_pl.errors import SamoraError
 from samora_pl.evaluation import CaseMetricsPool, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
 from samora_pl.guards import check_finite_state, skipped_batches
-from samora_pl.models.factory import SAMED_EXPERT, base_fingerprint, build_segmenter, log_trainable
+from samora_pl.models.factory import (
+    SAMED_EXPERT,
+    base_fingerprint,
+    build_segmenter,
+    log_trainable,
+    sam_checkpoint_record,
+)
 from samora_pl.models.lora import read_expert_metadata
 from samora_pl.progress import track
 from samora_pl.reuse import changed_settings
@@ -173,7 +179,8 @@ def uses_lorahub(cfg: DictConfig) -> bool:
 def build_model(cfg: DictConfig, num_classes: int, record: StageRecord = None):
     """The stage-2 model with its experts loaded and the right parameters trainable.
 
-    For model.fusion=lorahub the one LoRA slot stays empty here; `lorahub.prepare` fills it."""
+    For model.fusion=lorahub the one LoRA slot stays empty here; `lorahub.prepare` fills it. `record` gets the
+    SAM checkpoint and the experts as inputs."""
     if cfg.mode == "samed" or uses_lorahub(cfg):
         model = build_segmenter(cfg, num_classes, *model_layout(cfg))
     else:
@@ -190,6 +197,9 @@ def build_model(cfg: DictConfig, num_classes: int, record: StageRecord = None):
                 model.load_expert(level, path)
                 if record is not None:
                     record.add_input(f"expert_{level}", verify_input(path, Path(path).parent))
+    sam_file = sam_checkpoint_record(cfg) if record is not None else None  # read: the model was built from it
+    if sam_file is not None:
+        record.add_input("sam_checkpoint", sam_file)
     model.set_trainable(cfg.mode)
     if cfg.finetune.train_experts:
         model.train_expert_weights()

@@ -18,8 +18,9 @@ LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 WIDTH = 0.25  # stage widths 16, 32, 64, 128: a tiny R50 in the real layout
 
 
-def write_layout(depth: int, selective_kernel: bool, proj_dim: int = 16, seed: int = 0) -> dict:
-    """Random weights under the conversion's key names and shapes (BatchNorm statistics included)."""
+def write_layout(depth: int, selective_kernel: bool, proj_dim: int = 16, seed: int = 0, width: float = WIDTH) -> dict:
+    """Random weights under the conversion's key names and shapes (BatchNorm statistics included), at channel
+    multiplier `width` (2: the layout of r50_2x_sk1.pth)."""
     g = torch.Generator().manual_seed(seed)
     resnet = {}
 
@@ -33,7 +34,7 @@ def write_layout(depth: int, selective_kernel: bool, proj_dim: int = 16, seed: i
         into[f"{name}.running_var"] = 0.5 + torch.rand(c, generator=g)
         into[f"{name}.num_batches_tracked"] = torch.tensor(1000)
 
-    stem = int(64 * WIDTH)
+    stem = int(64 * width)
     if selective_kernel:
         conv("net.0.0", 3, stem // 2, 3), bn("net.0.1.0", stem // 2)
         conv("net.0.2", stem // 2, stem // 2, 3), bn("net.0.3.0", stem // 2)
@@ -42,7 +43,7 @@ def write_layout(depth: int, selective_kernel: bool, proj_dim: int = 16, seed: i
         conv("net.0.0", 3, stem, 7), bn("net.0.1.0", stem)
     cin = stem
     for stage, (blocks, base) in enumerate(zip(LAYERS[depth], (64, 128, 256, 512)), start=1):
-        mid = int(base * WIDTH)
+        mid = int(base * width)
         for j in range(blocks):
             p = f"net.{stage}.blocks.{j}."
             if j == 0:

@@ -386,6 +386,21 @@ def test_a_finished_finetune_loads_without_its_sam_checkpoint(tmp_path, quick, t
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
+def test_the_sam_checkpoint_is_an_input_of_the_manifest(tmp_path, quick, tiny_sam_state_dict):
+    """The public SAM .pth a fine-tune starts from is recorded with its sha256, as CPT records its teachers'."""
+    from samora_pl.runs import StageRecord, sha256
+
+    ckpt = tmp_path / "sam_tiny_1024.pth"
+    torch.save(tiny_sam_state_dict(), ckpt)
+    cfg = compose("finetune", quick(f"model.checkpoint={ckpt}", "mode=samed"))
+    record = StageRecord(cfg, tmp_path)
+    finetune.build_model(cfg, 8, record)
+    assert record.inputs["sam_checkpoint"] == {"path": str(ckpt), "sha256": sha256(ckpt), "bytes": ckpt.stat().st_size}
+    random_sam = StageRecord(cfg, tmp_path)
+    finetune.build_model(compose("finetune", quick("mode=samed")), 8, random_sam)
+    assert "sam_checkpoint" not in random_sam.inputs
+
+
 def test_transductive_pretraining_is_said_in_the_results(tmp_path):
     from samora_pl.evaluation import write_results
 
