@@ -59,7 +59,7 @@ class SAM2Segmenter(SAMoraSegmenter):
         hl_order="pixel-patch-image",
         hl_width: Optional[int] = None,
         hl_heads: Optional[int] = None,
-        hl_init: str = "residual_mean",
+        hl_init: str = "paper",
         lac_weights: Optional[Sequence[float]] = None,
         checkpoint=None,
         grad_checkpoint: bool = False,

@@ -66,7 +66,7 @@ class SAMoraSegmenter(nn.Module):
         hl_order="pixel-patch-image",
         hl_width: Optional[int] = None,
         hl_heads: Optional[int] = None,
-        hl_init: str = "residual_mean",
+        hl_init: str = "paper",
         lac_weights: Optional[Sequence[float]] = None,
         checkpoint=None,
         grad_checkpoint: bool = False,

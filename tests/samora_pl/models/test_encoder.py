@@ -41,7 +41,10 @@ def perturb_fusions(enc, seed=3):
 @pytest.mark.parametrize("variant,img_size", CONFIGS)
 @pytest.mark.parametrize("fusion", ["hl_attn", "sum", "lac", "mole", "single:patch"])
 def test_zero_B_equals_plain_sam(randomize_encoder, randomize_lora, variant, img_size, fusion):
-    enc = build(randomize_encoder, variant, img_size, fusion=fusion)
+    """With B = 0 every expert's residual is 0, so the block is plain SAM; for HL-Attn that holds for the
+    residual_mean start (the paper's LN(high) of zero residuals is the units' learned bias, not 0)."""
+    kw = {"hl_init": "residual_mean"} if fusion == "hl_attn" else {}
+    enc = build(randomize_encoder, variant, img_size, fusion=fusion, **kw)
     randomize_lora(enc.lora, std=0.0)  # B = 0, scales != 1
     x = torch.rand(2, 3, img_size, img_size)
     with torch.no_grad():
@@ -55,7 +58,7 @@ def test_zero_B_equals_plain_sam(randomize_encoder, randomize_lora, variant, img
 @pytest.mark.parametrize(
     "fusion,kw",
     [
-        ("hl_attn", {"hl_init": "paper"}),
+        ("hl_attn", {"hl_init": "residual_mean"}),
         ("hl_attn", {}),
         ("hl_attn", {"hl_order": "image-pixel-patch"}),
         ("mole", {}),

@@ -68,8 +68,8 @@ def test_six_orders_and_error_lists_them():
 
 def test_hl_init_what_the_fusion_computes_at_init():
     rs = residuals()
-    # residual_mean (default): the mean of the expert residuals
-    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4)
+    # residual_mean: the mean of the expert residuals
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_init="residual_mean")
     assert f.init == "residual_mean" and f.gamma.item() == 0.0
     assert torch.allclose(f(rs), mean_of(rs), atol=1e-6)
     # zero: nothing, the block is plain SAM
@@ -115,7 +115,7 @@ def test_hl_attn_over_two_experts_is_its_first_unit():
     assert torch.allclose(out, torch.nn.functional.layer_norm(expect, (32,)).reshape(out.shape), atol=1e-5)
     out.sum().backward()
     assert all(p.grad is not None for p in f.parameters())
-    f = build_fusion("hl_attn", pair, 32, num_heads=4)  # residual_mean: the mean of the two at init
+    f = build_fusion("hl_attn", pair, 32, num_heads=4, hl_init="residual_mean")  # the mean of the two at init
     assert torch.allclose(f(rs), (rs["image"] + rs["patch"]) / 2, atol=1e-6)
     assert build_fusion("hl_attn", ("pixel", "image"), 32, num_heads=4, hl_order="image-patch-pixel").order == (
         "image",
@@ -164,9 +164,9 @@ def test_hl_attn_full_width_vit_b_is_about_71m():
     with torch.device("meta"):
         blocks = [build_fusion("hl_attn", EXPERTS, 768, num_heads=12) for _ in range(12)]
     n = sum(p.numel() for b in blocks for p in b.parameters())
-    # per block: 2 x (3 LN + MHA in/out + Linear) + LN + g1, g2, gamma
+    # per block: 2 x (3 LN + MHA in/out + Linear) + LN + g1, g2 (the paper's init has no gamma)
     per_unit = 3 * 2 * 768 + (3 * 768 * 768 + 3 * 768) + 2 * (768 * 768 + 768)
-    assert n == 12 * (2 * per_unit + 2 * 768 + 3) == 71_000_100
+    assert n == 12 * (2 * per_unit + 2 * 768 + 2) == 71_000_088
     assert 70.5e6 < n < 71.5e6
 
 
@@ -285,7 +285,7 @@ def test_attention_entropy_is_log_n_for_uniform_and_zero_for_one_hot():
 
 
 def test_hl_attn_diagnostics_record_only_when_asked_and_leave_the_output_unchanged():
-    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4)
+    f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_init="residual_mean")  # the init with a gamma
     rs = residuals()
     plain = f(rs)
     assert f.ca1.entropy_count == 0 and set(f.diagnostics()) == {"g1", "g2", "gamma"}  # training: fast path only

@@ -24,14 +24,16 @@ def _randomize_trunk(image_encoder, seed=0):
     return image_encoder
 
 
-def _encoder(variant="tiny", side=224, fusion="hl_attn", seed=0):
+def _encoder(variant="tiny", side=224, fusion="hl_attn", seed=0, hl_init="residual_mean"):
+    """residual_mean by default: the start whose block is exactly the package's with B = 0."""
     torch.manual_seed(seed)
     parts = build_sam2_parts(variant, side, 2)
     reference = copy.deepcopy(_randomize_trunk(parts.image_encoder))
     widths = hiera_block_widths(parts.image_encoder.trunk)
     lora = MultiExpertLoRA(("image", "patch", "pixel"), depth=len(widths), dim=widths[0][0], widths=widths)
     heads = hiera_block_heads(parts.image_encoder.trunk)
-    fusions = [build_fusion(fusion, lora.names, d, num_heads=h) for (_, d), h in zip(widths, heads)]
+    kw = {"hl_init": hl_init} if fusion == "hl_attn" else {}
+    fusions = [build_fusion(fusion, lora.names, d, num_heads=h, **kw) for (_, d), h in zip(widths, heads)]
     enc = SAMoraHieraEncoder(parts.image_encoder, parts.no_mem_embed, lora, fusions, img_size=side)
     return enc, reference
 

@@ -13,7 +13,7 @@ from samora_pl.stages.finetune_module import FinetuneModule
 
 
 def _optimizer(quick, fusion: str):
-    cfg = compose("finetune", quick(f"model.fusion={fusion}"))
+    cfg = compose("finetune", quick(f"model.fusion={fusion}", "model.hl_init=residual_mean"))  # a gate at 0
     model = build_segmenter(cfg, 8, LEVELS, fusion)
     model.set_trainable("samora")
     module = FinetuneModule(model, [f"c{i}" for i in range(8)], lr=0.005, weight_decay=0.1)
