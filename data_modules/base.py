@@ -54,6 +54,7 @@ from samora_pl.choices import FRACTION_MODES
 from samora_pl.errors import SamoraError
 from samora_pl.runs import is_rank_zero
 
+from .sampling import training_sampler
 from .transforms import SegmentationTransform
 
 VAL_READ_FACTOR = 4  # training slices read to find `val_slices` monitoring slices with foreground
@@ -404,11 +405,14 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         """Training (shuffle): fresh workers every epoch, seeded from the main process's generator, which every
         checkpoint keeps (callbacks.RandomState); persistent workers would carry augmentation generators no
         checkpoint holds, and a resumed run would augment differently. Validation (no randomness) keeps its
-        workers and seeds them from a generator of its own, so it never moves the training's random stream."""
+        workers and seeds them from a generator of its own, so it never moves the training's random stream.
+        Under DDP training gets its DistributedSampler here, already at the epoch about to run (sampling.py)."""
+        sampler = training_sampler(dataset, self.trainer) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0 and not shuffle,
             generator=None if shuffle else torch.Generator(),

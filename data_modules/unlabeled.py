@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.patient_ids import file_patient_ids, patient_id
+from data_modules.sampling import training_sampler
 from data_modules.unlabeled_io import (
     DEFAULT_AXIS,
     ReadError,
@@ -674,10 +675,13 @@ class UnlabeledDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:
             self.setup("fit")
+        # under DDP the DistributedSampler, already at the epoch about to run (data_modules/sampling.py)
+        sampler = training_sampler(self.dataset, self.trainer)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             drop_last=self.drop_last,
             # fresh workers every epoch, seeded from the main process's generator, which every checkpoint

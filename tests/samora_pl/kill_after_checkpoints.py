@@ -1,6 +1,10 @@
 """`python kill_after_checkpoints.py K SAMORA-ARGS...`: run `samora SAMORA-ARGS` and SIGKILL this process the
 moment its K-th checkpoint is on disk, the way a crash or a pre-empted job stops a stage (no clean-up, no
-final save), but at a chosen point rather than at a racy one. Used by the resume tests in a subprocess."""
+final save), but at a chosen point rather than at a racy one. Used by the resume tests in a subprocess.
+
+Under DDP only global rank zero writes checkpoints, and the other ranks are its children in its process group.
+Started as the leader of a process group of its own (`start_new_session=True`), it kills the whole group, every
+rank at once, the way a scheduler ends a job; otherwise only itself, never the test that started it."""
 
 import os
 import signal
@@ -18,6 +22,8 @@ def kill_after(count: int) -> None:
         save(self, *args, **kwargs)
         saved.append(1)
         if len(saved) == count:
+            if os.getpgid(0) == os.getpid():
+                os.killpg(os.getpid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
     AtomicCheckpointIO.save_checkpoint = save_then_die

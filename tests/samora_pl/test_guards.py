@@ -221,8 +221,9 @@ def test_sigkilled_finetune_resumes_to_the_uninterrupted_result(
 
 @pytest.mark.slow
 def test_sigkilled_ddp_finetune_resumes_to_the_uninterrupted_result(tmp_path, repo_root, subprocess_env, finetune_args):
-    """Two CPU processes (gloo), both killed after a checkpoint, then the same command again: it continues
-    from the last.ckpt rank zero wrote and ends bit-identical to a run that was never interrupted."""
+    """Two CPU processes (gloo), each with a data worker, both killed after a checkpoint, then the same command
+    again: it continues from the last.ckpt rank zero wrote and ends bit-identical to a run that was never
+    interrupted (the resumed first epoch shards as that epoch, not as epoch 0: data_modules/sampling.py)."""
     root, env = repo_root, subprocess_env
 
     def command(runs: Path) -> list:
@@ -231,7 +232,12 @@ def test_sigkilled_ddp_finetune_resumes_to_the_uninterrupted_result(tmp_path, re
             "-m",
             "samora_pl",
             *finetune_args(
-                runs, "deterministic=true", "trainer.max_epochs=4", "trainer.accelerator=cpu", "trainer.devices=2"
+                runs,
+                "deterministic=true",
+                "trainer.max_epochs=4",
+                "trainer.accelerator=cpu",
+                "trainer.devices=2",
+                "data.num_workers=1",
             ),
         ]
 

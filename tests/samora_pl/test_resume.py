@@ -110,3 +110,50 @@ def test_a_stage_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
     assert got.keys() == want.keys()
     different = [k for k in want if not torch.equal(got[k], want[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# two CPU processes on gloo: each rank gets half of the 12 slices, so batches of three keep two steps an epoch
+DDP = ["trainer.devices=2", "cpt.simclr.batch_size=3", "cpt.mae.batch_size=3", "distill.batch_size=3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stage, sub",
+    [("cpt", "simclr"), ("cpt", "mae"), ("distill", "image"), ("distill", "patch"), ("distill", "pixel")],
+)
+def test_a_ddp_stage_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
+    workspace, stage, sub, tiny_cpt, subprocess_env
+):
+    """The same under DDP with two processes: the whole process group (both ranks, each with its data worker)
+    is killed the moment rank zero's first last.ckpt is on disk, the same command continues from it, and the
+    weights equal those of a two-process run that was never interrupted."""
+    killed_runs, whole_runs = workspace / f"ddp-killed-{sub}", workspace / f"ddp-whole-{sub}"
+    args = stage_args(workspace, killed_runs, stage, sub, tiny_cpt) + DDP
+
+    def run(*command):
+        # a session of its own: the killer takes its process group (rank 1 is a child of rank 0) down with it
+        return subprocess.run(
+            [sys.executable, *command],
+            env=subprocess_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            start_new_session=True,
+        )
+
+    killed = run(str(KILLER), "1", *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = killed_runs / "t" / stage / sub / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0  # one of three epochs done
+
+    resumed = run("-m", "samora_pl", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from {last}" in resumed.stderr  # it did continue from the checkpoint
+
+    whole = run("-m", "samora_pl", *stage_args(workspace, whole_runs, stage, sub, tiny_cpt), *DDP)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    got, want = final_weights(killed_runs, stage, sub), final_weights(whole_runs, stage, sub)
+    assert got.keys() == want.keys()
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
