@@ -285,7 +285,9 @@ def case_metrics(
             ``hd95_mm`` (HD95 with that spacing). ``hd95`` always stays in voxels (the protocol value).
 
     Returns:
-        K dicts ``{"class_id", "dice", "hd95"[, "hd95_mm"]}`` with Python floats, class 1 first.
+        K dicts ``{"class_id", "dice", "hd95"[, "hd95_mm"], "label_present"}`` with Python floats, class 1
+        first; ``label_present`` says whether the label holds the class (the protocol scores a prediction of
+        an absent class 1 and a correct empty prediction 0, see :func:`summarise`).
     """
     if int(num_classes) != num_classes or num_classes < 1:
         raise SamoraError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -320,7 +322,7 @@ def case_metrics(
             borders = _Borders(p, t)
             hd = borders.hd95(None)
             hd_mm = borders.hd95(sp) if sp is not None else None
-        row = {"class_id": c, "dice": float(dice), "hd95": float(hd)}
+        row = {"class_id": c, "dice": float(dice), "hd95": float(hd), "label_present": box_l is not None}
         if sp is not None:
             row["hd95_mm"] = float(hd_mm)
         rows.append(row)
@@ -355,7 +357,13 @@ def summarise(rows: Iterable[dict], class_names: Sequence[str] | dict) -> dict:
 
     Returns:
         ``{"mean_dice", "mean_hd95", ["mean_hd95_mm"], "num_cases", "per_class": {name: {"class_id",
-        "dice", "hd95"[, "hd95_mm"]}}}``; Dice as a fraction in [0, 1], HD95 in voxels.
+        "dice", "hd95"[, "hd95_mm"]}}}``; Dice as a fraction in [0, 1], HD95 in voxels. With rows that say
+        ``label_present`` (those of :func:`case_metrics`), also the extra column ``mean_dice_present`` and
+        per class ``dice_present`` (mean over the cases whose label holds the class; None when none does)
+        and ``absent_predicted`` (cases without the class where the prediction has it anyway). The
+        protocol's own value scores such a case 1 and a correctly empty one 0, so on data where classes
+        are often absent from a test case (slabs, crops) its Mean Dice rewards false positives;
+        ``mean_dice_present`` is the mean over classes of ``dice_present``, never in place of the protocol.
     """
     rows = list(rows)
     if not rows:
@@ -374,6 +382,10 @@ def summarise(rows: Iterable[dict], class_names: Sequence[str] | dict) -> dict:
         entry: dict[str, Any] = {"class_id": c}
         for k in keys:
             entry[k] = float(np.mean([float(r[k]) for r in by_class[c]]))
+        if all("label_present" in r for r in by_class[c]):
+            present = [float(r["dice"]) for r in by_class[c] if r["label_present"]]
+            entry["dice_present"] = float(np.mean(present)) if present else None
+            entry["absent_predicted"] = sum(1 for r in by_class[c] if not r["label_present"] and r["dice"] > 0)
         per_class[names[c]] = entry
     out: dict[str, Any] = {
         "mean_dice": float(np.mean([v["dice"] for v in per_class.values()])),
@@ -381,6 +393,9 @@ def summarise(rows: Iterable[dict], class_names: Sequence[str] | dict) -> dict:
     }
     if with_mm:
         out["mean_hd95_mm"] = float(np.mean([v["hd95_mm"] for v in per_class.values()]))
+    present = [v["dice_present"] for v in per_class.values() if v.get("dice_present") is not None]
+    if present:
+        out["mean_dice_present"] = float(np.mean(present))
     cases = {r["case"] for r in rows if "case" in r}
     out["num_cases"] = len(cases) if cases else max(len(v) for v in by_class.values())
     out["per_class"] = per_class

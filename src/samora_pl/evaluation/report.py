@@ -97,6 +97,18 @@ def format_table(
         f"{summary.get('num_cases', '?')} test cases. HD95 in voxels (unit spacing, SAMed/TransUNet protocol)"
         + ("; HD95 (mm) uses the voxel spacing." if with_mm else ".")
     ]
+    absent = {n: v["absent_predicted"] for n, v in summary["per_class"].items() if v.get("absent_predicted")}
+    if "mean_dice_present" in summary and any(v.get("dice_present") is not None for v in summary["per_class"].values()):
+        notes.append(
+            f"Dice over the cases that hold each class (not the protocol's): {100 * summary['mean_dice_present']:.2f} %"
+            + (
+                "; the protocol scored 1 for a class predicted where it is absent: "
+                + ", ".join(f"{n} in {k} case(s)" for n, k in absent.items())
+                if absent
+                else ""
+            )
+            + "."
+        )
     described = _describe_resize(resize, two_step_size)
     if described:
         notes.append(f"Resize protocol: {described}.")

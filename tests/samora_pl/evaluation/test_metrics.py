@@ -29,6 +29,7 @@ def reference_case(pred, label, num_classes, spacing=None):
             row = {"class_id": c, "dice": 0, "hd95": 0}
             if spacing is not None:
                 row["hd95_mm"] = 0
+        row["label_present"] = bool(t.sum() > 0)
         rows.append(row)
     return rows
 
@@ -38,7 +39,7 @@ def assert_rows_identical(mine, ref):
     for a, b in zip(mine, ref):
         assert a.keys() == b.keys()
         for k in a:
-            assert type(a[k]) in (int, float)
+            assert type(a[k]) is bool if k == "label_present" else type(a[k]) in (int, float)
             assert a[k] == b[k], (a["class_id"], k, a[k], b[k])  # bitwise: ==, never allclose
 
 
@@ -134,7 +135,7 @@ def test_cubes_shifted_by_three_voxels():
     label[5:15, 5:15, 5:15] = 1
     pred[8:18, 5:15, 5:15] = 1
     (row,) = case_metrics(pred, label, 1, spacing=(2.0, 1.0, 1.0))
-    assert row == {"class_id": 1, "dice": 0.7, "hd95": 3.0, "hd95_mm": 6.0}
+    assert row == {"class_id": 1, "dice": 0.7, "hd95": 3.0, "hd95_mm": 6.0, "label_present": True}
     assert_rows_identical([row], reference_case(pred, label, 1, spacing=(2.0, 1.0, 1.0)))
 
 
@@ -146,8 +147,8 @@ def test_known_distances_single_voxels_and_plates():
     label[8, 1:11, 1:11] = 2  # two parallel one-voxel plates 3 apart
     pred[11, 1:11, 1:11] = 2  # ... the second on the volume border
     rows = case_metrics(pred, label, 2)
-    assert rows[0] == {"class_id": 1, "dice": 0.0, "hd95": 5.0}
-    assert rows[1] == {"class_id": 2, "dice": 0.0, "hd95": 3.0}
+    assert rows[0] == {"class_id": 1, "dice": 0.0, "hd95": 5.0, "label_present": True}
+    assert rows[1] == {"class_id": 2, "dice": 0.0, "hd95": 3.0, "label_present": True}
 
 
 @pytest.mark.parametrize(
@@ -275,3 +276,31 @@ def test_summarise_means_over_cases_then_classes():
         summarise(rows, ["liver"])
     with pytest.raises(SamoraError, match="no evaluation rows"):
         summarise([], ["liver"])
+
+
+def test_dice_where_present_beside_the_protocol_value():
+    """Two cases; class 2 is absent from case b. The protocol scores b's false positive of class 2 as 1
+    (and a correctly empty prediction as 0); the extra column leaves such cases out."""
+    from samora_pl.evaluation.report import format_table
+
+    label_a = np.zeros((4, 8, 8), np.uint8)
+    label_a[:, :4, :4], label_a[:, 4:, 4:] = 1, 2
+    label_b = np.zeros_like(label_a)
+    label_b[:, :4, :4] = 1
+    pred_a = label_a.copy()
+    pred_a[:, 4:, 4:6] = 0  # class 2 half found: Dice 2/3
+    pred_b = label_b.copy()
+    pred_b[0, 7, 7] = 2  # one stray voxel of class 2 where there is none
+    rows = [dict(r, case="a") for r in case_metrics(pred_a, label_a, 2)]
+    rows += [dict(r, case="b") for r in case_metrics(pred_b, label_b, 2)]
+    assert [r["label_present"] for r in rows] == [True, True, True, False]
+    s = summarise(rows, ["one", "two"])
+    assert s["per_class"]["two"]["dice"] == pytest.approx((2 / 3 + 1) / 2)  # the protocol's reward
+    assert (
+        s["per_class"]["two"]["dice_present"] == pytest.approx(2 / 3) and s["per_class"]["two"]["absent_predicted"] == 1
+    )
+    assert s["mean_dice_present"] == pytest.approx((1 + 2 / 3) / 2)
+    assert s["mean_dice"] == pytest.approx((1 + 5 / 6) / 2)
+    note = format_table(s)
+    assert "Dice over the cases that hold each class (not the protocol's): 83.33 %" in note
+    assert "two in 1 case(s)" in note
