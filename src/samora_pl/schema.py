@@ -47,7 +47,7 @@ class ModelConfig:
     hl_order: str = "pixel-patch-image"  # one of choices.HL_ORDERS
     hl_width: Optional[int] = None  # HL-Attn inner width; none -> encoder width (authors')
     hl_heads: Optional[int] = None  # none -> encoder heads
-    hl_init: str = "paper"  # one of choices.HL_INITS (docs/results.md, "Does SAMora help here?")
+    hl_init: str = "paper"  # one of choices.HL_INITS; the authors' form (docs/design.md, HL-Attn initialisation)
     lac_weights: Optional[List[float]] = None  # fusion=lac: one fixed weight per expert, summing to 1; none -> 1/N
     mole_balance_weight: float = 0.5  # fusion=mole: alpha of MoLE's gate-balance loss (0.5 as published)
     grad_checkpoint: bool = False
