@@ -307,7 +307,7 @@ class HLAttention(Fusion):
         the frozen encoder sees the average of its distilled experts, and HL-Attn is learned as a
         correction on top (gamma receives gradient from step 0, the rest once gamma moves). Every
         HL-Attn result made this way is mean fusion plus a correction; results tables name the init. In a
-        short fine-tune gamma barely moves (|gamma| < 0.03 after 300 steps on Colin27), so it stays mean fusion.
+        short fine-tune gamma barely moves (|gamma| < 0.05 after 300 steps on Colin27), so it stays mean fusion.
     ``zero``  ``gamma * h`` with ``gamma`` at 0: the block is exactly plain SAM at initialisation.
     """
 
