@@ -225,7 +225,7 @@ def test_fusion_ablation_has_both_hl_attn_inits_and_each_builds():
             assert finetune.fusion_label(cfg) == f"hl_attn (hl_init={init})"
         model = build_segmenter(compose("finetune", spec["variants"][variant]), 8, LEVELS, "hl_attn")
         assert {f.init for f in model.fusion} == {init}
-    assert compose("finetune", spec["variants"]["hl_attn"]).model.hl_init == "paper"  # tiny profile's
+    assert compose("finetune", spec["variants"]["hl_attn"]).model.hl_init == "residual_mean"  # tiny profile's
 
 
 def _fake_stage(stage, calls, fail_on=None):
@@ -313,7 +313,7 @@ def test_fusion_table_states_each_fusion_and_hl_init(tmp_path, experiments, stag
         assert label in table
     with open(folder / "table.csv") as handle:
         fusion = {row["variant"]: row["fusion"] for row in csv.DictReader(handle)}
-    assert fusion["hl_attn"] == fusion["hl_attn_paper"] == "hl_attn (hl_init=paper)"
+    assert fusion["hl_attn"] == fusion["hl_attn_residual_mean"] == "hl_attn (hl_init=residual_mean)"
     assert fusion["hl_attn_paper"] == "hl_attn (hl_init=paper)" and fusion["sum"] == "sum"
 
 

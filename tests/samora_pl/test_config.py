@@ -28,11 +28,11 @@ def test_hl_attn_init_is_a_profile_setting():
     mean-of-experts start; each is one line of its profile and an override wins."""
     paper = compose("finetune", ["data.name=synapse", "model.checkpoint=none"])
     assert paper.profile == "paper" and paper.model.hl_init == "paper"
-    assert compose("finetune", []).model.hl_init == "paper"  # demo data: tiny profile
+    assert compose("finetune", []).model.hl_init == "residual_mean"  # demo data: tiny profile
     assert compose("finetune", ["profile=paper", "model.checkpoint=none"]).model.hl_init == "paper"
     chosen = compose("finetune", ["data.name=synapse", "model.checkpoint=none", "model.hl_init=residual_mean"])
     assert chosen.model.hl_init == "residual_mean"
-    for profile, init in (("paper", "paper"), ("tiny", "paper")):
+    for profile, init in (("paper", "paper"), ("tiny", "residual_mean")):
         lines = (experiments_dir() / "model" / f"{profile}.yaml").read_text().splitlines()
         assert [line.split("#")[0].strip() for line in lines if "hl_init" in line] == [f"hl_init: {init}"]
 

@@ -299,10 +299,10 @@ class HLAttention(Fusion):
     ablation's pairs) only the first unit exists and ``h = LN(low)``: the lower level still attends
     into the higher one, as in the full hierarchy. The output depends on ``init``:
 
-    ``paper`` (the default, every shipped profile's)  ``h``, as the paper writes it and the authors' code
+    ``paper`` (the default, and the paper-scale profiles')  ``h``, as the paper writes it and the authors' code
         computes it: the block is ``x + base + LN(high)``. The LayerNorm makes the update full-scale (unit variance per
         token) at step 0, which perturbs the frozen encoder before any training.
-    ``residual_mean`` (the default before issue 20's measurement)  ``mean_e(r_e) + gamma * h`` with
+    ``residual_mean`` (the tiny profile's)  ``mean_e(r_e) + gamma * h`` with
         ``gamma`` a learnable scalar at 0. At initialisation the block computes ``x + base + mean_e(r_e)``:
         the frozen encoder sees the average of its distilled experts, and HL-Attn is learned as a
         correction on top (gamma receives gradient from step 0, the rest once gamma moves). Every

@@ -133,11 +133,11 @@ def test_hl_attn_finetune_states_its_init_and_logs_fusion_diagnostics(tmp_path, 
     """results.md names the fusion and its hl_init; each validation logs every block's gates and attention
     entropies to TensorBoard, and the last set goes into manifest.json and metrics.json."""
     paths = write_experts(tmp_path, rank=4, random_b=True)
-    assert main(["finetune", *quick(*paths, "finetune.tag=hl")]) == 0  # tiny profile: hl_init=paper
+    assert main(["finetune", *quick(*paths, "finetune.tag=hl")]) == 0  # tiny profile: hl_init=residual_mean
     folder = tmp_path / "runs" / "t" / "finetune" / "hl"
-    assert "fusion: hl_attn (hl_init=paper)" in (folder / "results.md").read_text()
+    assert "fusion: hl_attn (hl_init=residual_mean)" in (folder / "results.md").read_text()
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["fusion"] == "hl_attn (hl_init=paper)"
+    assert metrics["fusion"] == "hl_attn (hl_init=residual_mean)"
     diagnostics = json.loads((folder / "manifest.json").read_text())["metrics"]["fusion_diagnostics"]
     assert metrics["fusion_diagnostics"] == diagnostics and diagnostics["epoch"] == 0
     blocks = diagnostics["blocks"]
