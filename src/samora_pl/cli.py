@@ -102,7 +102,23 @@ def run_command(command: str, overrides) -> dict:
 _FOLDER_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
 
+def _leave_process_group() -> None:
+    """A DDP rank leaves its gloo / NCCL group before the interpreter exits: left to the interpreter's
+    teardown, gloo's threads can abort a finished rank ('terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        _leave_process_group()
+
+
+def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
     started = time.time()

@@ -50,6 +50,8 @@ def main(root: str, out: str, fraction: str) -> None:
         enable_model_summary=False,
     )
     trainer.fit(RecordSlices(out), datamodule=data)
+    if torch.distributed.is_initialized():  # before the interpreter's teardown, which can abort a gloo rank
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
