@@ -23,10 +23,9 @@ SAMED_EXPERT = "samed"
 log = logging.getLogger(__name__)
 
 
-def sam_checkpoint_record(cfg: DictConfig) -> Optional[dict]:
-    """The public SAM file (`model.checkpoint`) a stage starts its frozen encoder from, as its manifest records
-    an input (path, sha256, bytes); None for a random SAM (unset or `none`)."""
-    path = sam_checkpoint(cfg)
+def sam_checkpoint_record(path: Optional[str]) -> Optional[dict]:
+    """The public SAM file a stage starts its frozen encoder from (`config.sam_checkpoint`), as its manifest
+    records an input (path, sha256, bytes); None for a random SAM."""
     return file_record(Path(path)) if path else None
 
 

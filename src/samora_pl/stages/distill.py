@@ -35,6 +35,7 @@ from torchvision.transforms import v2 as T
 from data_modules.unlabeled import NOTHING_HELD_OUT, HeldOut, UnlabeledDataModule, held_out_cases, sources_from_config
 from samora_pl.callbacks import Throughput
 from samora_pl.checkpoint_io import resumable
+from samora_pl.config import sam_checkpoint
 from samora_pl.errors import SamoraError
 from samora_pl.guards import check_finite_state, skipped_batches
 from samora_pl.models.factory import base_fingerprint, build_segmenter, log_trainable, sam_checkpoint_record
@@ -254,7 +255,7 @@ def run_level(cfg: DictConfig, level: str, held_out: HeldOut = NOTHING_HELD_OUT)
     loaded = load_level_teacher(cfg, level, record)
     teacher, teacher_entry = loaded if loaded is not None else (None, None)
     student = build_student(cfg, level)
-    sam_file = sam_checkpoint_record(cfg)
+    sam_file = sam_checkpoint_record(sam_checkpoint(cfg))
     if sam_file is not None:
         record.add_input("sam_checkpoint", sam_file)
     head = build_head(

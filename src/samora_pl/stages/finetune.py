@@ -20,7 +20,7 @@ from data_modules.base import subset_policy
 from samora_pl.atomic import atomic_save
 from samora_pl.callbacks import FusionDiagnostics, Throughput
 from samora_pl.checkpoint_io import resumable
-from samora_pl.config import compose_on_saved, data_options, diff_keys, finetune_levels, load_saved
+from samora_pl.config import compose_on_saved, data_options, diff_keys, finetune_levels, load_saved, sam_checkpoint
 from samora_pl.effective_batch import accumulate_grad_batches
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import CaseMetricsPool, gather_rows, predict_volume, shard_cases, summarise, write_results
@@ -197,7 +197,8 @@ def build_model(cfg: DictConfig, num_classes: int, record: StageRecord = None):
                 model.load_expert(level, path)
                 if record is not None:
                     record.add_input(f"expert_{level}", verify_input(path, Path(path).parent))
-    sam_file = sam_checkpoint_record(cfg) if record is not None else None  # read: the model was built from it
+    # read: the model was built from it
+    sam_file = sam_checkpoint_record(sam_checkpoint(cfg)) if record is not None else None
     if sam_file is not None:
         record.add_input("sam_checkpoint", sam_file)
     model.set_trainable(cfg.mode)
