@@ -36,7 +36,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 
 setup: $(STAMP)
 
-# torch==2.14.1 / torchvision==0.29.1 are pinned in setup.cfg (a matched pair).
+# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml (a matched pair).
 # sam2 (SAM 2's model code, model.family=sam2) is a source package whose build imports torch: it is installed
 # after torch, without build isolation (an isolated build would fetch another torch) and without its optional
 # CUDA extension (SAM2_BUILD_CUDA=0; the image path does not use it).

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from samora_pl.losses.nt_xent import nt_xent  # noqa: E402
-from samora_pl.models.mae import MaeTeacher
-from samora_pl.models.simclr import SimclrTeacher  # noqa: E402
+from samora_pl.models.teachers.mae import MaeTeacher
+from samora_pl.models.teachers.simclr import SimclrTeacher  # noqa: E402
 
 
 def autocast(device, enabled: bool):

@@ -34,8 +34,8 @@ for p in (ROOT, ROOT / "src"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from data_modules.demo import make_phantom_case  # noqa: E402
-from data_modules.synapse import SynapseDataModule  # noqa: E402
+from data_modules.labelled.demo import make_phantom_case  # noqa: E402
+from data_modules.labelled.synapse import SynapseDataModule  # noqa: E402
 
 
 def write_slices(root: Path, n_slices: int, size: int, seed: int = 0) -> list[str]:

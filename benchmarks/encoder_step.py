@@ -29,10 +29,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from _timing import median_times  # noqa: E402
 
-from samora_pl.models.encoder import SAMoraEncoder  # noqa: E402
-from samora_pl.models.fusion import build_fusion  # noqa: E402
-from samora_pl.models.lora import MultiExpertLoRA  # noqa: E402
-from samora_pl.models.sam import build_image_encoder, get_variant  # noqa: E402
+from samora_pl.models.adapters.fusion import build_fusion  # noqa: E402
+from samora_pl.models.adapters.lora import MultiExpertLoRA  # noqa: E402
+from samora_pl.models.sam.build import build_image_encoder, get_variant  # noqa: E402
+from samora_pl.models.sam.encoder import SAMoraEncoder  # noqa: E402
 
 
 def make(variant, img_size, experts, fusion, image_encoder, hl_width=None):

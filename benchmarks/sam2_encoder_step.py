@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from _timing import median_times  # noqa: E402
 
-from samora_pl.models.sam2_segmenter import SAM2Segmenter  # noqa: E402
+from samora_pl.models.sam2.segmenter import SAM2Segmenter  # noqa: E402
 
 
 def make(variant, img_size, experts, fusion, hl_width, device):

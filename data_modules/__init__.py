@@ -1,7 +1,7 @@
 """Shared LightningDataModules of samora_pl (a top-level package installed beside `samora_pl`).
 
 `build_datamodule(name, **kwargs)` builds a labelled dataset by name; every one of them follows the
-interface of `data_modules.base.SegmentationDataModule`.
+interface of `data_modules.labelled.base.SegmentationDataModule`.
 """
 
 from __future__ import annotations
@@ -9,17 +9,16 @@ from __future__ import annotations
 import importlib
 import inspect
 
+from data_modules.labelled.base import SegmentationDataModule, Volume
 from samora_pl.errors import SamoraError
-
-from .base import SegmentationDataModule, Volume
 
 # name -> "module:Class"; imported lazily so a dataset's optional readers load only when used.
 _REGISTRY: dict[str, str] = {
-    "demo": "data_modules.demo:DemoDataModule",
-    "synapse": "data_modules.synapse:SynapseDataModule",
-    "la": "data_modules.la:LADataModule",
-    "promise12": "data_modules.promise12:Promise12DataModule",
-    "generic": "data_modules.generic:GenericDataModule",
+    "demo": "data_modules.labelled.demo:DemoDataModule",
+    "synapse": "data_modules.labelled.synapse:SynapseDataModule",
+    "la": "data_modules.labelled.la:LADataModule",
+    "promise12": "data_modules.labelled.promise12:Promise12DataModule",
+    "generic": "data_modules.labelled.generic:GenericDataModule",
 }
 
 

@@ -27,7 +27,7 @@ def subprocess_env() -> dict:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """One demo dataset for the whole session (written in ~2 s on first use)."""
-    from data_modules.demo import ensure_demo
+    from data_modules.labelled.demo import ensure_demo
 
     return ensure_demo(tmp_path_factory.mktemp("samora-demo") / "demo")
 
@@ -58,8 +58,8 @@ def quick(tmp_path, demo_dir):
 def write_experts(quick):
     """``write_experts(folder, rank, random_b=False)``: three tiny LoRA expert files made with `quick`'s
     settings (B != 0 with random_b, as if distilled), as `finetune.experts.<level>=...` overrides."""
-    from samora_pl.choices import LEVELS
-    from samora_pl.config import compose
+    from samora_pl.config.choices import LEVELS
+    from samora_pl.config.compose import compose
     from samora_pl.models.factory import build_segmenter
 
     def write(folder: Path, rank: int, random_b: bool = False) -> list:
@@ -106,7 +106,7 @@ def _randomize_encoder(image_encoder, seed=0):
 
 def _tiny_sam_state_dict(img_size=1024, num_multimask_outputs=3, seed=0):
     """A state dict in the official SAM key layout (image_encoder./prompt_encoder./mask_decoder.)."""
-    from samora_pl.models.sam import build_image_encoder, build_mask_decoder, build_prompt_encoder
+    from samora_pl.models.sam.build import build_image_encoder, build_mask_decoder, build_prompt_encoder
 
     torch.manual_seed(seed)
     parts = {
@@ -135,7 +135,7 @@ TINY_SIMCLR = dict(depth=18, width=0.25, proj_dim=16)
 @pytest.fixture(scope="session")
 def tiny_mae():
     """``tiny_mae(**sizes)``: a one-to-two-block MAE teacher (TINY_MAE, overridden by `sizes`)."""
-    from samora_pl.models.mae import MaeTeacher
+    from samora_pl.models.teachers.mae import MaeTeacher
 
     return lambda **kw: MaeTeacher(**{**TINY_MAE, **kw})
 
@@ -143,7 +143,7 @@ def tiny_mae():
 @pytest.fixture(scope="session")
 def tiny_simclr():
     """``tiny_simclr(**sizes)``: a ResNet-18 SimCLR teacher at 1/4 width (TINY_SIMCLR, overridden by `sizes`)."""
-    from samora_pl.models.simclr import SimclrTeacher
+    from samora_pl.models.teachers.simclr import SimclrTeacher
 
     return lambda **kw: SimclrTeacher(**{**TINY_SIMCLR, **kw})
 
@@ -190,7 +190,7 @@ def tiny_pixel() -> list:
 @pytest.fixture
 def config(npz_pool, tiny_cpt):
     """``config(tmp_path, *extra)``: the cpt config of a tiny run on a 16-slice pool (written on first use)."""
-    from samora_pl.config import compose
+    from samora_pl.config.compose import compose
 
     def compose_cpt(tmp_path: Path, *extra):
         pool = tmp_path / "pool"

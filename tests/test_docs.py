@@ -15,9 +15,9 @@ OUTSIDE_DOCS = re.compile(r"\bSPEC\b|ARCHITECTURE\.md|\.\./shared/|/work/shared"
 
 def repository_files():
     for path in ROOT.rglob("*"):
-        if path.is_file() and not SKIP_DIRS.intersection(path.relative_to(ROOT).parts):
-            if path.suffix in TEXT_SUFFIXES or path.name in ("Makefile", "run"):
-                yield path
+        wanted = path.suffix in TEXT_SUFFIXES or path.name in ("Makefile", "run")
+        if path.is_file() and wanted and not SKIP_DIRS.intersection(path.relative_to(ROOT).parts):
+            yield path
 
 
 def test_no_citation_of_documents_outside_the_repository():

@@ -33,9 +33,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from samora_pl.runs import file_record
-from tests.data_modules.test_prepare import write_raw_synapse
-from tests.samora_pl.models.test_simclrv2_keys import write_layout
+from samora_pl.runs.manifest import file_record
+from tests.data_modules.prepare.test_raw import write_raw_synapse
+from tests.samora_pl.models.teachers.test_simclrv2_keys import write_layout
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = (1, 5, 6, 7, 9, 10, 21)  # case 1 is one of Synapse's 12 test cases, the others are training cases

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _rank_zero_or_warning(record: logging.LogRecord) -> bool:
     """Info lines from global rank zero only: under DDP every rank runs this CLI and would repeat them."""
-    from samora_pl.runs import is_rank_zero
+    from samora_pl.runs.manifest import is_rank_zero
 
     return record.levelno >= logging.WARNING or is_rank_zero()
 
@@ -58,14 +58,14 @@ def _quiet_libraries() -> None:
 
 
 def run_command(command: str, overrides) -> dict:
-    from samora_pl.config import compose
+    from samora_pl.config.compose import compose
 
     if command == "demo":
-        from samora_pl.demo import run_demo
+        from samora_pl.suites.demo import run_demo
 
         return run_demo(overrides)
     if command == "ablation":
-        from samora_pl.ablation import run_ablation
+        from samora_pl.suites.ablation import run_ablation
 
         names = [item for item in overrides if "=" not in item]
         if len(names) != 1:
@@ -81,20 +81,20 @@ def run_command(command: str, overrides) -> dict:
         return check(compose("check", overrides))
     cfg = compose(command, overrides)
     if command in ("evaluate", "predict"):  # they read a finished fine-tune, which the overrides may name
-        from samora_pl.stages.finetune import evaluate
+        from samora_pl.stages.finetune.run import evaluate
         from samora_pl.stages.predict import run as predict
 
         return (evaluate if command == "evaluate" else predict)(cfg, overrides)
     if command == "cpt":
-        from samora_pl.stages.cpt import run
+        from samora_pl.stages.cpt.run import run
     elif command == "distill":
-        from samora_pl.stages.distill import run
+        from samora_pl.stages.distill.run import run
     elif command == "finetune":
-        from samora_pl.stages.finetune import run
+        from samora_pl.stages.finetune.run import run
     elif command == "probe":
         from samora_pl.stages.probe import run
     else:
-        from data_modules.prepare import run
+        from data_modules.prepare.raw import run
     return run(cfg)
 
 

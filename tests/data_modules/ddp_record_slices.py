@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from data_modules.synapse import SynapseDataModule
+from data_modules.labelled.synapse import SynapseDataModule
 
 
 class RecordSlices(L.LightningModule):

@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from data_modules.base import subset_policy
-from data_modules.synapse import SynapseDataModule
+from data_modules.labelled.base import subset_policy
+from data_modules.labelled.synapse import SynapseDataModule
 from samora_pl.errors import SamoraError
 
 

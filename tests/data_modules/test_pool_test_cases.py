@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from data_modules import build_datamodule
-from data_modules.unlabeled import build_pool, held_out_cases, sources_from_config
-from data_modules.volume_io import write_image
+from data_modules.io.volume_io import write_image
+from data_modules.pool.unlabeled import build_pool, held_out_cases, sources_from_config
 from samora_pl.cli import main
-from samora_pl.config import compose
+from samora_pl.config.compose import compose
 from samora_pl.errors import SamoraError
 from tests.data_modules.volume_writers import GEOMETRY, write_generic, write_la, write_promise12, write_synapse_tree
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_modules.volume_io import Geometry, write_image
+from data_modules.io.volume_io import Geometry, write_image
 
 # non-unit spacing, a rotated frame and an offset origin, so a lost or reordered geometry shows
 GEOMETRY = Geometry(

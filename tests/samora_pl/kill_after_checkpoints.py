@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 
-from samora_pl.checkpoint_io import AtomicCheckpointIO
 from samora_pl.cli import main
+from samora_pl.runs.checkpoint_io import AtomicCheckpointIO
 
 
 def kill_after(count: int) -> None:

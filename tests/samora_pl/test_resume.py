@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from samora_pl.cli import main
-from samora_pl.models.teacher_io import save_teacher
+from samora_pl.models.teachers.files import save_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLER = Path(__file__).with_name("kill_after_checkpoints.py")

@@ -7,9 +7,9 @@ import lightning.fabric.accelerators.cuda as fabric_cuda
 import lightning.pytorch.accelerators.cuda as pytorch_cuda
 import pytest
 
-from samora_pl.config import compose
-from samora_pl.stages import cpt
-from samora_pl.trainer import build_fabric
+from samora_pl.config.compose import compose
+from samora_pl.stages.cpt import run as cpt
+from samora_pl.training.trainer import build_fabric
 
 GPUS = 4  # the faked machine's GPU count
 

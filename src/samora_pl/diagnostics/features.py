@@ -8,23 +8,21 @@ output per position (`neck` [n, h, w, 256]) and mean-pooled (`pooled`, the image
 and the last block's tokens (`tokens` [n, h, w, C], the patch level's student feature).
 """
 
-from typing import Dict
-
 import torch
 
-from samora_pl.stages.distill_module import resize_to
+from samora_pl.stages.distill.module import resize_to
 
 
 @torch.no_grad()
-def _batched(fn, images: torch.Tensor, batch_size: int, device) -> Dict[str, torch.Tensor]:
-    parts: Dict[str, list] = {}
+def _batched(fn, images: torch.Tensor, batch_size: int, device) -> dict[str, torch.Tensor]:
+    parts: dict[str, list] = {}
     for start in range(0, images.shape[0], batch_size):
         for key, value in fn(images[start : start + batch_size].to(device)).items():
             parts.setdefault(key, []).append(value.float().cpu())
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def teacher_features(teacher, images: torch.Tensor, batch_size: int = 16, device="cpu") -> Dict[str, torch.Tensor]:
+def teacher_features(teacher, images: torch.Tensor, batch_size: int = 16, device="cpu") -> dict[str, torch.Tensor]:
     teacher = teacher.to(device).eval()
     size = int(teacher.img_size)
 
@@ -40,7 +38,7 @@ def teacher_features(teacher, images: torch.Tensor, batch_size: int = 16, device
     return _batched(simclr if teacher.kind == "simclr" else mae, images, batch_size, device)
 
 
-def encoder_features(model, images: torch.Tensor, batch_size: int = 16, device="cpu") -> Dict[str, torch.Tensor]:
+def encoder_features(model, images: torch.Tensor, batch_size: int = 16, device="cpu") -> dict[str, torch.Tensor]:
     encoder = model.encoder.to(device).eval()
     size = int(encoder.img_size)
 

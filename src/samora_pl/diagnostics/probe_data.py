@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_modules.transforms import SegmentationTransform
+from data_modules.labelled.transforms import SegmentationTransform
 from samora_pl.errors import SamoraError
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from samora_pl.choices import RESIZE_MODES
+from samora_pl.config.choices import RESIZE_MODES
 from samora_pl.errors import SamoraError
 
 __all__ = ["predict_volume", "resize_slice", "RESIZE_MODES"]

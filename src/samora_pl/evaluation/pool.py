@@ -14,6 +14,7 @@ float32 Synapse label or an int64 map shrinks 4-8x) and large arrays travel thro
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import multiprocessing
 import os
 from collections.abc import Iterable
@@ -93,10 +94,8 @@ def _shared_case_task(case: Any, pred: Any, label: Any, num_classes: int, spacin
     finally:
         arrays.clear()  # drop the views before unmapping
         for block in blocks:
-            try:
+            with contextlib.suppress(BufferError):
                 block.close()
-            except BufferError:
-                pass
 
 
 def _default_context() -> str:
@@ -191,7 +190,7 @@ class CaseMetricsPool:
             _release(blocks)
         self._pending.clear()
 
-    def __enter__(self) -> "CaseMetricsPool":
+    def __enter__(self) -> CaseMetricsPool:
         return self
 
     def __exit__(self, *exc) -> None:

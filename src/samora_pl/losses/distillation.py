@@ -7,15 +7,13 @@
   image, with prediction and target both in [0, 1] (pixel level).
 """
 
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 
 
 def normalized_mse(
     student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-6
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [..., D] -> (mean over rows of ||s/|s| - t/|t|||^2, mean cosine similarity)."""
     if student.shape != teacher.shape:
         raise ValueError(f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} differ")
@@ -37,7 +35,7 @@ def overlap_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) ->
 
 def denoise_loss(
     pred: torch.Tensor, target: torch.Tensor, overlap_weight: float = 0.9, mse_weight: float = 0.1
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, overlap, mse) for a reconstruction and the clean slice, both in [0, 1]."""
     if pred.shape != target.shape:
         raise ValueError(f"reconstruction {tuple(pred.shape)} and target {tuple(target.shape)} differ")

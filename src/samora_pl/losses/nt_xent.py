@@ -12,14 +12,13 @@ makes loss and gradients equal to one process seeing the whole global batch (tes
 """
 
 import warnings
-from typing import Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def _gather(z: torch.Tensor) -> Tuple[torch.Tensor, int]:
+def _gather(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' `z` concatenated in rank order (with gradient), and this rank's offset in it."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z, 0
@@ -37,7 +36,7 @@ def nt_xent(
     temperature: float = 0.1,
     gather: bool = True,
     return_accuracy: bool = False,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """NT-Xent of the pairs (z1[i], z2[i]); z1, z2: [B, D]. With `return_accuracy` also the fraction of
     anchors whose most similar candidate is their positive (a cheap training signal)."""
     if z1.shape != z2.shape or z1.dim() != 2:

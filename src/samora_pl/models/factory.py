@@ -9,21 +9,21 @@ run `seed`, so an experiment's seeds vary the initialisation too.
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
 
-from samora_pl.config import sam_checkpoint
+from samora_pl.config.compose import sam_checkpoint
 from samora_pl.models.segmenter import SAMoraSegmenter
-from samora_pl.runs import file_record
+from samora_pl.runs.manifest import file_record
 
 SAMED_EXPERT = "samed"
 log = logging.getLogger(__name__)
 
 
-def sam_checkpoint_record(path: Optional[str]) -> Optional[dict]:
+def sam_checkpoint_record(path: str | None) -> dict | None:
     """The public SAM file a stage starts its frozen encoder from (`config.sam_checkpoint`), as its manifest
     records an input (path, sha256, bytes); None for a random SAM."""
     return file_record(Path(path)) if path else None
@@ -56,7 +56,7 @@ def build_segmenter(
         seed=cfg.seed,
     )
     if m.family == "sam2":  # imported only here: `import sam2` sets up Hydra's global state
-        from samora_pl.models.sam2_segmenter import SAM2Segmenter as cls
+        from samora_pl.models.sam2.segmenter import SAM2Segmenter as cls
     else:  # SAM (v1) only: its position-embedding resize and H-SAM's decoder (refused on sam2 by config.py)
         cls = SAMoraSegmenter
         settings.update(

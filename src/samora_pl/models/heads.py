@@ -15,7 +15,6 @@ They are trained with the expert and thrown away afterwards; stage 2 never sees 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ def mean_pool(neck: torch.Tensor) -> torch.Tensor:
 class ImageProjection(nn.Module):
     """Pooled neck features [B, in_dim] (or the neck map [B, in_dim, h, w]) -> [B, out_dim]."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: Optional[int] = None) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None) -> None:
         super().__init__()
         hidden = int(hidden or max(in_dim, out_dim))
         self.in_dim, self.out_dim, self.hidden = int(in_dim), int(out_dim), hidden
@@ -46,7 +45,7 @@ class ImageProjection(nn.Module):
 class TokenProjection(nn.Module):
     """Student tokens [..., in_dim] -> [..., out_dim] (LayerNorm + Linear, or + a hidden layer)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: Optional[int] = None) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None) -> None:
         super().__init__()
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
         self.hidden = int(hidden) if hidden else None

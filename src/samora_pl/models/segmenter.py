@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from samora_pl.choices import DECODERS
+from samora_pl.config.choices import DECODERS
 from samora_pl.errors import SamoraError
-from samora_pl.models import lora as lora_mod
-from samora_pl.models.encoder import SAMoraEncoder, prepare_images
-from samora_pl.models.fusion import SingleFusion, build_fusion
-from samora_pl.models.hsam_decoder import HSAMDecoder, HSAMOutput
-from samora_pl.models.lora import DEFAULT_EXPERTS, MultiExpertLoRA
-from samora_pl.models.sam import (
+from samora_pl.models.adapters import lora as lora_mod
+from samora_pl.models.adapters.fusion import SingleFusion, build_fusion
+from samora_pl.models.adapters.lora import DEFAULT_EXPERTS, MultiExpertLoRA
+from samora_pl.models.decoders.hsam import HSAMDecoder, HSAMOutput
+from samora_pl.models.sam.build import (
     LoadReport,
     build_image_encoder,
     build_mask_decoder,
@@ -24,6 +23,7 @@ from samora_pl.models.sam import (
     get_variant,
     load_sam_checkpoint,
 )
+from samora_pl.models.sam.encoder import SAMoraEncoder, prepare_images
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class SAMoraSegmenter(nn.Module):
 
     ``forward(images)``: images [B, 1|3, S, S] in [0, 1] (grey repeated to 3 channels, no
     normalisation) -> logits [B, K+1, S/4, S/4] (channel 0 = background; 4x the embedding grid).
-    With ``decoder="hsam"`` (H-SAM's two-stage decoder, ``models/hsam_decoder.py``) the logits are
+    With ``decoder="hsam"`` (H-SAM's two-stage decoder, ``models/decoders/hsam.py``) the logits are
     [B, K+1, S, S], both stages combined as ``hsam_inference`` says; :meth:`forward_stages` gives each.
 
     Keyword args: ``variant`` (vit_b, vit_l, vit_h, tiny), ``img_size``, ``num_classes`` (K, background
@@ -64,20 +64,20 @@ class SAMoraSegmenter(nn.Module):
         lora_rank: int = 4,
         fusion: str = "hl_attn",
         hl_order="pixel-patch-image",
-        hl_width: Optional[int] = None,
-        hl_heads: Optional[int] = None,
+        hl_width: int | None = None,
+        hl_heads: int | None = None,
         hl_init: str = "paper",
-        lac_weights: Optional[Sequence[float]] = None,
+        lac_weights: Sequence[float] | None = None,
         checkpoint=None,
         grad_checkpoint: bool = False,
-        trainable: Optional[str] = "samora",
+        trainable: str | None = "samora",
         reuse_hypernetworks: bool = False,
-        encoder_seed: Optional[int] = None,
-        seed: Optional[int] = None,
+        encoder_seed: int | None = None,
+        seed: int | None = None,
         pos_embed_resize: str = "bilinear",
         decoder: str = "sam",
         hsam_cmattn: str = "released",
-        hsam_cmattn_heads: Optional[int] = None,
+        hsam_cmattn_heads: int | None = None,
         hsam_noise: float = 0.2,
         hsam_inference: str = "mean",
     ) -> None:
@@ -98,7 +98,7 @@ class SAMoraSegmenter(nn.Module):
                 image_encoder = build_image_encoder(v, self.img_size)
         self.prompt_encoder = build_prompt_encoder(v, self.img_size)
         self.mask_decoder = build_mask_decoder(v, self.num_classes)
-        self.load_report: Optional[LoadReport] = None
+        self.load_report: LoadReport | None = None
         if checkpoint is not None:
             self.load_report = load_sam_checkpoint(
                 checkpoint,
@@ -115,7 +115,7 @@ class SAMoraSegmenter(nn.Module):
                 v.name,
             )
         # H-SAM's stage 2 has no counterpart in SAM's checkpoint: it starts fresh (stage 1 is mask_decoder)
-        self.hsam_decoder: Optional[HSAMDecoder] = None
+        self.hsam_decoder: HSAMDecoder | None = None
         if decoder == "hsam":
             self.hsam_decoder = HSAMDecoder(
                 classes=self.num_classes + 1,
@@ -144,7 +144,7 @@ class SAMoraSegmenter(nn.Module):
             for _ in range(v.depth)
         ]
         self.encoder = SAMoraEncoder(image_encoder, lora, fusions, grad_checkpoint=grad_checkpoint)
-        self.trainable_mode: Optional[str] = None
+        self.trainable_mode: str | None = None
         if trainable is not None:
             self.set_trainable(trainable)
 
@@ -307,7 +307,7 @@ class SAMoraSegmenter(nn.Module):
             self.lora, level, path, img_size=self.img_size, extra_metadata=dict(extra_metadata, variant=self.variant)
         )
 
-    def load_expert(self, level: str, path, *, source_level: Optional[str] = None) -> Dict[str, str]:
+    def load_expert(self, level: str, path, *, source_level: str | None = None) -> dict[str, str]:
         """Load an expert file into slot ``level``; ``source_level`` allows a file of another level."""
         return lora_mod.load_expert(
             self.lora, level, os.fspath(path), source_level=source_level, img_size=self.img_size

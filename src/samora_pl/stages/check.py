@@ -5,7 +5,7 @@ import logging
 from omegaconf import DictConfig
 
 from data_modules import build_datamodule
-from samora_pl.config import data_options
+from samora_pl.config.compose import data_options
 
 log = logging.getLogger(__name__)
 

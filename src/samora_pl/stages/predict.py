@@ -6,7 +6,7 @@ so the command line only names the run (`run`, and `finetune.tag` when it holds 
 from is not needed.
 `predict.input` is one volume or a folder searched recursively for `.nii.gz`, `.nii`, `.mhd`, `.mha`
 (read with their geometry) and `.h5` / `.hdf5` (dataset `image`; no geometry: unit spacing, identity
-direction; the h5 volumes of LA are (W, H, D) and are transposed as `data_modules.la` reads them). Label
+direction; the h5 volumes of LA are (W, H, D) and are transposed as `data_modules.labelled.la` reads them). Label
 files (`*_segmentation.*`, PROMISE12's naming) are skipped.
 
 Intensity (`predict.intensity`): `auto` applies the rule training applied to the run's dataset. For
@@ -30,22 +30,22 @@ import torch
 from omegaconf import DictConfig
 
 from data_modules import build_datamodule, datamodule_class
-from data_modules.unlabeled_io import intensity as scale_intensity
-from data_modules.volume_io import IMAGE_SUFFIXES, Geometry, read_image, strip_image_suffix, write_image
-from data_modules.volumes import VolumeDataModule, volume_stats
-from samora_pl.config import data_options, load_saved
+from data_modules.io.readers import intensity as scale_intensity
+from data_modules.io.volume_io import IMAGE_SUFFIXES, Geometry, read_image, strip_image_suffix, write_image
+from data_modules.labelled.volumes import VolumeDataModule, volume_stats
+from samora_pl.config.compose import data_options, load_saved
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import predict_volume
 from samora_pl.evaluation.overlay import write_overlay
-from samora_pl.progress import track
-from samora_pl.runs import verify_input
-from samora_pl.stages.finetune import FINAL, finished_folder, load_finetuned
+from samora_pl.runs.manifest import verify_input
+from samora_pl.stages.finetune.run import FINAL, finished_folder, load_finetuned
+from samora_pl.training.progress import track
 
 log = logging.getLogger(__name__)
 
 H5_SUFFIXES = (".npy.h5", ".h5", ".hdf5")
 VOLUME_SUFFIXES = IMAGE_SUFFIXES + H5_SUFFIXES
-H5_AXES = {"la": (2, 1, 0)}  # datasets whose h5 volumes are stored (W, H, D), as data_modules/la.py reads them
+H5_AXES = {"la": (2, 1, 0)}  # datasets whose h5 volumes are stored (W, H, D), as data_modules/labelled/la.py reads them
 LABEL_MARK = "_segmentation"
 
 

@@ -27,20 +27,21 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from samora_pl.atomic import atomic_write_text
-from samora_pl.config import load_saved
+from samora_pl.config.compose import load_saved
 from samora_pl.diagnostics.cka import linear_cka
 from samora_pl.diagnostics.features import encoder_features, teacher_features
 from samora_pl.diagnostics.probe_data import load_slices, patch_classes
 from samora_pl.diagnostics.probing import probe_scores
-from samora_pl.distillation import to_teacher_grid
 from samora_pl.errors import SamoraError
+from samora_pl.models.adapters.lora import read_expert_metadata
 from samora_pl.models.factory import base_fingerprint
-from samora_pl.models.lora import read_expert_metadata
-from samora_pl.models.teachers import build_teacher
-from samora_pl.runs import StageRecord, is_rank_zero, run_dir, save_config, stage_dir, tb_root, verify_input
-from samora_pl.stages import distill, finetune
-from samora_pl.stages.cpt import TEACHERS, initial_teacher, teacher_file
+from samora_pl.models.teachers.factory import build_teacher
+from samora_pl.runs.atomic import atomic_write_text
+from samora_pl.runs.manifest import StageRecord, is_rank_zero, run_dir, save_config, stage_dir, tb_root, verify_input
+from samora_pl.stages.cpt.run import TEACHERS, initial_teacher, teacher_file
+from samora_pl.stages.distill import run as distill
+from samora_pl.stages.distill.targets import to_teacher_grid
+from samora_pl.stages.finetune import run as finetune
 
 log = logging.getLogger(__name__)
 LEVEL_OF = {"simclr": "image", "mae": "patch"}  # the distillation level each teacher feeds
@@ -72,9 +73,9 @@ def _inputs(cfg: DictConfig):
             experts[level] = path
     samed = {}
     for folder in sorted((run_dir(cfg) / "finetune").glob("*")):
-        if (folder / finetune.FINAL).is_file() and (folder / "config.yaml").is_file():
-            if load_saved(folder / "config.yaml").mode == "samed":
-                samed[folder.name] = folder
+        finished = (folder / finetune.FINAL).is_file() and (folder / "config.yaml").is_file()
+        if finished and load_saved(folder / "config.yaml").mode == "samed":
+            samed[folder.name] = folder
     return teachers, experts, samed
 
 

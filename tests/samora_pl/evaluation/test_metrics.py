@@ -64,10 +64,7 @@ def random_case(seed, shape=(24, 40, 36), num_classes=5):
         if kind == "both_empty":
             continue
         for _ in range(int(rng.integers(1, 3))):
-            if kind == "single":
-                radii = (0, 0, 0)
-            else:
-                radii = tuple(rng.uniform(0.5, 9, 3))
+            radii = (0, 0, 0) if kind == "single" else tuple(rng.uniform(0.5, 9, 3))
             centre = [rng.uniform(0, n - 1) for n in shape]
             if kind == "border":
                 ax = int(rng.integers(3))

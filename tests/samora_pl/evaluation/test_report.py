@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from samora_pl import atomic
 from samora_pl.evaluation import format_table, summarise, write_results
+from samora_pl.runs import atomic
 
 NAMES = ["spleen", "liver", "aorta"]
 

@@ -3,8 +3,8 @@ expert's A), `model.init_seed` only the frozen random encoder."""
 
 import torch
 
-from samora_pl.choices import LEVELS
-from samora_pl.config import compose
+from samora_pl.config.choices import LEVELS
+from samora_pl.config.compose import compose
 from samora_pl.models.factory import base_fingerprint, build_segmenter
 
 

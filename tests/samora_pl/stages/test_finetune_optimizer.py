@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from samora_pl.choices import LEVELS
-from samora_pl.config import compose
+from samora_pl.config.choices import LEVELS
+from samora_pl.config.compose import compose
 from samora_pl.models.factory import build_segmenter
-from samora_pl.stages.finetune_module import FinetuneModule
+from samora_pl.stages.finetune.module import FinetuneModule
 
 
 def _optimizer(quick, fusion: str):

@@ -7,13 +7,13 @@ import h5py
 import numpy as np
 import pytest
 
-from data_modules.demo import ensure_demo
-from data_modules.volume_io import read_image
+from data_modules.io.volume_io import read_image
+from data_modules.labelled.demo import ensure_demo
 from samora_pl.cli import main
-from samora_pl.config import compose
+from samora_pl.config.compose import compose
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation.metrics import case_metrics
-from samora_pl.stages.finetune import FINAL, load_finetuned
+from samora_pl.stages.finetune.run import FINAL, load_finetuned
 from tests.data_modules.volume_writers import finetune_overrides
 
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from data_modules.demo import ensure_demo
-from data_modules.unlabeled_io import intensity as scale_intensity
-from data_modules.volume_io import Geometry, read_image, write_image
+from data_modules.io.readers import intensity as scale_intensity
+from data_modules.io.volume_io import Geometry, read_image, write_image
+from data_modules.labelled.demo import ensure_demo
 from samora_pl.cli import main
-from samora_pl.config import compose, load_saved
+from samora_pl.config.compose import compose, load_saved
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import predict_volume
-from samora_pl.stages.finetune import FINAL, load_finetuned
+from samora_pl.stages.finetune.run import FINAL, load_finetuned
 from samora_pl.stages.predict import dataset_intensity, read_volume
 from tests.data_modules.volume_writers import GEOMETRY, finetune_folder, finetune_overrides, write_promise12
 

@@ -10,10 +10,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data_modules import build_datamodule
 from samora_pl.cli import main
-from samora_pl.config import compose, load_saved
+from samora_pl.config.compose import compose, load_saved
 from samora_pl.errors import SamoraError
-from samora_pl.models.teacher_io import load_teacher
-from samora_pl.stages.cpt import initial_teacher
+from samora_pl.models.teachers.files import load_teacher
+from samora_pl.stages.cpt.run import initial_teacher
 
 # the frozen teacher is in eval mode on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from samora_pl.cli import main
-from tests.samora_pl.stages.test_distill import build, loader, make_cfg, snapshot, workspace  # noqa: F401
+from tests.samora_pl.stages.distill.test_run import build, loader, make_cfg, snapshot, workspace  # noqa: F401
 
 pytest.importorskip("sam2")
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*")

@@ -1,0 +1,99 @@
+"""One place that turns the `trainer` config into a Lightning Trainer, the same for every stage.
+
+Lightning does the distributed work: `strategy=auto` with more than one device or node selects DDP (gloo on
+CPU, NCCL on GPU; multi-node through torchrun or SLURM), `precision` selects mixed precision. How many
+processes there are is the Trainer's (or Fabric's) `world_size`, never read off the config: `devices=-1`
+or `auto` means every device the machine has. Every stage logs to `runs/<run>/tb/<stage>/<sub>` and
+checkpoints into its stage folder.
+"""
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from samora_pl.runs.checkpoint_io import AtomicCheckpointIO
+from samora_pl.runs.manifest import tb_root
+from samora_pl.training.callbacks import RandomState
+from samora_pl.training.guards import NonFiniteGuard
+from samora_pl.training.progress import progress_bar
+
+
+def build_fabric(cfg: DictConfig) -> L.Fabric:
+    """A Fabric of the `trainer` config, for work outside a Trainer (`samora evaluate`), not launched yet.
+
+    Its `world_size` is the real process count (`devices=-1`, `auto`, a list, `num_nodes`, torchrun or
+    SLURM), which the config text alone does not say."""
+    return L.Fabric(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+    )
+
+
+def build_trainer(
+    cfg: DictConfig,
+    folder: Path,
+    stage: str,
+    sub: str,
+    max_epochs: int | None = None,
+    callbacks: list[Callback] | None = None,
+    checkpoint_every_n_epochs: int = 1,
+    accumulate_grad_batches: int = 1,
+) -> L.Trainer:
+    """A Trainer logging to TensorBoard under the run and checkpointing `last.ckpt` into `folder`.
+
+    `accumulate_grad_batches` micro-batches make one optimiser step (the fine-tune's global batch,
+    `training/effective_batch.py`); Lightning scales each micro-batch's loss by its inverse.
+
+    Also applies `threads` (torch intra-op threads) for this process, since every stage passes here.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # a resumed stage checkpoints into its own non-empty folder on purpose
+    warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+    logger = TensorBoardLogger(save_dir=str(tb_root(cfg)), name=stage, version=sub, default_hp_metric=False)
+    # `last.ckpt` after every `checkpoint_every_n_epochs` epochs, overwritten in place: the latest state is
+    # the one "top-1" checkpoint (no monitor). `save_last=True, save_top_k=0` would write it only when
+    # training ends (Lightning saves `last` only beside a top-k save), so a killed run could not resume.
+    checkpoint = ModelCheckpoint(
+        dirpath=str(Path(folder) / "checkpoints"),
+        filename="last",
+        save_last=False,
+        save_top_k=1,
+        every_n_epochs=checkpoint_every_n_epochs,
+        save_on_train_epoch_end=True,  # after that epoch's validation; also when validation is not every epoch
+        enable_version_counter=False,
+    )
+    guard = NonFiniteGuard(f"{stage} {sub}", folder, skip=bool(cfg.get("skip_nonfinite", False)))
+    all_callbacks = [
+        checkpoint,
+        LearningRateMonitor(logging_interval="step"),
+        progress_bar(f"{stage} {sub}"),  # tqdm on a terminal, a line per epoch in a log file
+        guard,
+        RandomState(),
+    ]
+    all_callbacks += list(callbacks or [])
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,  # auto: Lightning picks DDP for more than one device or node
+        precision=cfg.trainer.precision,
+        max_epochs=max_epochs if max_epochs is not None else cfg.trainer.max_epochs,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        accumulate_grad_batches=accumulate_grad_batches,
+        deterministic=cfg.deterministic,
+        logger=logger,
+        callbacks=all_callbacks,
+        plugins=[AtomicCheckpointIO()],  # last.ckpt is replaced whole or not at all (full disk, kill)
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
