@@ -1,7 +1,10 @@
 """Shared LightningDataModules of samora_pl (a top-level package installed beside `samora_pl`).
 
-`build_datamodule(name, **kwargs)` builds a labelled dataset by name; every one of them follows the
-interface of `data_modules.labelled.base.SegmentationDataModule`.
+`build_datamodule(spec)` builds a labelled dataset from a `LabelledDataSpec` (what the stages' plans pass);
+`build_datamodule(name, **kwargs)` is the same by name, for tests and notebooks. Every dataset follows the
+interface of `data_modules.labelled.base.SegmentationDataModule`. Subpackages: `labelled` (the fine-tuning
+datasets), `pool` (the unlabeled CPT / distillation pool), `io` (file readers), `prepare` (raw downloads to
+the layouts read here). Nothing here imports `samora_pl.config`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import importlib
 import inspect
 
 from data_modules.labelled.base import SegmentationDataModule, Volume
+from data_modules.labelled.spec import LabelledDataSpec
 from samora_pl.errors import SamoraError
 
 # name -> "module:Class"; imported lazily so a dataset's optional readers load only when used.
@@ -51,9 +55,13 @@ def datamodule_options(name: str) -> set[str]:
     return options - {"self"}
 
 
-def build_datamodule(name: str, **kwargs) -> SegmentationDataModule:
-    """Build the data module registered as `name` with the given constructor keyword arguments; an option
-    the dataset does not have is a SamoraError naming it (and its config key, data.<option>)."""
+def build_datamodule(spec: LabelledDataSpec | str, **kwargs) -> SegmentationDataModule:
+    """Build the data module of `spec` (or registered as the name `spec`, with constructor keyword arguments);
+    an option the dataset does not have is a SamoraError naming it (and its config key, data.<option>)."""
+    if isinstance(spec, LabelledDataSpec):
+        name, kwargs = spec.name, {**spec.kwargs(), **kwargs}
+    else:
+        name = spec
     unknown = sorted(set(kwargs) - datamodule_options(name))
     if unknown:
         raise SamoraError(
@@ -64,6 +72,7 @@ def build_datamodule(name: str, **kwargs) -> SegmentationDataModule:
 
 
 __all__ = [
+    "LabelledDataSpec",
     "SegmentationDataModule",
     "Volume",
     "build_datamodule",

@@ -60,10 +60,16 @@ def write_experts(quick):
     settings (B != 0 with random_b, as if distilled), as `finetune.experts.<level>=...` overrides."""
     from samora_pl.config.choices import LEVELS
     from samora_pl.config.compose import compose
+    from samora_pl.config.plans import build_plan
+    from samora_pl.config.specs import ExpertLayout
     from samora_pl.models.factory import build_segmenter
 
     def write(folder: Path, rank: int, random_b: bool = False) -> list:
-        model = build_segmenter(compose("finetune", quick(f"model.lora_rank={rank}")), 8, LEVELS, "hl_attn")
+        model = build_segmenter(
+            build_plan(compose("finetune", quick(f"model.lora_rank={rank}"))).segmenter,
+            ExpertLayout(LEVELS, "hl_attn"),
+            8,
+        )
         if random_b:
             with torch.no_grad():
                 for name, param in model.lora.named_parameters():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samora_pl.config.choices import INTENSITIES
+from data_modules.options import INTENSITIES
 
 READERS = ("npz", "h5", "nifti", "mhd", "dicom", "png")
 CT_WINDOW = (-125.0, 275.0)  # Synapse / TransUNet abdominal window

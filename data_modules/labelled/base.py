@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_modules.labelled.sampling import training_sampler
 from data_modules.labelled.transforms import SegmentationTransform
-from samora_pl.config.choices import FRACTION_MODES
+from data_modules.options import FRACTION_MODES
 from samora_pl.errors import SamoraError
 from samora_pl.runs.atomic import atomic_write_json, atomic_write_text
 from samora_pl.runs.manifest import is_rank_zero

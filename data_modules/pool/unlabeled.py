@@ -59,7 +59,9 @@ from data_modules.io.readers import (
     volume_stats,
 )
 from data_modules.labelled.sampling import training_sampler
-from samora_pl.config.choices import INTENSITY_OPTIONS
+from data_modules.labelled.spec import LabelledDataSpec
+from data_modules.options import INTENSITY_OPTIONS
+from data_modules.pool.spec import PoolSpec
 from samora_pl.errors import SamoraError
 from samora_pl.runs.atomic import atomic_write_text
 from samora_pl.runs.manifest import is_rank_zero, sha256
@@ -129,11 +131,12 @@ def source_dict(source, position: int = 0) -> dict:
     return out
 
 
-def sources_from_config(cfg) -> list[dict]:
-    """`cpt.sources`, or when it is empty the images of the configured dataset (labels ignored)."""
-    if len(cfg.cpt.sources):
-        return [source_dict(s, i) for i, s in enumerate(cfg.cpt.sources)]
-    name, root = cfg.data.name, Path(cfg.data.dir)
+def pool_sources(spec: PoolSpec) -> list[dict]:
+    """The pool's sources (`cpt.sources`), or when there are none the images of its dataset (labels ignored).
+    The demo's data are written here when missing."""
+    if spec.sources:
+        return [source_dict(s, i) for i, s in enumerate(spec.sources)]
+    name, root = spec.dataset, Path(spec.root)
     if name == "demo":
         try:
             from data_modules.labelled.demo import ensure_demo
@@ -206,41 +209,41 @@ def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256(Path(path))
 
 
-def held_out_cases(cfg) -> HeldOut:
-    """The test cases fine-tuning evaluates on `data.name` (its list files or its seeded split by case), to
-    keep out of the pool wherever its sources are (a copy elsewhere is the same patient).
+def held_out_cases(spec: PoolSpec) -> HeldOut:
+    """The test cases fine-tuning evaluates on the pool's dataset (its list files or its seeded split by
+    case), to keep out of the pool wherever its sources are (a copy elsewhere is the same patient).
 
     Without the dataset's folder (a pool of other images, the dataset not on this machine) there is nothing
     to compare with. A dataset without a test split has nothing to leave out (warned); asking to include
-    its test cases (`cpt.include_test_cases=true`) is then a mistake, refused before any work."""
+    its test cases (`spec.include_test_cases`, cpt.include_test_cases=true) is then a mistake, refused
+    before any work."""
     from data_modules import build_datamodule
-    from samora_pl.config.compose import data_options
 
-    root = Path(cfg.data.dir).expanduser().resolve()
-    reads_root = any(_overlaps(Path(s["path"]).expanduser().resolve(), root) for s in sources_from_config(cfg))
+    root = Path(spec.root).expanduser().resolve()
+    reads_root = any(_overlaps(Path(s["path"]).expanduser().resolve(), root) for s in pool_sources(spec))
     if not reads_root and not root.is_dir():
         return NOTHING_HELD_OUT
-    include = bool(cfg.cpt.include_test_cases)
     try:
-        data = build_datamodule(cfg.data.name, root=cfg.data.dir, seed=cfg.seed, **data_options(cfg))
+        data = build_datamodule(LabelledDataSpec(spec.dataset, spec.root, dict(spec.test_split)))
         cases = tuple(data.test_cases())
         if not cases:
             raise SamoraError("its test list is empty")
     except SamoraError as err:
-        if include:
+        if spec.include_test_cases:
             raise SamoraError(
-                f"cpt.include_test_cases=true puts the test cases of the dataset into the pool, but {cfg.data.name} "
-                f"at {cfg.data.dir} has no test split ({err}). Remove cpt.include_test_cases=true, or fix the dataset "
+                f"cpt.include_test_cases=true puts the test cases of the dataset into the pool, but {spec.dataset} "
+                f"at {spec.root} has no test split ({err}). Remove cpt.include_test_cases=true, or fix the dataset "
                 "so that fine-tuning can evaluate it."
             ) from err
         log.warning(
             "CPT pool: %s at %s has no test split (%s); there is no evaluation case to leave out.",
-            cfg.data.name,
-            cfg.data.dir,
+            spec.dataset,
+            spec.root,
             err,
         )
         return NOTHING_HELD_OUT
-    return HeldOut(Path(data.root).expanduser().resolve(), cases, include, cfg.data.name, _test_files(data, cases))
+    root = Path(data.root).expanduser().resolve()
+    return HeldOut(root, cases, spec.include_test_cases, spec.dataset, _test_files(data, cases))
 
 
 def _test_files(data, cases) -> tuple:

@@ -499,18 +499,17 @@ def prepare(name: str, raw, out, overwrite: bool = False, progress: bool = True)
     return summary
 
 
-def run(cfg) -> dict:
-    """`samora prepare`: data.name, prepare.raw, prepare.out (default data.dir), overwrite."""
-    if not cfg.prepare.raw:
-        name = cfg.data.name
+def run(dataset: str, raw: str | None, out: str, source: str | None = None, overwrite: bool = False) -> dict:
+    """`samora prepare`: `raw` (prepare.raw) of `dataset` (data.name), or of `source` (prepare.source), into the
+    layout at `out` (prepare.out, default data.dir)."""
+    if not raw:
         raise SamoraError(
-            f"prepare.raw (RAW) is missing: give the folder of the {name} download, e.g. "
-            f"`make prepare DATA={name} RAW=/downloads/{name} OUT=data/{name}`"
+            f"prepare.raw (RAW) is missing: give the folder of the {dataset} download, e.g. "
+            f"`make prepare DATA={dataset} RAW=/downloads/{dataset} OUT=data/{dataset}`"
         )
-    source = cfg.prepare.source or cfg.data.name
-    if cfg.prepare.source and cfg.data.name != SOURCES.get(cfg.prepare.source, cfg.data.name):
+    if source and dataset != SOURCES.get(source, dataset):
         raise SamoraError(
-            f"prepare.source={cfg.prepare.source} writes the {SOURCES[cfg.prepare.source]} layout; "
-            f"set data.name={SOURCES[cfg.prepare.source]} (DATA={SOURCES[cfg.prepare.source]}), not {cfg.data.name}"
+            f"prepare.source={source} writes the {SOURCES[source]} layout; "
+            f"set data.name={SOURCES[source]} (DATA={SOURCES[source]}), not {dataset}"
         )
-    return prepare(source, cfg.prepare.raw, cfg.prepare.out or cfg.data.dir, overwrite=cfg.overwrite)
+    return prepare(source or dataset, raw, out, overwrite=overwrite)

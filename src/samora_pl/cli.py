@@ -6,6 +6,7 @@ Commands: cpt, distill, finetune, evaluate, predict, probe, check, prepare, demo
 
 import argparse
 import errno
+import importlib
 import logging
 import sys
 import time
@@ -57,7 +58,24 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
+# command -> "module:function" that runs its plan; imported when the command runs
+STAGE_RUNNERS = {
+    "cpt": "samora_pl.stages.cpt.run:run",
+    "distill": "samora_pl.stages.distill.run:run",
+    "finetune": "samora_pl.stages.finetune.run:run",
+    "probe": "samora_pl.stages.probe:run",
+    "check": "samora_pl.stages.check:run",
+    "predict": "samora_pl.stages.predict:run",
+}
+
+
+def _runner(command: str):
+    module, name = STAGE_RUNNERS[command].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def run_command(command: str, overrides) -> dict:
+    """compose -> validate -> plan -> the stage runs its plan (the suites compose and plan every stage first)."""
     from samora_pl.config.compose import compose
 
     if command == "demo":
@@ -75,27 +93,26 @@ def run_command(command: str, overrides) -> dict:
             raise SamoraError(f"seeds={seeds[-1]}: give a whole number of seeds per variant, e.g. seeds=3.")
         rest = [item for item in overrides if "=" in item and not item.startswith("seeds=")]
         return run_ablation(names[0], rest, seeds=int(seeds[-1]) if seeds else 1)
-    if command == "check":
-        from samora_pl.stages.check import check
+    from samora_pl.config.plans import build_plan
+    from samora_pl.config.validate import check_stage_overrides
 
-        return check(compose("check", overrides))
+    check_stage_overrides(command, overrides)
     cfg = compose(command, overrides)
-    if command in ("evaluate", "predict"):  # they read a finished fine-tune, which the overrides may name
-        from samora_pl.stages.finetune.run import evaluate
-        from samora_pl.stages.predict import run as predict
+    if command == "evaluate":  # reads a finished fine-tune, which the overrides may name
+        from samora_pl.config.finished import evaluate_plan
+        from samora_pl.stages.finetune.evaluate import run as evaluate
 
-        return (evaluate if command == "evaluate" else predict)(cfg, overrides)
-    if command == "cpt":
-        from samora_pl.stages.cpt.run import run
-    elif command == "distill":
-        from samora_pl.stages.distill.run import run
-    elif command == "finetune":
-        from samora_pl.stages.finetune.run import run
-    elif command == "probe":
-        from samora_pl.stages.probe import run
-    else:
-        from data_modules.prepare.raw import run
-    return run(cfg)
+        return evaluate(*evaluate_plan(cfg, overrides))
+    if command == "predict":
+        from samora_pl.config.finished import predict_plan
+
+        return _runner(command)(predict_plan(cfg, overrides))
+    if command == "prepare":
+        from data_modules.prepare.raw import run as prepare
+
+        plan = build_plan(cfg)
+        return prepare(plan.dataset, plan.raw, plan.out, plan.source, overwrite=plan.overwrite)
+    return _runner(command)(build_plan(cfg))
 
 
 # errors of the file system rather than of the code: a read-only or full runs folder, a path under a file

@@ -9,9 +9,10 @@ import pytest
 
 from data_modules import build_datamodule
 from data_modules.io.volume_io import write_image
-from data_modules.pool.unlabeled import build_pool, held_out_cases, sources_from_config
+from data_modules.pool.unlabeled import build_pool, held_out_cases, pool_sources
 from samora_pl.cli import main
 from samora_pl.config.compose import compose
+from samora_pl.config.plans import build_plan
 from samora_pl.errors import SamoraError
 from tests.data_modules.volume_writers import GEOMETRY, write_generic, write_la, write_promise12, write_synapse_tree
 
@@ -25,7 +26,10 @@ WRITERS = {
 
 
 def cfg_for(name: str, root: Path, *extra):
-    return compose("cpt", [f"data.name={name.split('_')[0]}", f"data.dir={root}", "profile=tiny", *extra])
+    """The CPT pool of dataset `name` at `root`, as `samora cpt` plans it."""
+    return build_plan(
+        compose("cpt", [f"data.name={name.split('_')[0]}", f"data.dir={root}", "profile=tiny", *extra])
+    ).pool
 
 
 def cases_of_pool(pool) -> set:
@@ -41,7 +45,7 @@ def test_default_pool_and_monitoring_slices_leave_out_the_test_cases(tmp_path, n
     cfg = cfg_for(name, root)
     held = held_out_cases(cfg)
     assert set(held.cases) == test and not held.included
-    pool = build_pool(sources_from_config(cfg), held_out=held)
+    pool = build_pool(pool_sources(cfg), held_out=held)
     summary = pool.summary()
     assert not set(summary["cases"]) & test  # no test case read ...
     assert {data.case_of(n) for n in data.train_names()} <= set(summary["cases"])  # ... every training case is
@@ -52,7 +56,7 @@ def test_default_pool_and_monitoring_slices_leave_out_the_test_cases(tmp_path, n
     assert len(data.val_set) == 4 and not {data.case_of(n) for n in data.val_set.names} & test
 
     opted = cfg_for(name, root, "cpt.include_test_cases=true")
-    transductive = build_pool(sources_from_config(opted), held_out=held_out_cases(opted)).summary()
+    transductive = build_pool(pool_sources(opted), held_out=held_out_cases(opted)).summary()
     assert test <= set(transductive["cases"])
     assert transductive["include_test_cases"] is True and transductive["excluded_cases"] == []
 
@@ -60,10 +64,10 @@ def test_default_pool_and_monitoring_slices_leave_out_the_test_cases(tmp_path, n
 def test_an_explicit_source_inside_the_dataset_folder_leaves_them_out_too(tmp_path, synapse_root):
     cfg = cfg_for("synapse", synapse_root, f"cpt.sources=[{{path: '{synapse_root / 'test_vol_h5'}', format: h5}}]")
     with pytest.raises(Exception, match="pool is empty"):  # its only files are test volumes
-        build_pool(sources_from_config(cfg), held_out=held_out_cases(cfg))
+        build_pool(pool_sources(cfg), held_out=held_out_cases(cfg))
     outside = write_synapse_tree(tmp_path / "other", test_cases=("case0003",), seed=1)  # none of synapse_root
     elsewhere = cfg_for("synapse", synapse_root, f"cpt.sources=[{{path: '{outside}', format: synapse}}]")
-    pool = build_pool(sources_from_config(elsewhere), held_out=held_out_cases(elsewhere))
+    pool = build_pool(pool_sources(elsewhere), held_out=held_out_cases(elsewhere))
     assert "case0003" in cases_of_pool(pool) and pool.summary()["included_test_cases"] == []
 
 
@@ -83,18 +87,18 @@ def test_a_test_patient_under_another_name_or_folder_is_refused_or_opted_in(tmp_
     for where, fmt, path, case in ((raw, "nifti", raw / "img0001.nii.gz", "case0001"), (copy, "h5", None, None)):
         cfg = _source(synapse_root, where, fmt)
         with pytest.raises(SamoraError) as err:
-            build_pool(sources_from_config(cfg), held_out=held_out_cases(cfg))
+            build_pool(pool_sources(cfg), held_out=held_out_cases(cfg))
         message = str(err.value)
         shown = path or copy / "case0002.npy.h5"
         assert str(shown.resolve()) in message and f"test case {case or 'case0002'}" in message
         assert "cpt.include_test_cases=true" in message and "img0003" not in message and "img00011" not in message
         opted = _source(synapse_root, where, fmt, "cpt.include_test_cases=true")
-        summary = build_pool(sources_from_config(opted), held_out=held_out_cases(opted)).summary()
+        summary = build_pool(pool_sources(opted), held_out=held_out_cases(opted)).summary()
         assert summary["included_test_cases"] == [case or "case0002"] and summary["include_test_cases"] is True
     inside = synapse_root / "RawData"  # the raw release inside the dataset's folder: left out, not refused
     shutil.copytree(raw, inside / "img")
     cfg = _source(synapse_root, inside, "nifti")
-    summary = build_pool(sources_from_config(cfg), held_out=held_out_cases(cfg)).summary()
+    summary = build_pool(pool_sources(cfg), held_out=held_out_cases(cfg)).summary()
     assert summary["cases"] == ["img00011", "img0003"] and summary["excluded_cases"] == ["case0001", "case0002"]
 
 
@@ -110,7 +114,7 @@ def test_a_copy_of_a_test_case_outside_the_dataset_is_refused(tmp_path, name):
         shutil.copy(sibling, copy.parent / sibling.name)
     cfg = cfg_for(name, root, f"cpt.sources=[{{path: '{tmp_path / 'copy'}', format: auto}}]")
     with pytest.raises(SamoraError, match=f"test case {test}"):
-        build_pool(sources_from_config(cfg), held_out=held_out_cases(cfg))
+        build_pool(pool_sources(cfg), held_out=held_out_cases(cfg))
 
 
 def test_run_seed_does_not_move_the_seeded_split_the_pool_leaves_out(tmp_path):
@@ -138,5 +142,5 @@ def test_a_renamed_byte_copy_of_a_test_volume_is_found_by_its_content(tmp_path, 
     (copy / "scan_a.h5").write_bytes((copy / "scan_a.h5").read_bytes()[:-1] + b"\x01")  # same size, other bytes
     cfg = _source(synapse_root, copy, "h5")
     with pytest.raises(SamoraError, match="scan_b.h5: test case case0002") as err:
-        build_pool(sources_from_config(cfg), held_out=held_out_cases(cfg))
+        build_pool(pool_sources(cfg), held_out=held_out_cases(cfg))
     assert "scan_a" not in str(err.value)

@@ -8,6 +8,7 @@ import lightning.pytorch.accelerators.cuda as pytorch_cuda
 import pytest
 
 from samora_pl.config.compose import compose
+from samora_pl.config.plans import build_plan
 from samora_pl.stages.cpt import run as cpt
 from samora_pl.training.trainer import build_fabric
 
@@ -54,7 +55,7 @@ def test_mae_lr_scales_with_the_trainers_world_size(
     cfg = config(
         tmp_path, "cpt.teacher=mae", "cpt.mae.max_epochs=0", *_trainer_overrides(accelerator, devices, num_nodes)
     )
-    lr = cpt.run(cfg)["mae"]["lr"]
+    lr = cpt.run(build_plan(cfg))["mae"]["lr"]
     assert sizes == [processes]
     assert lr == pytest.approx(cfg.cpt.mae.base_lr * cfg.cpt.mae.batch_size * processes / 256)
 
@@ -65,4 +66,4 @@ def test_evaluation_starts_the_real_number_of_processes(
 ):
     """`samora evaluate` launches ranks (and shards the cases) when its Fabric counts more than one."""
     cfg = compose("evaluate", [f"runs_dir={tmp_path}", *_trainer_overrides(accelerator, devices, num_nodes)])
-    assert build_fabric(cfg).world_size == processes
+    assert build_fabric(build_plan(cfg).trainer).world_size == processes

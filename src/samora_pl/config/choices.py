@@ -6,6 +6,8 @@ these tuples, so a value added in one place is known everywhere. Plain tuples, n
 
 from itertools import permutations
 
+from data_modules.options import FRACTION_MODES, INTENSITIES, INTENSITY_OPTIONS  # noqa: F401 (the data layer's)
+
 LEVELS = ("image", "patch", "pixel")  # the three LoRA experts, in canonical order
 HL_ORDERS = tuple("-".join(order) for order in permutations(LEVELS))
 
@@ -28,11 +30,9 @@ MODES = ("samora", "samed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
-INTENSITIES = ("none", "ct_window", "mr_percentile")
-INTENSITY_OPTIONS = ("auto",) + INTENSITIES  # auto: the dataset's own default
-FRACTION_MODES = ("slice", "case", "list")
 RESIZE_MODES = ("direct", "two_step")
 
 TEACHERS = ("simclr", "mae")
+IMAGE_PAIRINGS = ("same", "cross")  # distill.image_pairing: student(v) vs teacher(v), or the two views crossed
 # prepare.source: raw files that are not a dataset's own download (data_modules/prepare/colin27.py)
 PREPARE_SOURCES = ("colin27",)

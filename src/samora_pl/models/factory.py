@@ -1,4 +1,4 @@
-"""Build the segmenter a stage needs from the config, the same way in every stage.
+"""Build the segmenter a stage needs from its plan's `SegmenterSpec` and `ExpertLayout`, the same way in every stage.
 
 Without an official SAM checkpoint the frozen encoder is randomly initialised from `model.init_seed` (not
 the run seed), so distillation and fine-tuning of one run, whatever their seeds, share the same frozen
@@ -9,17 +9,15 @@ run `seed`, so an experiment's seeds vary the initialisation too.
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
-from samora_pl.config.compose import sam_checkpoint
+from samora_pl.config.specs import ExpertLayout, SegmenterSpec
 from samora_pl.models.segmenter import SAMoraSegmenter
 from samora_pl.runs.manifest import file_record
 
-SAMED_EXPERT = "samed"
 log = logging.getLogger(__name__)
 
 
@@ -30,46 +28,54 @@ def sam_checkpoint_record(path: str | None) -> dict | None:
 
 
 def build_segmenter(
-    cfg: DictConfig, num_classes: int, experts: Sequence[str], fusion: str, *, load_sam: bool = True
+    spec: SegmenterSpec, layout: ExpertLayout, num_classes: int, *, load_sam: bool = True
 ) -> SAMoraSegmenter:
-    """SAM + the named LoRA experts + `fusion`: the frozen encoder from the checkpoint or `init_seed`, the
-    trainable parts from the run `seed`.
+    """SAM + the layout's LoRA experts and fusion: the frozen encoder from the checkpoint or `encoder_seed`,
+    the trainable parts from the run `seed`.
 
-    `load_sam=False` skips the checkpoint (weights from `init_seed`) for callers that overwrite every
+    `load_sam=False` skips the checkpoint (weights from `encoder_seed`) for callers that overwrite every
     weight anyway, such as loading a finished fine-tune."""
-    m = cfg.model
     settings = dict(
-        variant=m.variant,
-        img_size=m.img_size,
+        variant=spec.variant,
+        img_size=spec.img_size,
         num_classes=num_classes,
-        experts=tuple(experts),
-        lora_rank=m.lora_rank,
-        fusion=fusion,
-        hl_order=m.hl_order,
-        hl_width=m.hl_width,
-        hl_heads=m.hl_heads,
-        hl_init=m.hl_init,
-        lac_weights=None if m.lac_weights is None else list(m.lac_weights),
-        checkpoint=sam_checkpoint(cfg) if load_sam else None,
-        grad_checkpoint=m.grad_checkpoint,
-        encoder_seed=m.init_seed,
-        seed=cfg.seed,
+        experts=tuple(layout.experts),
+        lora_rank=spec.lora_rank,
+        fusion=layout.fusion,
+        hl_order=spec.hl_order,
+        hl_width=spec.hl_width,
+        hl_heads=spec.hl_heads,
+        hl_init=spec.hl_init,
+        lac_weights=None if spec.lac_weights is None else list(spec.lac_weights),
+        checkpoint=spec.checkpoint if load_sam else None,
+        grad_checkpoint=spec.grad_checkpoint,
+        encoder_seed=spec.encoder_seed,
+        seed=spec.seed,
     )
-    if m.family == "sam2":  # imported only here: `import sam2` sets up Hydra's global state
-        from samora_pl.models.sam2.segmenter import SAM2Segmenter as cls
-    else:  # SAM (v1) only: its position-embedding resize and H-SAM's decoder (refused on sam2 by config.py)
-        cls = SAMoraSegmenter
+    cls = SEGMENTERS[spec.family]()
+    if spec.family == "sam":  # SAM (v1) only: its position-embedding resize and H-SAM's decoder
         settings.update(
-            pos_embed_resize=m.pos_embed_resize,
-            decoder=m.decoder,
-            hsam_cmattn=m.hsam_cmattn,
-            hsam_cmattn_heads=m.hsam_cmattn_heads,
-            hsam_noise=m.hsam_noise,
-            hsam_inference=m.hsam_inference,
+            pos_embed_resize=spec.pos_embed_resize,
+            decoder=spec.decoder,
+            hsam_cmattn=spec.hsam_cmattn,
+            hsam_cmattn_heads=spec.hsam_cmattn_heads,
+            hsam_noise=spec.hsam_noise,
+            hsam_inference=spec.hsam_inference,
         )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(spec.seed)
         return cls(**settings)
+
+
+def _sam2_segmenter() -> type:
+    # imported only when used: `import sam2` sets up Hydra's global state
+    from samora_pl.models.sam2.segmenter import SAM2Segmenter
+
+    return SAM2Segmenter
+
+
+# model.family -> the segmenter class (a loader, so a family's package is imported only when it is built)
+SEGMENTERS: dict[str, Callable[[], type]] = {"sam": lambda: SAMoraSegmenter, "sam2": _sam2_segmenter}
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:

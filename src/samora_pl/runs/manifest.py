@@ -10,13 +10,12 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Optional
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from samora_pl.runs.atomic import atomic_write_text
 from samora_pl.errors import SamoraError
+from samora_pl.runs.atomic import atomic_write_text
 
 MANIFEST = "manifest.json"
 
@@ -25,18 +24,6 @@ def is_rank_zero() -> bool:
     """True on the process that writes files: Lightning's global rank (from RANK / LOCAL_RANK / SLURM_PROCID
     before the strategy has started, the strategy's rank after)."""
     return rank_zero_only.rank == 0
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.runs_dir) / cfg.run
-
-
-def stage_dir(cfg: DictConfig, stage: str, sub: str) -> Path:
-    return run_dir(cfg) / stage / sub
-
-
-def tb_root(cfg: DictConfig) -> Path:
-    return run_dir(cfg) / "tb"
 
 
 def sha256(path: Path) -> str:
@@ -52,7 +39,7 @@ def file_record(path: Path) -> dict:
     return {"path": str(path), "sha256": sha256(path), "bytes": path.stat().st_size}
 
 
-def read_manifest(folder: Path) -> Optional[dict]:
+def read_manifest(folder: Path) -> dict | None:
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
@@ -81,7 +68,7 @@ def verify_input(path: Path, producer: Path) -> dict:
     return record
 
 
-def package_versions() -> Dict[str, str]:
+def package_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
@@ -93,7 +80,7 @@ def package_versions() -> Dict[str, str]:
     return versions
 
 
-def git_revision() -> Optional[str]:
+def git_revision() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
@@ -106,12 +93,12 @@ def git_revision() -> Optional[str]:
 class StageRecord:
     """Collects what one stage consumed and produced, and writes its manifest when it ends."""
 
-    def __init__(self, cfg: DictConfig, folder: Path):
-        self.cfg = cfg
+    def __init__(self, stage: str, config: dict, folder: Path):
+        self.stage, self.config = stage, config
         self.folder = Path(folder)
-        self.inputs: Dict[str, dict] = {}
-        self.outputs: Dict[str, dict] = {}
-        self.metrics: Dict[str, object] = {}
+        self.inputs: dict[str, dict] = {}
+        self.outputs: dict[str, dict] = {}
+        self.metrics: dict[str, object] = {}
         self.started = time.time()
 
     def add_input(self, name: str, record: dict) -> None:
@@ -122,7 +109,7 @@ class StageRecord:
 
     def write(self, status: str = "complete") -> dict:
         manifest = {
-            "stage": self.cfg.stage,
+            "stage": self.stage,
             "status": status,
             "inputs": self.inputs,
             "outputs": self.outputs,
@@ -131,13 +118,14 @@ class StageRecord:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": package_versions(),
             "git_revision": git_revision(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": self.config,
         }
         if is_rank_zero():
             atomic_write_text(self.folder / MANIFEST, json.dumps(manifest, indent=2, default=str))
         return manifest
 
 
-def save_config(cfg: DictConfig, folder: Path) -> None:
+def save_config(config: dict, folder: Path) -> None:
+    """The resolved configuration a stage ran with, as `folder/config.yaml` (what reuse checks compare)."""
     if is_rank_zero():
-        atomic_write_text(Path(folder) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(Path(folder) / "config.yaml", OmegaConf.to_yaml(config))

@@ -2,17 +2,15 @@
 
 import logging
 
-from omegaconf import DictConfig
-
 from data_modules import build_datamodule
-from samora_pl.config.compose import data_options
+from samora_pl.config.plans import CheckPlan
 
 log = logging.getLogger(__name__)
 
 
-def check(cfg: DictConfig) -> dict:
+def run(plan: CheckPlan) -> dict:
     """Run the dataset's full check; it raises one SamoraError listing every problem it finds."""
-    data = build_datamodule(cfg.data.name, root=cfg.data.dir, img_size=cfg.model.img_size, **data_options(cfg))
+    data = build_datamodule(plan.data)
     summary = data.validate() or {}
-    log.info("%s at %s: no problems found. %s", cfg.data.name, cfg.data.dir, summary)
+    log.info("%s at %s: no problems found. %s", plan.data.name, plan.data.root, summary)
     return summary

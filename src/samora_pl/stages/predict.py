@@ -27,18 +27,17 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
-from data_modules import build_datamodule, datamodule_class
+from data_modules import LabelledDataSpec, build_datamodule, datamodule_class
 from data_modules.io.readers import intensity as scale_intensity
 from data_modules.io.volume_io import IMAGE_SUFFIXES, Geometry, read_image, strip_image_suffix, write_image
 from data_modules.labelled.volumes import VolumeDataModule, volume_stats
-from samora_pl.config.compose import data_options, load_saved
+from samora_pl.config.plans import PredictPlan
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import predict_volume
 from samora_pl.evaluation.overlay import write_overlay
 from samora_pl.runs.manifest import verify_input
-from samora_pl.stages.finetune.run import FINAL, finished_folder, load_finetuned
+from samora_pl.stages.finetune.evaluate import load_finetuned
 from samora_pl.training.progress import track
 
 log = logging.getLogger(__name__)
@@ -110,14 +109,12 @@ def read_volume(path: Path, dataset: str) -> tuple:
     return (array.transpose(H5_AXES[dataset]) if dataset in H5_AXES else array), Geometry()
 
 
-def dataset_intensity(saved: DictConfig):
+def dataset_intensity(spec: LabelledDataSpec):
     """The intensity rule of a volume dataset's training data; None for Synapse-layout data (stored windowed)."""
-    if not issubclass(datamodule_class(saved.data.name), VolumeDataModule):
+    if not issubclass(datamodule_class(spec.name), VolumeDataModule):
         return None
     try:
-        data = build_datamodule(
-            saved.data.name, root=saved.data.dir, img_size=saved.model.img_size, **data_options(saved)
-        )
+        data = build_datamodule(spec)
     except SamoraError as err:
         raise SamoraError(
             f"predict.intensity=auto takes the rule of the run's dataset, which could not be opened "
@@ -126,28 +123,21 @@ def dataset_intensity(saved: DictConfig):
     return data.intensity
 
 
-def run(cfg: DictConfig, overrides=()) -> dict:
+def run(plan: PredictPlan) -> dict:
     """Predict every input volume with the run's fine-tuned model; returns what was written."""
-    if not cfg.predict.input or not cfg.predict.output:
-        raise SamoraError(
-            "predict.input (IN) and predict.output (OUT) are both needed: a volume or folder of "
-            "volumes, and the folder the predictions go to."
-        )
-    out = Path(cfg.predict.output).expanduser().resolve()
+    settings, saved, folder = plan.predict, plan.model, plan.model.folder
+    out = Path(settings.output).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise SamoraError(f"{out}: predict.output (OUT) is a file; give a folder")
-    volumes = find_volumes(Path(cfg.predict.input).expanduser().resolve(), out)
-    folder = finished_folder(cfg, overrides)
-    saved = load_saved(folder / "config.yaml")
-    weights = folder / FINAL
-    verify_input(weights, folder)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    use_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    volumes = find_volumes(Path(settings.input).expanduser().resolve(), out)
+    verify_input(plan.weights, folder)
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    use_cuda = torch.cuda.is_available() and plan.accelerator in ("auto", "gpu", "cuda")
     device = torch.device("cuda" if use_cuda else "cpu")
-    model = load_finetuned(saved, weights).to(device).eval()
-    rule = dataset_intensity(saved) if cfg.predict.intensity == "auto" else cfg.predict.intensity
-    log.info("predict: %d volume(s) with %s (%s, %d classes)", len(volumes), folder, saved.data.name, model.num_classes)
+    model = load_finetuned(saved, plan.weights).to(device).eval()
+    rule = dataset_intensity(saved.source) if settings.intensity == "auto" else settings.intensity
+    log.info("predict: %d volume(s) with %s (%s, %d classes)", len(volumes), folder, saved.dataset, model.num_classes)
 
     @torch.no_grad()
     def logits(batch: torch.Tensor) -> torch.Tensor:
@@ -155,26 +145,26 @@ def run(cfg: DictConfig, overrides=()) -> dict:
 
     written = []
     for path, target in track(volumes, "predict", "volume"):
-        image, geometry = read_volume(path, saved.data.name)
+        image, geometry = read_volume(path, saved.dataset)
         mode = rule or ("none" if is_h5(path) else "ct_window")
         scaled = scale_intensity(image, mode, volume_stats(image, mode))
         label = predict_volume(
             logits,
             scaled,
-            saved.model.img_size,
-            batch_size=cfg.eval.batch_size,
+            saved.segmenter.img_size,
+            batch_size=plan.batch_size,
             resize=saved.eval.resize,
             two_step_size=saved.eval.two_step_size,
         )
         written.append(write_image(target / f"{case_name(path)}_pred.nii.gz", label, geometry))
-        if cfg.predict.overlay:
+        if settings.overlay:
             write_overlay(
-                target / f"{case_name(path)}_overlay.png", scaled, label, model.num_classes, cfg.predict.overlay_slices
+                target / f"{case_name(path)}_overlay.png", scaled, label, model.num_classes, settings.overlay_slices
             )
     log.info(
         "predict: wrote %d label map(s)%s to %s (intensity %s, resize %s)",
         len(written),
-        " and overlays" if cfg.predict.overlay else "",
+        " and overlays" if settings.overlay else "",
         out,
         rule or "ct_window for NIfTI/MHD, none for h5",
         saved.eval.resize,

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
+from data_modules import build_datamodule
 from samora_pl.config.compose import load_saved
+from samora_pl.config.plans import FINAL_FILE, ProbePlan, build_plan
 from samora_pl.diagnostics.cka import linear_cka
 from samora_pl.diagnostics.features import encoder_features, teacher_features
 from samora_pl.diagnostics.probe_data import load_slices, patch_classes
@@ -36,12 +37,13 @@ from samora_pl.errors import SamoraError
 from samora_pl.models.adapters.lora import read_expert_metadata
 from samora_pl.models.factory import base_fingerprint
 from samora_pl.models.teachers.factory import build_teacher
+from samora_pl.models.teachers.files import load_teacher
 from samora_pl.runs.atomic import atomic_write_text
-from samora_pl.runs.manifest import StageRecord, is_rank_zero, run_dir, save_config, stage_dir, tb_root, verify_input
-from samora_pl.stages.cpt.run import TEACHERS, initial_teacher, teacher_file
+from samora_pl.runs.manifest import StageRecord, is_rank_zero, save_config, verify_input
+from samora_pl.stages.cpt.run import initial_teacher
 from samora_pl.stages.distill import run as distill
 from samora_pl.stages.distill.targets import to_teacher_grid
-from samora_pl.stages.finetune import run as finetune
+from samora_pl.stages.finetune.evaluate import load_finetuned
 
 log = logging.getLogger(__name__)
 LEVEL_OF = {"simclr": "image", "mae": "patch"}  # the distillation level each teacher feeds
@@ -58,22 +60,18 @@ COLUMNS = (
 )
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    wants_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+def _device(accelerator: str) -> torch.device:
+    wants_gpu = accelerator in ("auto", "gpu", "cuda")
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def _inputs(cfg: DictConfig):
+def _inputs(plan: ProbePlan):
     """The run's teachers {kind: path}, experts {level: path} and SAMed fine-tunes {tag: folder}."""
-    teachers = {kind: teacher_file(cfg, kind) for kind in TEACHERS if teacher_file(cfg, kind).is_file()}
-    experts = {}
-    for level in distill.LEVELS:
-        path = stage_dir(cfg, "distill", level) / distill.EXPERT
-        if path.is_file():
-            experts[level] = path
+    teachers = {kind: path for kind, path in plan.teacher_files.items() if path.is_file()}
+    experts = {level: path for level, path in plan.expert_files.items() if path.is_file()}
     samed = {}
-    for folder in sorted((run_dir(cfg) / "finetune").glob("*")):
-        finished = (folder / finetune.FINAL).is_file() and (folder / "config.yaml").is_file()
+    for folder in sorted((plan.folders.root / "finetune").glob("*")):
+        finished = (folder / FINAL_FILE).is_file() and (folder / "config.yaml").is_file()
         if finished and load_saved(folder / "config.yaml").mode == "samed":
             samed[folder.name] = folder
     return teachers, experts, samed
@@ -82,8 +80,8 @@ def _inputs(cfg: DictConfig):
 class Prober:
     """Holds the slices, their split and targets, and scores any features with both probes."""
 
-    def __init__(self, cfg: DictConfig, slices):
-        self.p = cfg.probe
+    def __init__(self, settings, slices):
+        self.p = settings
         self.slices = slices
         self.presence = slices.presence()
         self.train, self.test = slices.train, slices.test
@@ -122,18 +120,18 @@ def _start_and_random(path: Path, kind: str, trained, notes: list) -> dict:
     if not saved.is_file():
         notes.append(f"teacher_{kind}_start: skipped, {saved} is missing (the starting weights cannot be rebuilt)")
         return {"start": None, "random": _random_teacher(kind, trained, 1)}
-    ccfg = load_saved(saved)
+    start_plan = build_plan(load_saved(saved))
     try:
-        start, _ = initial_teacher(ccfg, kind)
+        start, _ = initial_teacher(start_plan.cpt, start_plan.seed, kind)
     except SamoraError as err:  # e.g. the public checkpoint CPT started from has moved
         notes.append(f"teacher_{kind}_start: skipped, its starting weights cannot be loaded ({err})")
-        return {"start": None, "random": _random_teacher(kind, trained, ccfg.seed + 1)}
+        return {"start": None, "random": _random_teacher(kind, trained, start_plan.seed + 1)}
     if dict(start.arch) != dict(trained.arch):
         notes.append(f"teacher_{kind}_start: skipped, {saved} describes another architecture than {path}")
         start = None
     else:
         start.eval().requires_grad_(False)
-    return {"start": start, "random": _random_teacher(kind, trained, ccfg.seed + 1)}
+    return {"start": start, "random": _random_teacher(kind, trained, start_plan.seed + 1)}
 
 
 def _random_teacher(kind: str, trained, seed: int):
@@ -142,13 +140,14 @@ def _random_teacher(kind: str, trained, seed: int):
         return build_teacher(kind, dict(trained.arch)).eval().requires_grad_(False)
 
 
-def probe_teachers(cfg, prober, teachers, record, device, notes) -> tuple:
+def probe_teachers(prober, teachers, record, device, notes) -> tuple:
     """Part 1: {subject: scores} for each teacher after CPT, before CPT and random; the CPT teachers' held-out
     features (for part 2's CKA)."""
     scores, held_out = {}, {}
-    images, batch = prober.slices.images, cfg.probe.batch_size
+    images, batch = prober.slices.images, prober.p.batch_size
     for kind, path in teachers.items():
-        trained, _ = distill.load_level_teacher(cfg, LEVEL_OF[kind], record)
+        record.add_input(f"teacher_{kind}", verify_input(path, path.parent))
+        trained = load_teacher(path, kind=kind)
         variants = {"cpt": trained, **_start_and_random(path, kind, trained, notes)}
         for name, teacher in variants.items():
             if teacher is None:
@@ -171,10 +170,10 @@ def _cka(feats: dict, teacher: dict, kind: str, test) -> float:
     return linear_cka(target.reshape(-1, target.shape[-1]), student.reshape(-1, student.shape[-1]))
 
 
-def probe_encoders(cfg, prober, experts, samed, held_out, record, device, notes) -> dict:
+def probe_encoders(prober, experts, samed, held_out, record, device, notes) -> dict:
     """Part 2: {subject: scores} for SAM's encoder with each expert, bare, and with SAMed's LoRA."""
     scores, bare = {}, {}
-    images, batch, test = prober.slices.images, cfg.probe.batch_size, prober.test
+    images, batch, test = prober.slices.images, prober.p.batch_size, prober.test
 
     def measure(subject: str, model, cka_kinds) -> dict:
         print(f"probe: part 2/2, {subject}", flush=True)
@@ -191,8 +190,7 @@ def probe_encoders(cfg, prober, experts, samed, held_out, record, device, notes)
         if not saved.is_file():
             notes.append(f"expert_{level}: skipped, {saved} is missing (the encoder it was distilled on is unknown)")
             continue
-        dcfg = load_saved(saved)
-        model = distill.build_student(dcfg, level)
+        model = distill.build_student(build_plan(load_saved(saved)).segmenter, level)
         fingerprint = base_fingerprint(model)
         if fingerprint not in bare:
             subject = "encoder_bare" if not bare else f"encoder_bare_{level}"
@@ -208,9 +206,8 @@ def probe_encoders(cfg, prober, experts, samed, held_out, record, device, notes)
     if not samed:
         notes.append("samed: no mode=samed fine-tune in this run, so no label-trained LoRA to compare with")
     for tag, folder in samed.items():
-        scfg = load_saved(folder / "config.yaml")
-        record.add_input(f"samed_{tag}", verify_input(folder / finetune.FINAL, folder))
-        model = finetune.load_finetuned(scfg, folder / finetune.FINAL)
+        record.add_input(f"samed_{tag}", verify_input(folder / FINAL_FILE, folder))
+        model = load_finetuned(build_plan(load_saved(folder / "config.yaml")), folder / FINAL_FILE)
         measure(f"samed_{tag}", model, (("simclr", "cka_vs_simclr"), ("mae", "cka_vs_mae")))
     return scores
 
@@ -239,10 +236,10 @@ def _no_nan(tree):
     return None if isinstance(tree, float) and math.isnan(tree) else tree
 
 
-def _write_events(cfg: DictConfig, scores: dict, table: str) -> Path:
+def _write_events(tb_root: Path, scores: dict, table: str) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
-    folder = tb_root(cfg) / "probe"
+    folder = tb_root / "probe"
     for old in folder.glob("events.out.tfevents.*"):  # one probe's scalars at a time
         old.unlink()
     writer = SummaryWriter(log_dir=str(folder))
@@ -255,38 +252,39 @@ def _write_events(cfg: DictConfig, scores: dict, table: str) -> Path:
     return folder
 
 
-def run(cfg: DictConfig) -> dict:
+def run(plan: ProbePlan) -> dict:
     """`samora probe`: both parts on the run's products; returns {subject: scores}."""
-    teachers, experts, samed = _inputs(cfg)
+    teachers, experts, samed = _inputs(plan)
+    run, root, dataset = plan.folders.run, plan.folders.root, plan.dataset
     if not teachers and not experts:
         raise SamoraError(
-            f"Run '{cfg.run}' in {Path(cfg.runs_dir)} has nothing to probe: no CPT teacher "
-            f"({run_dir(cfg) / 'cpt'}/{{simclr,mae}}/teacher.pt) and no distilled expert "
-            f"({run_dir(cfg) / 'distill'}/<level>/expert.safetensors). Make them first with `make cpt RUN={cfg.run} "
-            f"DATA={cfg.data.name}` and `make distill LEVEL=all RUN={cfg.run} DATA={cfg.data.name}`, or name "
+            f"Run '{run}' in {plan.folders.runs_dir} has nothing to probe: no CPT teacher "
+            f"({root / 'cpt'}/{{simclr,mae}}/teacher.pt) and no distilled expert "
+            f"({root / 'distill'}/<level>/expert.safetensors). Make them first with `make cpt RUN={run} "
+            f"DATA={dataset}` and `make distill LEVEL=all RUN={run} DATA={dataset}`, or name "
             "another run with run=... (RUN=...)."
         )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    folder = run_dir(cfg) / "probe"
-    record = StageRecord(cfg, folder)
-    data = finetune.build_data(cfg, folder)
-    p = cfg.probe
-    slices = load_slices(data, cfg.model.img_size, p.max_slices, p.holdout, p.seed)
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    folder = plan.folder
+    record = StageRecord(plan.stage, plan.config, folder)
+    data = build_datamodule(plan.data)
+    p = plan.probe
+    slices = load_slices(data, plan.img_size, p.max_slices, p.holdout, p.seed)
     info = slices.summary()
     print(
         f"probe: {info['slices']} labelled training slices ({info['train_slices']} to fit, "
         f"{info['heldout_slices']} held out by {info['split_by']}); no test volume is read",
         flush=True,
     )
-    device, notes = _device(cfg), []
-    prober = Prober(cfg, slices)
-    scores, held_out = probe_teachers(cfg, prober, teachers, record, device, notes)
+    device, notes = _device(plan.accelerator), []
+    prober = Prober(p, slices)
+    scores, held_out = probe_teachers(prober, teachers, record, device, notes)
     if not experts:
         notes.append("experts: none distilled in this run (part 2 skipped)")
-    scores.update(probe_encoders(cfg, prober, experts, samed, held_out, record, device, notes))
+    scores.update(probe_encoders(prober, experts, samed, held_out, record, device, notes))
     table = format_table(scores)
-    metrics = {"run": cfg.run, "slices": info, "scores": scores, "notes": notes}
+    metrics = {"run": run, "slices": info, "scores": scores, "notes": notes}
     if is_rank_zero():
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "metrics.json", json.dumps(_no_nan(metrics), indent=2))
@@ -294,10 +292,10 @@ def run(cfg: DictConfig) -> dict:
             f"{info['slices']} labelled training slices: {info['train_slices']} to fit, {info['heldout_slices']} "
             f"held out by {info['split_by']} ({', '.join(info['heldout_cases'])}); no test volume read."
         )
-        text = f"# Probe of run {cfg.run}\n\n{where}\n\n{table}\n\n" + "".join(f"- {note}\n" for note in notes)
+        text = f"# Probe of run {run}\n\n{where}\n\n{table}\n\n" + "".join(f"- {note}\n" for note in notes)
         atomic_write_text(folder / "results.md", text)
-        save_config(cfg, folder)
-        _write_events(cfg, scores, table)
+        save_config(plan.config, folder)
+        _write_events(plan.folders.tb, scores, table)
         record.add_output(folder / "metrics.json")
         record.add_output(folder / "results.md")
         record.metrics.update({f"{s}/{m}": v for s, row in scores.items() for m, v in row.items()})

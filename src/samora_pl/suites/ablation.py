@@ -34,10 +34,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from samora_pl.config.compose import compose, experiments_dir
+from samora_pl.config.plans import FinetunePlan, build_plan
 from samora_pl.errors import SamoraError
 from samora_pl.runs.atomic import atomic_path, atomic_write_text
-from samora_pl.runs.manifest import is_rank_zero, read_manifest, run_dir, stage_dir, tb_root
-from samora_pl.runs.reuse import changed_settings
+from samora_pl.runs.manifest import is_rank_zero, read_manifest
 
 log = logging.getLogger(__name__)
 DEFAULT_REFERENCE = "hl_attn"  # the variant compared against when an ablation file names no `reference`
@@ -64,7 +64,10 @@ def load_ablation(name: str) -> dict:
 
 
 def run_ablation(name: str, overrides, seeds: int = 1) -> list:
-    """Fine-tune every variant for every seed (reusing finished ones), write the table; returns the rows."""
+    """Fine-tune every variant for every seed (reusing finished ones), write the table; returns the rows.
+
+    Every variant's plan for every seed is built first, so a bad value anywhere stops the ablation before
+    any training."""
     from samora_pl.stages.finetune import run as finetune
     from samora_pl.suites.upstream import Upstream
 
@@ -72,62 +75,68 @@ def run_ablation(name: str, overrides, seeds: int = 1) -> list:
         raise SamoraError(f"seeds={seeds}: the number of seeds per variant must be at least 1.")
     spec = load_ablation(name)
     first = int(compose("finetune", list(overrides)).seed)
+    planned = {
+        variant: [
+            (seed, list(extra or []), _variant_plan(name, variant, overrides, extra, seed))
+            for seed in range(first, first + int(seeds))
+        ]
+        for variant, extra in spec["variants"].items()
+    }
     upstream = Upstream(overrides)
     rows = []
-    for variant, extra in spec["variants"].items():
-        extra = list(extra or [])
+    for variant, seeded in planned.items():
         runs = []
         experts = None  # the variant's finetune.experts.* overrides, found on its first unfinished seed
-        for seed in range(first, first + int(seeds)):
-            tag = f"{name}-{variant}-s{seed}"
-            own = [f"seed={seed}", f"finetune.tag={tag}"]
-            cfg = compose("finetune", list(overrides) + extra + own)
-            folder = stage_dir(cfg, "finetune", tag)
-            manifest = read_manifest(folder) or {}
-            if manifest.get("status") == "complete" and not cfg.overwrite:
-                _check_reuse(cfg, folder)
-                log.info("ablation %s: reusing finished %s", name, tag)
+        for seed, extra, plan in seeded:
+            manifest = read_manifest(plan.folder) or {}
+            if manifest.get("status") == "complete" and not plan.overwrite:
+                _check_reuse(plan)
+                log.info("ablation %s: reusing finished %s", name, plan.tag)
                 metrics = manifest["metrics"]
             else:
                 if experts is None:
-                    experts = upstream.expert_overrides(extra, cfg)
+                    experts = upstream.expert_overrides(extra, plan)
                 if experts:
-                    cfg = compose("finetune", list(overrides) + extra + experts + own)
-                log.info("ablation %s: running %s (%s)", name, tag, " ".join(extra) or "base")
-                metrics = finetune.run(cfg)
-            runs.append({**metrics, "per_class": _per_class(folder), "seed": seed})
-        fusion = finetune.fusion_label(cfg)
-        subset = finetune.subset_policy_of(cfg)  # the variant's (its last seed's config; seeds share the policy)
+                    plan = _variant_plan(name, variant, overrides, extra + experts, seed)
+                log.info("ablation %s: running %s (%s)", name, plan.tag, " ".join(extra) or "base")
+                metrics = finetune.run(plan)
+            runs.append({**metrics, "per_class": _per_class(plan.folder), "seed": seed})
         rows.append(
             {
                 "variant": variant,
                 "overrides": " ".join(extra),
-                "fusion": fusion,
-                "subset": subset,
+                "fusion": plan.fusion_label,
+                "subset": plan.subset_policy,  # the variant's (its last seed's; seeds share the policy)
                 **summarise_seeds(runs),
             }
         )
     compare_to_reference(rows, spec["reference"])
     if is_rank_zero():
-        write_table(rows, run_dir(cfg) / "ablations" / name, spec.get("description", name))
-        write_tensorboard(rows, tb_root(cfg) / "ablations" / name, name, spec.get("description", name))
+        write_table(rows, plan.folders.root / "ablations" / name, spec.get("description", name))
+        write_tensorboard(rows, plan.folders.tb / "ablations" / name, name, spec.get("description", name))
     return rows
 
 
-def _check_reuse(cfg, folder: Path) -> None:
+def _variant_plan(name: str, variant: str, overrides, extra, seed: int) -> FinetunePlan:
+    """The fine-tune of `variant` at `seed`, tagged `<name>-<variant>-s<seed>` (composed, so validated)."""
+    own = [f"seed={seed}", f"finetune.tag={name}-{variant}-s{seed}"]
+    plan = build_plan(compose("finetune", list(overrides) + list(extra or []) + own))
+    assert isinstance(plan, FinetunePlan)
+    return plan
+
+
+def _check_reuse(plan: FinetunePlan) -> None:
     """A finished fine-tune is reused by its tag only if it was made with the same settings (the experts it
     read are keyed by their own settings, and the cache changes nothing); else an error names them."""
-    changed = changed_settings(
-        "finetune",
-        folder.name,
-        cfg,
-        folder,
-        also_watch=("trainer.max_epochs", "trainer.stop_epoch"),
-        also_ignore=("finetune.experts.",),
+    changed = plan.changed_in(
+        plan.folder,
+        plan.tag,
+        watch=("trainer.max_epochs", "trainer.stop_epoch"),
+        ignore=("finetune.experts.",),
     )
     if changed:
         raise SamoraError(
-            f"{folder} holds a finished fine-tune of this ablation made with other settings "
+            f"{plan.folder} holds a finished fine-tune of this ablation made with other settings "
             f"({', '.join(changed[:8])}): run the ablation with the ARGS that made it, add overwrite=true to "
             "redo its fine-tunes, or use another RUN."
         )

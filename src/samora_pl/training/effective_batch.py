@@ -7,7 +7,7 @@ effective / (batch_size x world size) micro-batches per step (Lightning's `accum
 the same recipe holds on one device or on two.
 """
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import ListConfig
 
 from samora_pl.errors import SamoraError
 
@@ -46,9 +46,3 @@ def accumulation(effective: int | None, per_device: int, world: int | None) -> i
             f"accumulation; try {hint}."
         )
     return effective // step
-
-
-def accumulate_grad_batches(cfg: DictConfig) -> int:
-    """Lightning's `accumulate_grad_batches` for the fine-tune of `cfg` (SamoraError when they do not divide)."""
-    world = known_world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
-    return accumulation(cfg.data.effective_batch_size, cfg.data.batch_size, world)

@@ -1,4 +1,4 @@
-"""One place that turns the `trainer` config into a Lightning Trainer, the same for every stage.
+"""One place that turns a stage's `TrainerSpec` into a Lightning Trainer, the same for every stage.
 
 Lightning does the distributed work: `strategy=auto` with more than one device or node selects DDP (gloo on
 CPU, NCCL on GPU; multi-node through torchrun or SLURM), `precision` selects mixed precision. How many
@@ -14,50 +14,54 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
 
+from samora_pl.config.specs import TrainerSpec
 from samora_pl.runs.checkpoint_io import AtomicCheckpointIO
-from samora_pl.runs.manifest import tb_root
 from samora_pl.training.callbacks import RandomState
 from samora_pl.training.guards import NonFiniteGuard
 from samora_pl.training.progress import progress_bar
 
 
-def build_fabric(cfg: DictConfig) -> L.Fabric:
-    """A Fabric of the `trainer` config, for work outside a Trainer (`samora evaluate`), not launched yet.
+def build_fabric(spec: TrainerSpec) -> L.Fabric:
+    """A Fabric of the trainer spec, for work outside a Trainer (`samora evaluate`), not launched yet.
 
     Its `world_size` is the real process count (`devices=-1`, `auto`, a list, `num_nodes`, torchrun or
     SLURM), which the config text alone does not say."""
     return L.Fabric(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        accelerator=spec.accelerator,
+        devices=_devices(spec.devices),
+        num_nodes=spec.num_nodes,
+        strategy=spec.strategy,
     )
 
 
+def _devices(devices):
+    """Lightning takes device indices as a list."""
+    return list(devices) if isinstance(devices, tuple) else devices
+
+
 def build_trainer(
-    cfg: DictConfig,
+    spec: TrainerSpec,
+    tb_root: Path,
     folder: Path,
     stage: str,
     sub: str,
-    max_epochs: int | None = None,
     callbacks: list[Callback] | None = None,
     checkpoint_every_n_epochs: int = 1,
-    accumulate_grad_batches: int = 1,
 ) -> L.Trainer:
-    """A Trainer logging to TensorBoard under the run and checkpointing `last.ckpt` into `folder`.
+    """A Trainer logging to TensorBoard under `tb_root` (the run's) and checkpointing `last.ckpt` into `folder`,
+    for `spec.max_epochs`, the stage's own epochs.
 
-    `accumulate_grad_batches` micro-batches make one optimiser step (the fine-tune's global batch,
+    `spec.accumulate_grad_batches` micro-batches make one optimiser step (the fine-tune's global batch,
     `training/effective_batch.py`); Lightning scales each micro-batch's loss by its inverse.
 
-    Also applies `threads` (torch intra-op threads) for this process, since every stage passes here.
+    Also applies `spec.threads` (torch intra-op threads) for this process, since every stage passes here.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     # a resumed stage checkpoints into its own non-empty folder on purpose
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
-    logger = TensorBoardLogger(save_dir=str(tb_root(cfg)), name=stage, version=sub, default_hp_metric=False)
+    logger = TensorBoardLogger(save_dir=str(tb_root), name=stage, version=sub, default_hp_metric=False)
     # `last.ckpt` after every `checkpoint_every_n_epochs` epochs, overwritten in place: the latest state is
     # the one "top-1" checkpoint (no monitor). `save_last=True, save_top_k=0` would write it only when
     # training ends (Lightning saves `last` only beside a top-k save), so a killed run could not resume.
@@ -70,7 +74,7 @@ def build_trainer(
         save_on_train_epoch_end=True,  # after that epoch's validation; also when validation is not every epoch
         enable_version_counter=False,
     )
-    guard = NonFiniteGuard(f"{stage} {sub}", folder, skip=bool(cfg.get("skip_nonfinite", False)))
+    guard = NonFiniteGuard(f"{stage} {sub}", folder, skip=spec.skip_nonfinite)
     all_callbacks = [
         checkpoint,
         LearningRateMonitor(logging_interval="step"),
@@ -80,17 +84,17 @@ def build_trainer(
     ]
     all_callbacks += list(callbacks or [])
     return L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,  # auto: Lightning picks DDP for more than one device or node
-        precision=cfg.trainer.precision,
-        max_epochs=max_epochs if max_epochs is not None else cfg.trainer.max_epochs,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
-        limit_train_batches=cfg.trainer.limit_train_batches,
-        accumulate_grad_batches=accumulate_grad_batches,
-        deterministic=cfg.deterministic,
+        accelerator=spec.accelerator,
+        devices=_devices(spec.devices),
+        num_nodes=spec.num_nodes,
+        strategy=spec.strategy,  # auto: Lightning picks DDP for more than one device or node
+        precision=spec.precision,
+        max_epochs=spec.max_epochs,
+        log_every_n_steps=spec.log_every_n_steps,
+        check_val_every_n_epoch=spec.check_val_every_n_epoch,
+        limit_train_batches=spec.limit_train_batches,
+        accumulate_grad_batches=spec.accumulate_grad_batches,
+        deterministic=spec.deterministic,
         logger=logger,
         callbacks=all_callbacks,
         plugins=[AtomicCheckpointIO()],  # last.ckpt is replaced whole or not at all (full disk, kill)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from samora_pl.config import choices, schema
-from samora_pl.config.compose import CHOICES, compose
+from samora_pl.config.compose import compose
+from samora_pl.config.validate import CHOICES
 from samora_pl.errors import SamoraError
 from samora_pl.models.adapters.fusion import build_fusion
 from samora_pl.models.sam.build import VARIANTS

@@ -4,8 +4,9 @@ from omegaconf.errors import ReadonlyConfigError
 
 from samora_pl.cli import main
 from samora_pl.config.choices import HL_ORDERS
-from samora_pl.config.compose import compose, diff_keys, experiments_dir, finetune_levels
+from samora_pl.config.compose import compose, diff_keys, experiments_dir
 from samora_pl.errors import SamoraError
+from tests.stage_runs import planned
 
 
 def test_demo_uses_tiny_profile_and_overrides_win():
@@ -192,9 +193,8 @@ def test_bad_levels_are_one_clear_error(override, words):
 
 
 def test_levels_are_canonical_and_ignored_by_samed():
-    cfg = compose("finetune", ["finetune.levels=[patch,image]", "model.fusion=sum"])
-    assert finetune_levels(cfg) == ("image", "patch")
-    assert finetune_levels(compose("finetune")) == ("image", "patch", "pixel")
+    assert planned("finetune", ["finetune.levels=[patch,image]", "model.fusion=sum"]).levels == ("image", "patch")
+    assert planned("finetune").levels == ("image", "patch", "pixel")
     compose("finetune", ["finetune.levels=[patch]", "mode=samed"])  # SAMed has no experts to choose
 
 

@@ -6,12 +6,12 @@ from omegaconf import OmegaConf
 from samora_pl.config.compose import changed_since, compose, load_saved
 from samora_pl.config.migrate import ADDED_KEYS
 from samora_pl.runs.manifest import save_config
-from samora_pl.runs.reuse import watched
+from tests.stage_runs import planned
 
 
 def _saved_without(tmp_path, cfg, keys):
     """config.yaml as today's code writes it, with `keys` removed (as a run made before they existed)."""
-    save_config(cfg, tmp_path)
+    save_config(OmegaConf.to_container(cfg, resolve=True), tmp_path)
     tree = yaml.safe_load((tmp_path / "config.yaml").read_text())
     for key in keys:
         *parents, leaf = key.split(".")
@@ -26,7 +26,7 @@ def _saved_without(tmp_path, cfg, keys):
 def test_a_key_added_with_the_old_behaviour_as_default_changes_nothing(tmp_path):
     cfg = compose("finetune", ["optim.decay_all=true"])
     saved = _saved_without(tmp_path, cfg, ["finetune.train_experts", "data.train_size", "trainer.stop_epoch"])
-    keys, ignore = watched("finetune", "")
+    keys, ignore = planned("finetune").shaping_keys("")
     assert changed_since(saved, cfg, keys, ignore) == []
     assert load_saved(saved).finetune.train_experts is False
 
@@ -34,7 +34,7 @@ def test_a_key_added_with_the_old_behaviour_as_default_changes_nothing(tmp_path)
 def test_a_key_whose_default_is_not_the_old_behaviour_is_refused(tmp_path):
     """Fine-tunes before optim.decay_all decayed every parameter: today's default (false) is another recipe."""
     saved = _saved_without(tmp_path, compose("finetune", []), list(ADDED_KEYS)[:2])
-    keys, ignore = watched("finetune", "")
+    keys, ignore = planned("finetune").shaping_keys("")
     assert changed_since(saved, compose("finetune", []), keys, ignore) == ["optim.decay_all"]
     assert changed_since(saved, compose("finetune", ["optim.decay_all=true"]), keys, ignore) == []
     assert load_saved(saved).optim.decay_all is True

@@ -5,12 +5,14 @@ import torch
 
 from samora_pl.config.choices import LEVELS
 from samora_pl.config.compose import compose
+from samora_pl.config.plans import build_plan
+from samora_pl.config.specs import ExpertLayout
 from samora_pl.models.factory import base_fingerprint, build_segmenter
 
 
 def build(seed: int, init_seed: int = 0, experts=LEVELS, fusion="hl_attn"):
     cfg = compose("finetune", ["data.name=demo", "model.img_size=64", f"seed={seed}", f"model.init_seed={init_seed}"])
-    return build_segmenter(cfg, 8, experts, fusion)
+    return build_segmenter(build_plan(cfg).segmenter, ExpertLayout(experts, fusion), 8)
 
 
 def part(model, prefix: str) -> dict:

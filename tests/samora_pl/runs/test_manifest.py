@@ -1,15 +1,13 @@
 import pytest
-from omegaconf import OmegaConf
 
 from samora_pl.errors import SamoraError
 from samora_pl.runs.manifest import StageRecord, read_manifest, sha256, verify_input
 
 
 def test_manifest_records_outputs_and_verify_detects_truncation(tmp_path):
-    cfg = OmegaConf.create({"stage": "distill", "run": "r"})
     out = tmp_path / "expert.safetensors"
     out.write_bytes(b"x" * 100)
-    record = StageRecord(cfg, tmp_path)
+    record = StageRecord("distill", {"stage": "distill", "run": "r"}, tmp_path)
     record.add_output(out)
     record.metrics["loss"] = 0.5
     record.write()

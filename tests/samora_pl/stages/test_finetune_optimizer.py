@@ -8,13 +8,15 @@ import torch
 
 from samora_pl.config.choices import LEVELS
 from samora_pl.config.compose import compose
+from samora_pl.config.plans import build_plan
+from samora_pl.config.specs import ExpertLayout
 from samora_pl.models.factory import build_segmenter
 from samora_pl.stages.finetune.module import FinetuneModule
 
 
 def _optimizer(quick, fusion: str):
     cfg = compose("finetune", quick(f"model.fusion={fusion}", "model.hl_init=residual_mean"))  # a gate at 0
-    model = build_segmenter(cfg, 8, LEVELS, fusion)
+    model = build_segmenter(build_plan(cfg).segmenter, ExpertLayout(LEVELS, fusion), 8)
     model.set_trainable("samora")
     module = FinetuneModule(model, [f"c{i}" for i in range(8)], lr=0.005, weight_decay=0.1)
     module.trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=1)  # what the schedule reads
@@ -60,7 +62,9 @@ def test_the_samed_recipe_decays_every_trainable_parameter(quick):
         published = compose("finetune", ["data.name=synapse", f"profile={profile}", "model.checkpoint=none"])
         assert published.optim.decay_all, profile
     assert not compose("finetune", quick()).optim.decay_all
-    model = build_segmenter(compose("finetune", quick("mode=samed")), 8, ("image",), "single:image")
+    model = build_segmenter(
+        build_plan(compose("finetune", quick("mode=samed"))).segmenter, ExpertLayout(("image",), "single:image"), 8
+    )
     model.set_trainable("samed")
     module = FinetuneModule(model, [f"c{i}" for i in range(8)], weight_decay=0.1, decay_all=True)
     module.trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=1)

@@ -11,9 +11,11 @@ from data_modules.io.volume_io import read_image
 from data_modules.labelled.demo import ensure_demo
 from samora_pl.cli import main
 from samora_pl.config.compose import compose
+from samora_pl.config.plans import build_plan
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation.metrics import case_metrics
-from samora_pl.stages.finetune.run import FINAL, load_finetuned
+from samora_pl.stages.finetune.evaluate import load_finetuned
+from samora_pl.stages.finetune.run import FINAL
 from tests.data_modules.volume_writers import finetune_overrides
 
 
@@ -41,4 +43,4 @@ def test_hsam_finetune_then_predict_scores_as_results_csv(tmp_path):
     # a model of the other decoder refuses these weights with one message
     sam = compose("finetune", finetune_overrides(tmp_path, "synapse", data))
     with pytest.raises(SamoraError, match="holds a model.decoder=hsam model but the run is configured with"):
-        load_finetuned(sam, folder / FINAL)
+        load_finetuned(build_plan(sam), folder / FINAL)

@@ -11,9 +11,11 @@ from data_modules.io.volume_io import Geometry, read_image, write_image
 from data_modules.labelled.demo import ensure_demo
 from samora_pl.cli import main
 from samora_pl.config.compose import compose, load_saved
+from samora_pl.config.plans import build_plan
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import predict_volume
-from samora_pl.stages.finetune.run import FINAL, load_finetuned
+from samora_pl.stages.finetune.evaluate import load_finetuned
+from samora_pl.stages.finetune.run import FINAL
 from samora_pl.stages.predict import dataset_intensity, read_volume
 from tests.data_modules.volume_writers import GEOMETRY, finetune_folder, finetune_overrides, write_promise12
 
@@ -40,7 +42,7 @@ def predict_args(root, source, out, *extra):
 def direct_prediction(root, image: np.ndarray, mode: str) -> np.ndarray:
     folder = finetune_folder(root)
     saved = load_saved(folder / "config.yaml")
-    model = load_finetuned(saved, folder / FINAL).eval()
+    model = load_finetuned(build_plan(saved), folder / FINAL).eval()
     return predict_volume(model, scale_intensity(image, mode), saved.model.img_size, resize=saved.eval.resize)
 
 
@@ -111,9 +113,13 @@ def test_la_h5_is_transposed_and_auto_intensity_follows_the_dataset(tmp_path):
 
     root = write_promise12(tmp_path / "promise", train=(0,), test=(12,))
     plain = compose("finetune", ["data.name=promise12", f"data.dir={root}", NO_SAM])
-    assert dataset_intensity(plain) == "mr_percentile"
+    assert dataset_intensity(build_plan(plain).source) == "mr_percentile"
     forced = compose("finetune", ["data.name=promise12", f"data.dir={root}", "data.intensity=ct_window", NO_SAM])
-    assert dataset_intensity(forced) == "ct_window"
-    assert dataset_intensity(compose("finetune", ["data.name=synapse", NO_SAM])) is None  # stored windowed
+    assert dataset_intensity(build_plan(forced).source) == "ct_window"
+    assert (
+        dataset_intensity(build_plan(compose("finetune", ["data.name=synapse", NO_SAM])).source) is None
+    )  # stored windowed
     with pytest.raises(SamoraError, match="set predict.intensity="):
-        dataset_intensity(compose("finetune", ["data.name=la", f"data.dir={tmp_path / 'gone'}", NO_SAM]))
+        dataset_intensity(
+            build_plan(compose("finetune", ["data.name=la", f"data.dir={tmp_path / 'gone'}", NO_SAM])).source
+        )

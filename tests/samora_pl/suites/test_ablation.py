@@ -4,8 +4,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from samora_pl.config.compose import compose, experiments_dir
+from samora_pl.config.plans import build_plan
 from samora_pl.errors import SamoraError
 from samora_pl.stages.cpt import run as cpt
 from samora_pl.stages.distill import run as distill
@@ -35,24 +37,25 @@ def _fake_finetune(calls, fail_on=None, seen=None):
     """Stands in for a fine-tune: records the tag (and the config in `seen`), writes metrics.json
     (per-class Dice), finishes the manifest."""
 
-    def fake_run(cfg):
+    def fake_run(plan):
         from samora_pl.runs.atomic import atomic_write_text
-        from samora_pl.runs.manifest import StageRecord, save_config, stage_dir
+        from samora_pl.runs.manifest import StageRecord, save_config
 
+        cfg = OmegaConf.create(plan.config)  # the resolved settings the plan was built from
         if cfg.finetune.tag == fail_on:
             raise KeyboardInterrupt("killed")
         calls.append(cfg.finetune.tag)
         if seen is not None:
             seen[cfg.finetune.tag] = cfg
-        folder = stage_dir(cfg, "finetune", cfg.finetune.tag)
-        save_config(cfg, folder)
+        folder = plan.folder
+        save_config(plan.config, folder)
         dice = (0.5 if cfg.loss.ce_weight == 0.5 else 0.25) + 0.1 * cfg.seed
         per_class = {
             "liver": {"class_id": 1, "dice": dice, "hd95": 2.0},
             "spleen": {"class_id": 2, "dice": 0.0, "hd95": 0.0},
         }
         atomic_write_text(folder / "metrics.json", json.dumps({"mean_dice": dice, "per_class": per_class}))
-        record = StageRecord(cfg, folder)
+        record = StageRecord(plan.stage, plan.config, folder)
         record.metrics.update(mean_dice=dice, mean_hd95=3.0 + cfg.seed)
         record.write()
         return dict(record.metrics)
@@ -214,6 +217,7 @@ def test_fusion_ablation_has_both_hl_attn_inits_and_each_builds():
     """The fusion ablation runs HL-Attn at the profile's init (its reference) and at each init explicitly;
     each variant composes on both profiles and builds a model whose blocks use that init."""
     from samora_pl.config.choices import LEVELS
+    from samora_pl.config.specs import ExpertLayout
     from samora_pl.models.factory import build_segmenter
 
     spec = ablation.load_ablation("fusion")
@@ -224,8 +228,10 @@ def test_fusion_ablation_has_both_hl_attn_inits_and_each_builds():
         for profile in ([], ["data.name=synapse", "model.checkpoint=none"]):
             cfg = compose("finetune", profile + spec["variants"][variant])
             assert cfg.model.fusion == "hl_attn" and cfg.model.hl_init == init
-            assert finetune.fusion_label(cfg) == f"hl_attn (hl_init={init})"
-        model = build_segmenter(compose("finetune", spec["variants"][variant]), 8, LEVELS, "hl_attn")
+            assert build_plan(cfg).fusion_label == f"hl_attn (hl_init={init})"
+        model = build_segmenter(
+            build_plan(compose("finetune", spec["variants"][variant])).segmenter, ExpertLayout(LEVELS, "hl_attn"), 8
+        )
         assert {f.init for f in model.fusion} == {init}
     assert compose("finetune", spec["variants"]["hl_attn"]).model.hl_init == "residual_mean"  # tiny profile's
 
@@ -234,19 +240,20 @@ def _fake_stage(stage, calls, fail_on=None):
     """Stands in for `samora cpt` / `samora distill` of one teacher or level: records (stage, sub, folder,
     config), saves the config, writes an output naming the settings that matter here, finishes the manifest."""
 
-    def fake_run(cfg):
+    def fake_run(plan):
         from samora_pl.runs.atomic import atomic_write_text
-        from samora_pl.runs.manifest import StageRecord, save_config, stage_dir
+        from samora_pl.runs.manifest import StageRecord, save_config
 
+        cfg = OmegaConf.create(plan.config)  # the resolved settings the plan was built from
         sub = cfg.cpt.teacher if stage == "cpt" else cfg.distill.level
         if (stage, sub) == fail_on:
             raise KeyboardInterrupt("killed")
-        folder = stage_dir(cfg, stage, sub)
+        folder = plan.folders.stage(stage, sub)
         calls.append((stage, sub, folder, cfg))
-        save_config(cfg, folder)  # as the real stages do: what a later reuse is checked against
+        save_config(plan.config, folder)  # as the real stages do: what a later reuse is checked against
         content = {"rank": cfg.model.lora_rank, "teacher": cfg.distill.teacher, "epochs": cfg.cpt.mae.max_epochs}
         atomic_write_text(folder / OUTPUT[stage], json.dumps(content))
-        record = StageRecord(cfg, folder)
+        record = StageRecord(plan.stage, plan.config, folder)
         record.add_output(folder / OUTPUT[stage])
         record.write()
         return {sub: {}}
@@ -452,7 +459,7 @@ def test_real_rank_ablation_on_the_pixel_expert(tmp_path, experiments, monkeypat
 
 def test_decoder_ablation_covers_the_four_methods_and_both_class_attentions():
     from samora_pl.config.compose import compose
-    from samora_pl.stages.finetune.run import tag_of
+    from samora_pl.config.plans import finetune_tag as tag_of
     from samora_pl.suites.ablation import load_ablation
 
     spec = load_ablation("decoder")

@@ -2,7 +2,8 @@ import pytest
 
 from samora_pl.config.compose import compose
 from samora_pl.errors import SamoraError
-from samora_pl.training.effective_batch import accumulate_grad_batches, accumulation, known_world_size
+from samora_pl.training.effective_batch import accumulation, known_world_size
+from tests.stage_runs import planned
 
 SAMED = ["data.name=synapse", "profile=samed", "model.checkpoint=none"]
 HSAM = ["data.name=synapse", "profile=hsam", "model.checkpoint=none"]
@@ -19,9 +20,9 @@ def test_unset_means_no_accumulation():
 
 @pytest.mark.parametrize("overrides, devices, steps", [(SAMED, 1, 2), (SAMED, 2, 1), (HSAM, 1, 2), (HSAM, 2, 1)])
 def test_both_baselines_reach_their_global_batch_on_one_or_two_devices(overrides, devices, steps):
-    cfg = compose("finetune", overrides + [f"trainer.devices={devices}"])
-    assert accumulate_grad_batches(cfg) == steps
-    assert cfg.data.batch_size * devices * steps == cfg.data.effective_batch_size
+    plan = planned("finetune", overrides + [f"trainer.devices={devices}"])
+    assert plan.trainer.accumulate_grad_batches == steps
+    assert plan.data_settings.batch_size * devices * steps == plan.data_settings.effective_batch_size
 
 
 def test_a_batch_that_does_not_divide_is_refused_naming_the_keys():

@@ -21,7 +21,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from omegaconf import DictConfig
 
 from data_modules.pool.ssl_views import TwoViews, mae_augment, simclr_augment
 from data_modules.pool.unlabeled import (
@@ -29,9 +28,10 @@ from data_modules.pool.unlabeled import (
     UnlabeledDataModule,
     build_pool,
     held_out_cases,
-    source_dict,
-    sources_from_config,
+    pool_sources,
 )
+from samora_pl.config.plans import TEACHER_FILE, CptPlan
+from samora_pl.config.schema import CptConfig, MaeConfig, SimclrConfig
 from samora_pl.errors import SamoraError
 from samora_pl.models.teachers.files import (  # noqa: F401 (load_teacher: API)
     load_public_checkpoint,
@@ -39,9 +39,8 @@ from samora_pl.models.teachers.files import (  # noqa: F401 (load_teacher: API)
     save_teacher,
     simclr_normalize,
 )
-from samora_pl.models.teachers.grey_input import NORMALIZE, NORMALIZE_AUTO
 from samora_pl.models.teachers.mae import MaeTeacher
-from samora_pl.models.teachers.simclr import RESNET_DEPTHS, SimclrTeacher
+from samora_pl.models.teachers.simclr import SimclrTeacher
 from samora_pl.runs.checkpoint_io import resumable
 from samora_pl.runs.manifest import (
     MANIFEST,
@@ -50,9 +49,7 @@ from samora_pl.runs.manifest import (
     is_rank_zero,
     read_manifest,
     save_config,
-    stage_dir,
 )
-from samora_pl.runs.reuse import changed_settings
 from samora_pl.stages.cpt.mae import MaeCpt
 from samora_pl.stages.cpt.simclr import SimclrCpt
 from samora_pl.training.callbacks import Throughput
@@ -60,65 +57,10 @@ from samora_pl.training.guards import check_finite_state, skipped_batches
 from samora_pl.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
-TEACHERS = ("simclr", "mae")
-TEACHER_FILE = "teacher.pt"
 
 
-def teacher_file(cfg: DictConfig, kind: str) -> Path:
-    """Where `samora cpt` writes the `kind` teacher of this run (distillation's default input)."""
-    return stage_dir(cfg, "cpt", kind) / TEACHER_FILE
-
-
-def index_path(cfg: DictConfig) -> Path:
-    return Path(cfg.cpt.index_cache) if cfg.cpt.index_cache else Path(cfg.runs_dir) / ".cache" / "cpt_pool_index.json"
-
-
-def validate_cpt(cfg: DictConfig) -> None:
-    """The checks of cpt.* that types cannot express; each error names the key and the allowed values."""
-    s, m = cfg.cpt.simclr, cfg.cpt.mae
-
-    def need(ok: bool, key: str, value, rule: str) -> None:
-        if not ok:
-            raise SamoraError(f"Config key '{key}' is {value!r}; {rule}.")
-
-    need(s.depth in RESNET_DEPTHS, "cpt.simclr.depth", s.depth, f"allowed: {', '.join(map(str, RESNET_DEPTHS))}")
-    need(s.width > 0, "cpt.simclr.width", s.width, "it must be positive (1 or 2 for SimCLRv2 1x / 2x)")
-    need(s.temperature > 0, "cpt.simclr.temperature", s.temperature, "it must be positive")
-    need(s.batch_size >= 2, "cpt.simclr.batch_size", s.batch_size, "NT-Xent and BatchNorm need at least 2")
-    need(m.batch_size >= 1, "cpt.mae.batch_size", m.batch_size, "it must be at least 1")
-    need(0.0 <= m.mask_ratio < 1.0, "cpt.mae.mask_ratio", m.mask_ratio, "it must be in [0, 1)")
-    for name, sub in (("simclr", s), ("mae", m)):
-        need(sub.img_size >= 16, f"cpt.{name}.img_size", sub.img_size, "it must be at least 16")
-        need(
-            sub.max_epochs >= 0,
-            f"cpt.{name}.max_epochs",
-            sub.max_epochs,
-            "it must be at least 0 (0 keeps the starting weights: no continual pre-training)",
-        )
-        allowed = (NORMALIZE_AUTO, *NORMALIZE) if name == "simclr" else NORMALIZE
-        need(sub.normalize in allowed, f"cpt.{name}.normalize", sub.normalize, f"allowed: {', '.join(allowed)}")
-        scale = list(sub.crop_scale)
-        need(
-            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
-            f"cpt.{name}.crop_scale",
-            scale,
-            "give [min, max] with 0 < min <= max <= 1",
-        )
-    need(0 <= s.blur_prob <= 1, "cpt.simclr.blur_prob", s.blur_prob, "it must be in [0, 1]")
-    if m.patch_size is not None:
-        need(
-            m.img_size % m.patch_size == 0,
-            "cpt.mae.img_size",
-            m.img_size,
-            f"it must be a multiple of cpt.mae.patch_size ({m.patch_size})",
-        )
-    for position, source in enumerate(cfg.cpt.sources):
-        source_dict(source, position)
-
-
-def build_simclr(cfg: DictConfig) -> SimclrTeacher:
+def build_simclr(s: SimclrConfig) -> SimclrTeacher:
     """The SimCLR teacher of cpt.simclr, its input normalisation resolved against cpt.simclr.checkpoint."""
-    s = cfg.cpt.simclr
     return SimclrTeacher(
         depth=s.depth,
         width=s.width,
@@ -130,8 +72,7 @@ def build_simclr(cfg: DictConfig) -> SimclrTeacher:
     )
 
 
-def build_mae(cfg: DictConfig) -> MaeTeacher:
-    m = cfg.cpt.mae
+def build_mae(m: MaeConfig) -> MaeTeacher:
     return MaeTeacher(
         variant=m.variant,
         img_size=m.img_size,
@@ -148,16 +89,16 @@ def build_mae(cfg: DictConfig) -> MaeTeacher:
     )
 
 
-def _prepare(cfg: DictConfig, kind: str):
+def _prepare(plan: CptPlan, kind: str):
     """'done' (with the recorded metrics) or 'train'; clears the folder first when overwrite=true."""
-    folder = stage_dir(cfg, "cpt", kind)
-    if cfg.overwrite:
+    folder = plan.folder(kind)
+    if plan.overwrite:
         if is_rank_zero():
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
             for name in (TEACHER_FILE, MANIFEST, "config.yaml"):
                 (folder / name).unlink(missing_ok=True)
         return "train", None
-    changed = changed_settings("cpt", kind, cfg, folder)
+    changed = plan.changed_in(folder, kind)
     manifest = read_manifest(folder)
     finished = manifest and manifest.get("status") == "complete" and (folder / TEACHER_FILE).exists()
     if changed and (finished or (folder / "checkpoints" / "last.ckpt").exists()):
@@ -167,13 +108,13 @@ def _prepare(cfg: DictConfig, kind: str):
         )
     if finished:
         done = int(manifest.get("metrics", {}).get("epochs") or 0)
-        if cfg.cpt[kind].max_epochs > done and (done == 0 or (folder / "checkpoints" / "last.ckpt").exists()):
+        if plan.trainer[kind].max_epochs > done and (done == 0 or (folder / "checkpoints" / "last.ckpt").exists()):
             log.info(
                 "cpt: continuing the %s teacher in %s from epoch %d to %d.",
                 kind,
                 folder,
                 done,
-                cfg.cpt[kind].max_epochs,
+                plan.trainer[kind].max_epochs,
             )
             return "train", None
         log.info("cpt: the %s teacher in %s is already trained; reusing it (overwrite=true retrains).", kind, folder)
@@ -181,15 +122,14 @@ def _prepare(cfg: DictConfig, kind: str):
     return "train", None
 
 
-def run(cfg: DictConfig) -> dict[str, dict]:
-    """Pre-train the configured teachers; returns {teacher: metrics} (loss first/last epoch, images/s, ...)."""
-    validate_cpt(cfg)
-    held_out = held_out_cases(cfg)  # before anything is written: a bad cpt.include_test_cases stops here
-    kinds = TEACHERS if cfg.cpt.teacher == "all" else (cfg.cpt.teacher,)
+def run(plan: CptPlan) -> dict[str, dict]:
+    """Pre-train the plan's teachers; returns {teacher: metrics} (loss first/last epoch, images/s, ...)."""
+    held_out = held_out_cases(plan.pool)  # before anything is written: a bad cpt.include_test_cases stops here
+    kinds = plan.teachers
     results: dict[str, dict] = {}
     todo = []
     for kind in kinds:
-        state, metrics = _prepare(cfg, kind)
+        state, metrics = _prepare(plan, kind)
         if state == "done":
             results[kind] = metrics
         else:
@@ -197,31 +137,32 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     if not todo:
         return results
     # teachers built (and public weights loaded) first: a file of another layout stops before anything is written
-    starts = {kind: _starting_teacher(cfg, kind) for kind in todo}
-    pool = build_pool(sources_from_config(cfg), cfg.cpt.skip_bad_files, index_path(cfg), held_out=held_out)
+    starts = {kind: _starting_teacher(plan, kind) for kind in todo}
+    pool = build_pool(pool_sources(plan.pool), plan.pool.skip_bad_files, plan.pool.index_path, held_out=held_out)
     log.info("cpt: pool of %d slices from %d files or series.", len(pool), len(pool.volumes))
     for kind in todo:
-        results[kind] = _train(cfg, kind, pool, *starts[kind])
+        results[kind] = _train(plan, kind, pool, *starts[kind])
     return results
 
 
-def initial_teacher(cfg: DictConfig, kind: str, load_checkpoint: bool = True):
+def initial_teacher(cpt: CptConfig, seed: int, kind: str, load_checkpoint: bool = True):
     """(teacher, load report or None): the `kind` teacher as CPT starts it, before any step: the random
     initialisation seeded by `seed`, with the public `cpt.<kind>.checkpoint` loaded when set (and
     `load_checkpoint`). `samora probe` rebuilds the "before CPT" teacher with it."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    sub = cfg.cpt[kind]
-    teacher = build_simclr(cfg) if kind == "simclr" else build_mae(cfg)
+    L.seed_everything(seed, workers=True, verbose=False)
+    sub = getattr(cpt, kind)
+    teacher = build_simclr(cpt.simclr) if kind == "simclr" else build_mae(cpt.mae)
     if not sub.checkpoint or not load_checkpoint:
         return teacher, None
     return teacher, load_public_checkpoint(teacher, sub.checkpoint)
 
 
-def _starting_teacher(cfg: DictConfig, kind: str):
+def _starting_teacher(plan: CptPlan, kind: str):
     """(teacher, load report or None): the `kind` teacher, from the public checkpoint unless it resumes."""
-    sub = cfg.cpt[kind]
-    resumes = (stage_dir(cfg, "cpt", kind) / "checkpoints" / "last.ckpt").exists()
-    teacher, report = initial_teacher(cfg, kind, load_checkpoint=not resumes)  # a resumed run's weights: last.ckpt
+    sub = getattr(plan.cpt, kind)
+    resumes = (plan.folder(kind) / "checkpoints" / "last.ckpt").exists()
+    # a resumed run's weights come from its last.ckpt
+    teacher, report = initial_teacher(plan.cpt, plan.seed, kind, load_checkpoint=not resumes)
     log.info(
         "cpt: %s input normalisation: %s (cpt.%s.normalize=%s)", kind, teacher.arch["normalize"], kind, sub.normalize
     )
@@ -232,11 +173,11 @@ def _starting_teacher(cfg: DictConfig, kind: str):
     return teacher, report
 
 
-def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -> dict:
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    folder = stage_dir(cfg, "cpt", kind)
-    sub = cfg.cpt[kind]
-    record = StageRecord(cfg, folder)
+def _train(plan: CptPlan, kind: str, pool: SlicePool, teacher, start_report) -> dict:
+    L.seed_everything(plan.seed, workers=True, verbose=False)
+    folder = plan.folder(kind)
+    sub = getattr(plan.cpt, kind)
+    record = StageRecord(plan.stage, plan.config, folder)
     record.add_input("pool", pool.summary())
     if kind == "simclr" and sub.channels_last:
         teacher.use_channels_last()
@@ -251,12 +192,12 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -
     if resume is not None:
         log.info("cpt: resuming the %s teacher from %s", kind, resume)
 
-    save_config(cfg, folder)
+    save_config(plan.config, folder)
     # built first: the process count (MAE's LR scaling, SyncBatchNorm) is the Trainer's, e.g. devices=-1
-    trainer = build_trainer(cfg, folder, "cpt", kind, max_epochs=sub.max_epochs, callbacks=[Throughput()])
+    trainer = build_trainer(plan.trainer[kind], plan.folders.tb, folder, "cpt", kind, callbacks=[Throughput()])
     if kind == "simclr" and trainer.world_size > 1 and isinstance(trainer.accelerator, CUDAAccelerator):
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # global BatchNorm across GPUs, as SimCLR
-    interval = cfg.trainer.image_log_every_n_epochs
+    interval = plan.trainer[kind].image_log_every_n_epochs
     if kind == "simclr":
         transform = TwoViews(
             simclr_augment(sub.img_size, sub.crop_scale, sub.rotation_deg, sub.jitter, sub.blur_prob, sub.noise_std)
@@ -286,9 +227,9 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -
         pool=pool,
         transform=transform,
         batch_size=sub.batch_size,
-        num_workers=cfg.data.num_workers,
-        skip_bad_files=cfg.cpt.skip_bad_files,
-        cache_volumes=cfg.cpt.cache_volumes,
+        num_workers=plan.pool.num_workers,
+        skip_bad_files=plan.pool.skip_bad_files,
+        cache_volumes=plan.pool.cache_volumes,
     )
     started = time.time()
     if sub.max_epochs > 0:
@@ -315,7 +256,7 @@ def _train(cfg: DictConfig, kind: str, pool: SlicePool, teacher, start_report) -
     }
     if is_rank_zero():
         meta = {
-            "run": cfg.run,
+            "run": plan.folders.run,
             "epochs": metrics["epochs"],
             "steps": metrics["steps"],
             "loss_last_epoch": metrics["loss_last_epoch"],

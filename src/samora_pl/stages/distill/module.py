@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samora_pl.config.choices import LEVELS
+from samora_pl.config.choices import IMAGE_PAIRINGS, LEVELS
 from samora_pl.errors import SamoraError
 from samora_pl.losses.distillation import denoise_loss, normalized_mse
 from samora_pl.models.heads import ImageProjection, PixelDecoder, TokenProjection
@@ -53,7 +53,7 @@ from samora_pl.training.image_cadence import ImageCadence
 from samora_pl.training.schedules import decay_groups, lightning_scheduler, warmup_poly
 
 TEACHER_KIND = {"image": "simclr", "patch": "mae", "pixel": None}
-PAIRINGS = ("same", "cross")
+PAIRINGS = IMAGE_PAIRINGS
 EPOCH_METRICS = {"image": ("loss", "cosine"), "patch": ("loss", "cosine"), "pixel": ("loss", "overlap", "mse", "psnr")}
 
 __all__ = ["DistillModule", "build_head", "teacher_width", "LEVELS", "TEACHER_KIND", "PAIRINGS", "resize_to"]

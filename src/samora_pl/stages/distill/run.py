@@ -24,11 +24,9 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
-from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 from torchvision.transforms import v2 as T
 
 from data_modules.pool.unlabeled import (
@@ -36,9 +34,10 @@ from data_modules.pool.unlabeled import (
     HeldOut,
     UnlabeledDataModule,
     held_out_cases,
-    sources_from_config,
+    pool_sources,
 )
-from samora_pl.config.compose import sam_checkpoint
+from samora_pl.config.plans import EXPERT_FILE, DistillPlan
+from samora_pl.config.specs import ExpertLayout, SegmenterSpec
 from samora_pl.errors import SamoraError
 from samora_pl.models.factory import base_fingerprint, build_segmenter, log_trainable, sam_checkpoint_record
 from samora_pl.models.teachers.files import load_teacher
@@ -50,24 +49,19 @@ from samora_pl.runs.manifest import (
     read_manifest,
     save_config,
     sha256,
-    stage_dir,
     verify_input,
 )
-from samora_pl.runs.reuse import SIMCLR_VIEW_KEYS, changed_settings
-from samora_pl.stages.cpt.run import index_path as cpt_index_path
-from samora_pl.stages.cpt.run import teacher_file
-from samora_pl.stages.distill.module import LEVELS, PAIRINGS, TEACHER_KIND, DistillModule, build_head
+from samora_pl.stages.distill.module import TEACHER_KIND, DistillModule, build_head
 from samora_pl.training.callbacks import Throughput
 from samora_pl.training.guards import check_finite_state, skipped_batches
 from samora_pl.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
-EXPERT = "expert.safetensors"
+EXPERT = EXPERT_FILE
 __all__ = [
     "run",
     "run_level",
     "prepare_level",
-    "teacher_path",
     "load_level_teacher",
     "build_student",
     "build_data",
@@ -78,24 +72,18 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------- inputs
 
 
-def teacher_path(cfg: DictConfig, level: str) -> Path:
-    """`distill.teacher`, else the run's CPT output runs/<run>/cpt/<simclr|mae>/teacher.pt."""
-    if cfg.distill.teacher:
-        return Path(cfg.distill.teacher)
-    return teacher_file(cfg, TEACHER_KIND[level])
-
-
-def load_level_teacher(cfg: DictConfig, level: str, record: StageRecord | None = None):
+def load_level_teacher(plan: DistillPlan, level: str, record: StageRecord | None = None):
     """The frozen teacher of an image or patch level (None for pixel), verified and recorded."""
     kind = TEACHER_KIND[level]
     if kind is None:
         return None
-    path = teacher_path(cfg, level)
+    path = plan.teacher_files[level]
+    run = plan.folders.run
     if not path.exists():
-        where = "distill.teacher" if cfg.distill.teacher else f"the {kind} CPT output of run '{cfg.run}'"
+        where = "distill.teacher" if plan.teacher_given else f"the {kind} CPT output of run '{run}'"
         raise SamoraError(
             f"The {level}-level distillation needs the {kind} teacher {path} ({where}), which does not exist. "
-            f"Make it with `make cpt TEACHER={kind} RUN={cfg.run} DATA={cfg.data.name}`, or point "
+            f"Make it with `make cpt TEACHER={kind} RUN={run} DATA={plan.dataset}`, or point "
             f"distill.teacher at an existing {kind} teacher.pt."
         )
     entry = verify_input(path, path.parent)
@@ -105,9 +93,9 @@ def load_level_teacher(cfg: DictConfig, level: str, record: StageRecord | None =
     return teacher, entry
 
 
-def build_student(cfg: DictConfig, level: str):
+def build_student(spec: SegmenterSpec, level: str):
     """SAM + one expert named `level` with SAMed-style single fusion; only that expert trains."""
-    model = build_segmenter(cfg, 1, (level,), f"single:{level}")
+    model = build_segmenter(spec, ExpertLayout((level,), f"single:{level}"), 1)
     model.set_trainable(f"distill:{level}")
     return model
 
@@ -139,65 +127,34 @@ class LevelViews:
         return {"image": self.augment(image)}
 
 
-def simclr_view_settings(cfg: DictConfig) -> dict:
-    """The image level's view augmentation: the one the SimCLR teacher was pre-trained with (cpt.simclr)."""
-    settings = {key: cfg.cpt.simclr[key] for key in SIMCLR_VIEW_KEYS}
-    settings["crop_scale"] = tuple(settings["crop_scale"])
-    return settings
-
-
-def build_data(cfg: DictConfig, level: str, held_out: HeldOut = NOTHING_HELD_OUT):
+def build_data(plan: DistillPlan, level: str, held_out: HeldOut = NOTHING_HELD_OUT):
     """The unlabeled pool (the same sources CPT reads, without the `held_out` test cases) with the level's
-    augmentation."""
-    views = LevelViews(level, cfg.model.img_size, cfg.distill.crop_scale, simclr_view_settings(cfg))
+    augmentation (the image level's: the SimCLR teacher's pre-training views)."""
+    views = LevelViews(level, plan.segmenter.img_size, plan.distill.crop_scale, plan.simclr_views)
+    pool = plan.pool
     return UnlabeledDataModule(
-        sources_from_config(cfg),
+        pool_sources(pool),
         transform=views,
-        batch_size=cfg.distill.batch_size,
-        num_workers=cfg.data.num_workers,
-        skip_bad_files=cfg.cpt.skip_bad_files,
-        index_path=cpt_index_path(cfg),
-        cache_volumes=cfg.cpt.cache_volumes,
+        batch_size=plan.distill.batch_size,
+        num_workers=pool.num_workers,
+        skip_bad_files=pool.skip_bad_files,
+        index_path=pool.index_path,
+        cache_volumes=pool.cache_volumes,
         held_out=held_out,
     )
-
-
-def _check(cfg: DictConfig) -> None:
-    d = cfg.distill
-    if d.image_pairing not in PAIRINGS:
-        raise SamoraError(
-            f"Config key 'distill.image_pairing' is {d.image_pairing!r}; allowed values: {', '.join(PAIRINGS)}."
-        )
-    if not 0.0 <= d.mask_ratio < 1.0:
-        raise SamoraError(f"Config key 'distill.mask_ratio' is {d.mask_ratio}; it must be in [0, 1).")
-    if not 0.0 <= d.blur_prob <= 1.0:
-        raise SamoraError(f"Config key 'distill.blur_prob' is {d.blur_prob}; it must be in [0, 1].")
-    if d.noise_sigma < 0:
-        raise SamoraError(f"Config key 'distill.noise_sigma' is {d.noise_sigma}; it must be >= 0.")
-    for key in ("blur_sigma", "crop_scale"):
-        value = list(d[key])
-        if len(value) != 2 or not 0 < value[0] <= value[1]:
-            raise SamoraError(f"Config key 'distill.{key}' is {value}; give [low, high] with 0 < low <= high.")
-    if d.batch_size < 1:
-        raise SamoraError(f"Config key 'distill.batch_size' is {d.batch_size}; it must be a positive integer.")
-    if d.level == "all" and d.teacher:
-        raise SamoraError(
-            "distill.teacher names one teacher file, but distill.level=all needs two (SimCLR and MAE); "
-            "run the levels separately (distill.level=image / patch) with their own distill.teacher."
-        )
 
 
 # ------------------------------------------------------------------------------------------------- runs
 
 
-def prepare_level(cfg: DictConfig, level: str):
+def prepare_level(plan: DistillPlan, level: str):
     """("done", manifest) for a finished level with the same settings, ("train", last.ckpt or None) otherwise.
 
     overwrite=true clears the level's outputs first; a finished or interrupted level trained with other
     shaping settings is an error naming them."""
-    folder = stage_dir(cfg, "distill", level)
+    folder = plan.folder(level)
     last = folder / "checkpoints" / "last.ckpt"
-    if cfg.overwrite:
+    if plan.overwrite:
         if is_rank_zero():
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
             for name in (EXPERT, MANIFEST, "config.yaml"):
@@ -205,7 +162,7 @@ def prepare_level(cfg: DictConfig, level: str):
         return "train", None
     manifest = read_manifest(folder)
     finished = bool(manifest) and manifest.get("status") == "complete" and (folder / EXPERT).exists()
-    changed = changed_settings("distill", level, cfg, folder)
+    changed = plan.changed_in(folder, level)
     if changed and (finished or last.exists()):
         raise SamoraError(
             f"{folder} already holds a {level} expert distilled with other settings ({', '.join(changed[:8])}); "
@@ -214,7 +171,7 @@ def prepare_level(cfg: DictConfig, level: str):
     if finished:
         kind = TEACHER_KIND[level]
         recorded = manifest.get("inputs", {}).get(f"teacher_{kind}", {}).get("sha256") if kind else None
-        current = teacher_path(cfg, level) if kind else None
+        current = plan.teacher_files[level] if kind else None
         if recorded and current.exists() and sha256(current) != recorded:
             raise SamoraError(
                 f"{folder} holds a {level} expert distilled from an earlier {kind} teacher than {current} "
@@ -224,8 +181,8 @@ def prepare_level(cfg: DictConfig, level: str):
     return "train", resumable(last, f"distill {level}")
 
 
-def _module(cfg: DictConfig, level: str, student, head, teacher) -> DistillModule:
-    d = cfg.distill
+def _module(plan: DistillPlan, level: str, student, head, teacher) -> DistillModule:
+    d = plan.distill
     return DistillModule(
         student,
         level,
@@ -243,42 +200,42 @@ def _module(cfg: DictConfig, level: str, student, head, teacher) -> DistillModul
         blur_sigma=d.blur_sigma,
         overlap_weight=d.pixel_overlap_weight,
         mse_weight=d.pixel_mse_weight,
-        image_log_every_n_epochs=cfg.trainer.image_log_every_n_epochs,
+        image_log_every_n_epochs=plan.trainer.image_log_every_n_epochs,
     )
 
 
-def run_level(cfg: DictConfig, level: str, held_out: HeldOut = NOTHING_HELD_OUT) -> dict:
+def run_level(plan: DistillPlan, level: str, held_out: HeldOut = NOTHING_HELD_OUT) -> dict:
     """Distil one level; returns its metrics (and the expert path)."""
-    folder = stage_dir(cfg, "distill", level)
-    state, found = prepare_level(cfg, level)
+    folder = plan.folder(level)
+    state, found = prepare_level(plan, level)
     if state == "done":
         log.info("distill %s: reusing the finished expert in %s (overwrite=true to redo)", level, folder)
         return dict(found.get("metrics", {}), expert=str(folder / EXPERT), reused=True)
     resume = found
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    record = StageRecord(cfg, folder)
-    loaded = load_level_teacher(cfg, level, record)
+    L.seed_everything(plan.seed, workers=True, verbose=False)
+    record = StageRecord(plan.stage, plan.config, folder)
+    loaded = load_level_teacher(plan, level, record)
     teacher, teacher_entry = loaded if loaded is not None else (None, None)
-    student = build_student(cfg, level)
-    sam_file = sam_checkpoint_record(sam_checkpoint(cfg))
+    student = build_student(plan.segmenter, level)
+    sam_file = sam_checkpoint_record(plan.segmenter.checkpoint)
     if sam_file is not None:
         record.add_input("sam_checkpoint", sam_file)
     head = build_head(
         level,
         student,
         teacher,
-        image_hidden=cfg.distill.image_hidden,
-        patch_hidden=cfg.distill.patch_hidden,
-        pixel_width=cfg.distill.pixel_width,
+        image_hidden=plan.distill.image_hidden,
+        patch_hidden=plan.distill.patch_hidden,
+        pixel_width=plan.distill.pixel_width,
     )
-    data = build_data(cfg, level, held_out)
-    module = _module(cfg, level, student, head, teacher)
+    data = build_data(plan, level, held_out)
+    module = _module(plan, level, student, head, teacher)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     record.metrics["trainable_parameters"] = trainable
     record.metrics["expert_parameters"] = log_trainable(student, f"distill {level} (expert)")
     log.info("distill %s: %s trainable parameters (expert + head)", level, f"{trainable:,}")
-    save_config(cfg, folder)
-    trainer = build_trainer(cfg, folder, "distill", level, max_epochs=cfg.distill.max_epochs, callbacks=[Throughput()])
+    save_config(plan.config, folder)
+    trainer = build_trainer(plan.trainer, plan.folders.tb, folder, "distill", level, callbacks=[Throughput()])
     if resume is not None:
         log.info("distill %s: resuming from %s", level, resume)
     with warnings.catch_warnings():
@@ -293,7 +250,7 @@ def run_level(cfg: DictConfig, level: str, held_out: HeldOut = NOTHING_HELD_OUT)
 
     expert = folder / EXPERT
     if is_rank_zero():
-        meta = {"seed": cfg.seed, "run": cfg.run}
+        meta = {"seed": plan.seed, "run": plan.folders.run}
         meta["base_fingerprint"] = base_fingerprint(student)
         if teacher_entry is not None:
             meta["teacher_sha256"] = teacher_entry["sha256"]
@@ -320,9 +277,7 @@ def run_level(cfg: DictConfig, level: str, held_out: HeldOut = NOTHING_HELD_OUT)
     return dict(metrics, expert=str(expert))
 
 
-def run(cfg: DictConfig) -> dict[str, dict]:
-    """`samora distill`: the configured level, or all three in turn; {level: metrics}."""
-    _check(cfg)
-    held_out = held_out_cases(cfg)  # before anything is written: a bad cpt.include_test_cases stops here
-    levels: tuple[str, ...] = LEVELS if cfg.distill.level == "all" else (cfg.distill.level,)
-    return {level: run_level(cfg, level, held_out) for level in levels}
+def run(plan: DistillPlan) -> dict[str, dict]:
+    """`samora distill`: the planned level, or all three in turn; {level: metrics}."""
+    held_out = held_out_cases(plan.pool)  # before anything is written: a bad cpt.include_test_cases stops here
+    return {level: run_level(plan, level, held_out) for level in plan.levels}

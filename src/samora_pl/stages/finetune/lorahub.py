@@ -36,10 +36,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from data_modules.labelled.base import SliceDataset
-from samora_pl.config.compose import finetune_levels
+from samora_pl.config.plans import LORAHUB_SLOT, FinetunePlan
 from samora_pl.errors import SamoraError
 from samora_pl.losses.segmentation import SegmentationLoss
 from samora_pl.models.adapters.lora import MultiExpertLoRA, compose_experts, load_expert, read_expert_metadata
@@ -48,7 +47,7 @@ from samora_pl.runs.manifest import is_rank_zero, verify_input
 
 log = logging.getLogger(__name__)
 
-HUB = "hub"  # the one LoRA slot of a lorahub model
+HUB = LORAHUB_SLOT  # the one LoRA slot of a lorahub model
 OPTIMIZER = "nevergrad.optimizers.NGOpt"
 
 
@@ -183,7 +182,7 @@ class LoraHubSearch(L.Callback):
             atomic_write_text(self.folder / "lorahub.json", json.dumps(summary, indent=2) + "\n")
 
 
-def prepare(cfg: DictConfig, model, data, folder: Path, expert_paths: dict, record=None) -> LoraHubSearch:
+def prepare(plan: FinetunePlan, model, data, expert_paths: dict, record=None) -> LoraHubSearch:
     """Load the experts, compose the uniform warm-up LoRA into ``model.lora['hub']``, read the few-shot
     slices that score the search (they stay in the decoder's training set), and return the callback that
     searches the weights mid-training.
@@ -191,12 +190,12 @@ def prepare(cfg: DictConfig, model, data, folder: Path, expert_paths: dict, reco
     Leaves the model with its mask decoder trainable only (the composed LoRA stays frozen)."""
     from samora_pl.models.factory import base_fingerprint
 
-    hub_cfg = cfg.finetune.lorahub
-    levels = finetune_levels(cfg)
+    hub = plan.lorahub
+    levels = plan.levels
     src = MultiExpertLoRA(
         levels + (HUB,), depth=model.lora.depth, dim=model.lora.dim, rank=model.lora.rank, widths=model.lora.widths
     )
-    if not cfg.finetune.zero_experts:
+    if not plan.zero_experts:
         fingerprint = base_fingerprint(model)
         for level, path in expert_paths.items():
             if read_expert_metadata(path).get("base_fingerprint") not in (None, fingerprint):
@@ -212,7 +211,7 @@ def prepare(cfg: DictConfig, model, data, folder: Path, expert_paths: dict, reco
         model.lora[HUB].load_state_dict(src[HUB].state_dict())
 
     data.setup("fit")
-    held = holdout_names(data.selected_train_names(), hub_cfg.holdout, hub_cfg.max_slices, cfg.seed)
+    held = holdout_names(data.selected_train_names(), hub.holdout, hub.max_slices, plan.seed)
     transform = data.transform(augment=False)  # sized as the training slices (data.train_size too)
     dataset = SliceDataset(held, data.slice_reader(), transform)
     items = [dataset[i] for i in range(len(dataset))]
@@ -220,12 +219,12 @@ def prepare(cfg: DictConfig, model, data, folder: Path, expert_paths: dict, reco
     targets = torch.stack([it["low_res_label"] for it in items]).long()
     model.set_trainable("samora")  # fusion (none for a single LoRA) + mask decoder; the composed LoRA frozen
     settings = {
-        **{k: hub_cfg[k] for k in ("budget", "bound", "l1", "start", "warmup")},
-        "seed": int(cfg.seed),
-        "batch_size": max(1, int(cfg.data.batch_size)),
+        **{k: getattr(hub, k) for k in ("budget", "bound", "l1", "start", "warmup")},
+        "seed": int(plan.seed),
+        "batch_size": max(1, int(plan.data_settings.batch_size)),
         "holdout_names": held,
         "decoder_train_slices": len(data.train_set),
     }
-    loss_fn = SegmentationLoss(cfg.loss.ce_weight, cfg.loss.dice_weight)
+    loss_fn = SegmentationLoss(plan.loss.ce_weight, plan.loss.dice_weight)
     log.info("lorahub: %d of the decoder's %d training slices score the search", len(held), len(data.train_set))
-    return LoraHubSearch(model, src, images, targets, loss_fn, settings, folder)
+    return LoraHubSearch(model, src, images, targets, loss_fn, settings, plan.folder)

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from samora_pl.config.compose import compose
+from samora_pl.config.plans import build_plan
+from samora_pl.config.specs import ExpertLayout
 from samora_pl.errors import SamoraError
 from samora_pl.models.factory import base_fingerprint, build_segmenter
 from samora_pl.models.sam2.segmenter import SAM2Segmenter
@@ -91,9 +93,11 @@ def test_experts_save_and_load_alone(tmp_path):
 
 def test_config_keys_and_factory(tmp_path):
     cfg = compose("finetune", ["model.family=sam2", "model.variant=tiny", "model.img_size=128", f"data.dir={tmp_path}"])
-    model = build_segmenter(cfg, 8, ("image", "patch", "pixel"), "hl_attn")
+    model = build_segmenter(build_plan(cfg).segmenter, ExpertLayout(("image", "patch", "pixel"), "hl_attn"), 8)
     assert isinstance(model, SAM2Segmenter) and len(base_fingerprint(model)) == 64
-    assert base_fingerprint(model) == base_fingerprint(build_segmenter(cfg, 8, ("image",), "single:image"))
+    assert base_fingerprint(model) == base_fingerprint(
+        build_segmenter(build_plan(cfg).segmenter, ExpertLayout(("image",), "single:image"), 8)
+    )
     with pytest.raises(SamoraError, match="model.variant.*model.family=sam2.*b\\+"):
         compose("finetune", ["model.family=sam2", "model.variant=vit_b"])
     with pytest.raises(SamoraError, match="model.variant.*model.family=sam\\b"):

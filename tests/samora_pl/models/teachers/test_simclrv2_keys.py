@@ -167,8 +167,9 @@ def test_simclrv2_weights_see_unnormalised_inputs_from_cpt_to_distillation(tmp_p
     """SimCLRv2 was trained on [0, 1] images: cpt.simclr.normalize=auto (the default) gives the teacher of a
     converted file no mean / std, teacher.pt and the CPT manifest record it, and the teacher distillation
     loads computes SimCLRv2's own function of the [0, 1] slice."""
+    from samora_pl.config.plans import build_plan
     from samora_pl.models.teachers.files import load_teacher
-    from samora_pl.stages.cpt.run import run, teacher_file
+    from tests.stage_runs import run_stage as run
 
     data = write_layout(50, True)
     path = tmp_path / "r50_1x_sk1.pth"
@@ -178,9 +179,9 @@ def test_simclrv2_weights_see_unnormalised_inputs_from_cpt_to_distillation(tmp_p
     cfg = config(tmp_path, *start)
     assert cfg.cpt.simclr.normalize == "auto"
     assert run(cfg)["simclr"]["normalize"] == "none"
-    manifest = json.loads((teacher_file(cfg, "simclr").parent / "manifest.json").read_text())
+    manifest = json.loads((build_plan(cfg).teacher_file("simclr").parent / "manifest.json").read_text())
     assert manifest["metrics"]["normalize"] == "none"
-    teacher = load_teacher(teacher_file(cfg, "simclr"), kind="simclr")  # as distillation loads it
+    teacher = load_teacher(build_plan(cfg).teacher_file("simclr"), kind="simclr")  # as distillation loads it
     assert teacher.arch["normalize"] == "none" and teacher.teacher_meta["normalize"] == "none"
     grey = torch.rand(2, 1, 64, 64)
     with torch.no_grad():

@@ -9,9 +9,17 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from samora_pl.config.compose import compose
+from samora_pl.config.plans import build_plan
 from samora_pl.errors import SamoraError
-from samora_pl.stages.cpt.run import load_teacher, run, teacher_file
+from samora_pl.stages.cpt.run import load_teacher
 from tests.data_modules.volume_writers import write_synapse_tree
+from tests.stage_runs import run_stage as run
+
+
+def teacher_file(cfg, kind: str) -> Path:
+    """Where the planned CPT writes the `kind` teacher."""
+    return build_plan(cfg).teacher_file(kind)
+
 
 FAST_MAE = dict(img_size=32, depth=1, num_heads=2, decoder_heads=2)  # the MAE of tiny_cpt, for checkpoints
 
@@ -166,7 +174,7 @@ def test_bad_cpt_settings(tmp_path, config):
 
 def test_demo_pool_is_the_default(tmp_path, monkeypatch, npz_pool):
     import data_modules.labelled.demo as demo
-    from data_modules.pool.unlabeled import sources_from_config
+    from data_modules.pool.unlabeled import pool_sources
 
     def fake_demo(root, **_):
         npz_pool(Path(root) / "unlabeled", count=2)
@@ -174,7 +182,7 @@ def test_demo_pool_is_the_default(tmp_path, monkeypatch, npz_pool):
 
     monkeypatch.setattr(demo, "ensure_demo", fake_demo)
     cfg = compose("cpt", ["data.name=demo", f"data.dir={tmp_path / 'demo'}"])
-    sources = sources_from_config(cfg)
+    sources = pool_sources(build_plan(cfg).pool)
     assert sources == [
         {
             "path": str(tmp_path / "demo" / "unlabeled"),

@@ -16,12 +16,25 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from samora_pl.config.compose import compose
+from samora_pl.config.plans import build_plan
 from samora_pl.errors import SamoraError
 from samora_pl.models.teachers.files import load_teacher, save_teacher
 from samora_pl.runs.manifest import sha256
 from samora_pl.stages.distill import module as distill_module
 from samora_pl.stages.distill.module import DistillModule, build_head
-from samora_pl.stages.distill.run import EXPERT, LevelViews, build_student, run
+from samora_pl.stages.distill.run import EXPERT, LevelViews, build_student
+from tests.stage_runs import run_stage
+
+
+def run(cfg):
+    """`samora distill` on a composed config."""
+    return run_stage(cfg)
+
+
+def student_of(cfg, level: str):
+    """The distillation student of the planned run."""
+    return build_student(build_plan(cfg).segmenter, level)
+
 
 IMG = 64
 # the frozen teacher is in eval mode on purpose
@@ -85,7 +98,7 @@ def build(workspace, level, cfg=None):
     elif level == "patch":
         teacher = load_teacher(workspace["mae"], kind="mae")
     torch.manual_seed(0)
-    student = build_student(cfg, level)
+    student = student_of(cfg, level)
     head = build_head(level, student, teacher, image_hidden=32, pixel_width=16)
     return DistillModule(student, level, head, teacher, image_log_every_n_epochs=1)
 
@@ -201,7 +214,7 @@ def test_patch_level_maps_a_coarser_teacher_grid(workspace, tiny_mae):
     cfg = make_cfg(workspace)
     torch.manual_seed(2)
     teacher = tiny_mae(**{**MAE, "img_size": 32}).eval()
-    student = build_student(cfg, "patch")
+    student = student_of(cfg, "patch")
     module = DistillModule(student, "patch", build_head("patch", student, teacher), teacher)
     images = torch.rand(2, 1, IMG, IMG)
     torch.manual_seed(5)
@@ -217,7 +230,7 @@ def test_expert_file_round_trip_gives_identical_encoder_outputs(workspace, tmp_p
     student = module.student.eval()
     path = tmp_path / "expert.safetensors"
     student.save_expert("patch", path, base_fingerprint="abc")
-    fresh = build_student(make_cfg(workspace), "patch").eval()
+    fresh = student_of(make_cfg(workspace), "patch").eval()
     images = torch.rand(2, 1, IMG, IMG)
     with torch.no_grad():
         assert not torch.equal(fresh.encoder(images), student.encoder(images))
@@ -308,7 +321,7 @@ def test_run_all_levels_writes_experts_and_manifests(workspace):
         run(make_cfg(workspace, "distill.level=image", "cpt.simclr.jitter=0.1", run_name="full"))
     assert run(make_cfg(workspace, "distill.level=patch", "cpt.simclr.jitter=0.1", run_name="full"))["patch"]["reused"]
     # the experts load into the stage-2 model
-    model = build_student(cfg, "image")
+    model = student_of(cfg, "image")
     model.load_expert("image", workspace["root"] / "runs" / "full" / "distill" / "image" / EXPERT)
 
 

@@ -6,12 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_modules import build_datamodule
 from samora_pl.cli import main
 from samora_pl.config.choices import LEVELS
 from samora_pl.config.compose import compose
 from samora_pl.errors import SamoraError
 from samora_pl.stages.finetune import lorahub
 from samora_pl.stages.finetune import run as finetune
+from tests.stage_runs import planned
 
 
 def _quadratic(target):
@@ -57,12 +59,11 @@ def test_decoder_trains_on_the_same_slices_and_steps_as_every_other_fusion(tmp_p
     extra += ["data.fraction=0.3", "finetune.lorahub.max_slices=5", "trainer.limit_train_batches=null"]
 
     def train_set(fusion):
-        cfg = compose("finetune", quick(f"model.fusion={fusion}", *extra))
-        folder = tmp_path / fusion
-        data = finetune.build_data(cfg, folder)
+        plan = planned("finetune", quick(f"model.fusion={fusion}", f"runs_dir={tmp_path / fusion}", *extra))
+        data = build_datamodule(plan.data)
         search = None
         if fusion == "lorahub":
-            search = lorahub.prepare(cfg, finetune.build_model(cfg, data.num_classes), data, folder, {})
+            search = lorahub.prepare(plan, finetune.build_model(plan, data.num_classes), data, {})
         data.setup("fit")
         return data, [data.train_set[i]["name"] for i in range(len(data.train_set))], search
 
@@ -107,10 +108,10 @@ def test_lorahub_finetune_warms_up_searches_and_freezes(tmp_path, monkeypatch, w
     # the composed LoRA stayed frozen: the final model's hub slot is exactly the composition of the experts
     state = load_file(str(folder / "final.safetensors"))
     assert not any(".experts.image." in k or ".experts.patch." in k for k in state)
-    cfg = compose("finetune", args)
-    model = finetune.build_model(cfg, 8)
+    plan = planned("finetune", args)
+    model = finetune.build_model(plan, 8)
     src = lorahub.MultiExpertLoRA(LEVELS + (lorahub.HUB,), depth=model.lora.depth, dim=model.lora.dim, rank=4)
-    for level, path in finetune.expert_paths(cfg).items():
+    for level, path in finetune.expert_paths(plan).items():
         lorahub.load_expert(src, level, path)
     lorahub.compose_experts(src, summary["weights"], into=lorahub.HUB)
     for key, value in src[lorahub.HUB].state_dict().items():

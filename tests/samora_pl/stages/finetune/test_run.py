@@ -13,10 +13,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from samora_pl.cli import main
 from samora_pl.config.choices import LEVELS
 from samora_pl.config.compose import compose
+from samora_pl.config.plans import build_plan
+from samora_pl.config.specs import ExpertLayout
 from samora_pl.errors import SamoraError
 from samora_pl.models.factory import build_segmenter
 from samora_pl.stages.finetune import run as finetune
+from samora_pl.stages.finetune.evaluate import TRANSDUCTIVE_NOTE, load_finetuned, pretraining_saw_test_cases
 from tests.data_modules.volume_writers import LA_IDS, finetune_folder, finetune_overrides, write_la
+from tests.stage_runs import planned
 
 
 @pytest.mark.slow
@@ -173,7 +177,7 @@ def trainable_after_each_validation(cfg, monkeypatch) -> list:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(finetune, "build_trainer", with_snapshot)
-    finetune.run(cfg)
+    finetune.run(build_plan(cfg))
     return snapshots
 
 
@@ -291,7 +295,7 @@ def test_experts_distilled_on_another_encoder_are_refused(tmp_path, capsys, quic
     from samora_pl.models.factory import base_fingerprint
 
     cfg = compose("finetune", quick("model.init_seed=1"))
-    model = build_segmenter(cfg, 8, LEVELS, "hl_attn")
+    model = build_segmenter(build_plan(cfg).segmenter, ExpertLayout(LEVELS, "hl_attn"), 8)
     paths = []
     for level in LEVELS:
         path = tmp_path / f"{level}.safetensors"
@@ -375,13 +379,13 @@ def test_a_finished_finetune_loads_without_its_sam_checkpoint(tmp_path, quick, t
     ckpt = tmp_path / "sam_tiny_1024.pth"
     torch.save(tiny_sam_state_dict(), ckpt)
     cfg = compose("finetune", quick(f"model.checkpoint={ckpt}"))
-    trained = build_segmenter(cfg, 8, LEVELS, "hl_attn")
+    trained = build_segmenter(build_plan(cfg).segmenter, ExpertLayout(LEVELS, "hl_attn"), 8)
     state = {k: v.detach().contiguous() for k, v in trained.state_dict().items()}
     save_file(state, str(tmp_path / finetune.FINAL))
     ckpt.unlink()
     with pytest.raises(SamoraError):  # building from the config alone needs the .pth
-        build_segmenter(cfg, 8, LEVELS, "hl_attn")
-    loaded = finetune.load_finetuned(cfg, tmp_path / finetune.FINAL).state_dict()
+        build_segmenter(build_plan(cfg).segmenter, ExpertLayout(LEVELS, "hl_attn"), 8)
+    loaded = load_finetuned(build_plan(cfg), tmp_path / finetune.FINAL).state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
@@ -393,11 +397,11 @@ def test_the_sam_checkpoint_is_an_input_of_the_manifest(tmp_path, quick, tiny_sa
     ckpt = tmp_path / "sam_tiny_1024.pth"
     torch.save(tiny_sam_state_dict(), ckpt)
     cfg = compose("finetune", quick(f"model.checkpoint={ckpt}", "mode=samed"))
-    record = StageRecord(cfg, tmp_path)
-    finetune.build_model(cfg, 8, record)
+    record = StageRecord("finetune", {}, tmp_path)
+    finetune.build_model(build_plan(cfg), 8, record)
     assert record.inputs["sam_checkpoint"] == {"path": str(ckpt), "sha256": sha256(ckpt), "bytes": ckpt.stat().st_size}
-    random_sam = StageRecord(cfg, tmp_path)
-    finetune.build_model(compose("finetune", quick("mode=samed")), 8, random_sam)
+    random_sam = StageRecord("finetune", {}, tmp_path)
+    finetune.build_model(planned("finetune", quick("mode=samed")), 8, random_sam)
     assert "sam_checkpoint" not in random_sam.inputs
 
 
@@ -405,28 +409,28 @@ def test_transductive_pretraining_is_said_in_the_results(tmp_path):
     from samora_pl.evaluation import write_results
 
     base = [f"runs_dir={tmp_path / 'runs'}", "run=t"]
-    assert not finetune.pretraining_saw_test_cases(compose("finetune", base))
+    assert not pretraining_saw_test_cases(planned("finetune", base))
     folder = tmp_path / "runs" / "t" / "distill" / "patch"
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({"inputs": {"pool": {"include_test_cases": True}}}))
-    assert finetune.pretraining_saw_test_cases(compose("finetune", base))  # an expert it fuses saw them
-    assert not finetune.pretraining_saw_test_cases(compose("finetune", [*base, "finetune.levels=[image,pixel]"]))
+    assert pretraining_saw_test_cases(planned("finetune", base))  # an expert it fuses saw them
+    assert not pretraining_saw_test_cases(planned("finetune", [*base, "finetune.levels=[image,pixel]"]))
     opted = compose("finetune", [*base, "mode=samed", "cpt.include_test_cases=true"])
-    assert finetune.pretraining_saw_test_cases(opted)
+    assert pretraining_saw_test_cases(build_plan(opted))
     rows = [{"case": "c1", "class_id": 1, "dice": 0.5, "hd95": 3.0}]
-    write_results(rows, ["organ"], tmp_path / "out", notes=[finetune.TRANSDUCTIVE_NOTE])
-    assert finetune.TRANSDUCTIVE_NOTE in (tmp_path / "out" / "results.md").read_text()
+    write_results(rows, ["organ"], tmp_path / "out", notes=[TRANSDUCTIVE_NOTE])
+    assert TRANSDUCTIVE_NOTE in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_train_experts_adds_only_the_experts_ab_to_the_trainable_set(quick):
     """The `finetune.train_experts` ablation: mode=samora's set plus every expert's A/B, never the scales."""
     cfg = compose("finetune", quick("finetune.zero_experts=true"))
-    frozen = set(finetune.build_model(cfg, 8).trainable_parameter_names())
+    frozen = set(finetune.build_model(build_plan(cfg), 8).trainable_parameter_names())
     cfg = compose("finetune", quick("finetune.zero_experts=true", "finetune.train_experts=true"))
-    added = set(finetune.build_model(cfg, 8).trainable_parameter_names()) - frozen
+    added = set(finetune.build_model(build_plan(cfg), 8).trainable_parameter_names()) - frozen
     assert added and all(".lora_A_" in n or ".lora_B_" in n for n in added)
     assert {n.split(".experts.")[1].split(".")[0] for n in added} == set(LEVELS)
-    assert finetune.tag_of(cfg).endswith("-zero-trainexp-f0.1")
+    assert build_plan(cfg).tag.endswith("-zero-trainexp-f0.1")
     with pytest.raises(SamoraError, match="finetune.train_experts"):
         compose("finetune", quick("mode=samed", "finetune.train_experts=true"))
 
@@ -454,7 +458,7 @@ def test_samed_recipe_keys_on_the_tiny_profile(tmp_path, quick, monkeypatch):
             "optim.poly_horizon=total",
         ),
     )
-    finetune.run(cfg)
+    finetune.run(build_plan(cfg))
     trainer = made[0]
     iters = 2  # 4 micro-batches of 2 per epoch, two per step
     assert trainer.accumulate_grad_batches == 2 and trainer.max_epochs == 2
