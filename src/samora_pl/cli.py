@@ -1,6 +1,6 @@
 """`samora <command> key=value ...`: the command line every make target calls.
 
-Commands: cpt, distill, finetune, evaluate, predict, probe, check, prepare, demo, ablation. A user mistake
+Commands: cpt, distill, finetune, evaluate, predict, bundle, probe, check, prepare, demo, ablation. A user mistake
 (SamoraError) prints one message and exits 1; anything else is a bug and keeps its traceback.
 """
 
@@ -19,6 +19,7 @@ COMMANDS = {
     "finetune": "stage 2 on a labelled fraction (data.fraction=0.1), then evaluation",
     "evaluate": "re-evaluate a finished fine-tuning run and rewrite its results",
     "predict": "label maps of new volumes from a fine-tuned run (predict.input=... predict.output=...)",
+    "bundle": "a fine-tuned run as a MONAI bundle (TorchScript + inference.json): `samora bundle [out=FOLDER] ...`",
     "probe": "linear / k-NN probes and CKA of a run's teachers and experts on its labelled training slices",
     "check": "validate a dataset (every file, key, shape, label value) without training",
     "prepare": "public raw download -> the layout the data module reads (prepare.raw=... prepare.out=...)",
@@ -75,6 +76,10 @@ def run_command(command: str, overrides) -> dict:
             raise SamoraError(f"seeds={seeds[-1]}: give a whole number of seeds per variant, e.g. seeds=3.")
         rest = [item for item in overrides if "=" in item and not item.startswith("seeds=")]
         return run_ablation(names[0], rest, seeds=int(seeds[-1]) if seeds else 1)
+    if command == "bundle":
+        from samora_pl.export.bundle import run as bundle
+
+        return bundle(overrides)
     if command == "check":
         from samora_pl.stages.check import check
 
