@@ -67,5 +67,7 @@ def script_model(model: nn.Module, img_size: int, batch_size: int) -> torch.jit.
 def save_scripted(module: torch.jit.ScriptModule, path: Path, extra: dict) -> Path:
     """Write `module` with `extra` text files (e.g. the bundle's metadata) inside the archive."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(module, str(path), _extra_files=extra)
+    with warnings.catch_warnings():  # torch 2.14 marks torch.jit deprecated; MONAI's tools read TorchScript
+        warnings.filterwarnings("ignore", ".*torch.jit.* is deprecated.*", FutureWarning)
+        torch.jit.save(module, str(path), _extra_files=extra)
     return path

@@ -231,3 +231,41 @@ def test_bad_inputs_are_one_clear_error(demo, tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
     assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists() and not list(taken.iterdir())
+
+
+@pytest.mark.parametrize("resize", ["direct", "two_step"])
+def test_the_bundle_script_repeats_predicts_steps(resize):
+    """scripts/slices.py against samora's own functions: every intensity rule (int16 MR, float CT) and both resize
+    protocols, through SliceInferer on a MetaTensor against predict_volume with the same network."""
+    from monai.data import MetaTensor
+
+    from data_modules.io.readers import intensity
+    from data_modules.labelled.volumes import volume_stats
+    from samora_pl.evaluation import predict_volume
+    from samora_pl.export import bundle_script
+
+    rng = np.random.default_rng(3)
+    mr = rng.integers(0, 900, (4, 30, 22)).astype(np.int16)
+    ct = rng.uniform(-400.0, 500.0, (3, 18, 26)).astype(np.float32)
+    for raw, rule in ((mr, "mr_percentile"), (ct, "ct_window"), (ct, "none"), (np.full_like(mr, 7), "mr_percentile")):
+        want = intensity(raw, rule, volume_stats(raw, rule))
+        assert np.array_equal(bundle_script.intensity(raw.transpose(2, 1, 0), rule), want.transpose(2, 1, 0))
+
+    weights = torch.randn(3, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+
+    def logits(batch):  # any fixed network: three classes at a quarter of the size
+        return torch.nn.functional.conv2d(batch, weights, padding=1)[..., ::4, ::4]
+
+    from samora_pl.export.torchscript import SliceLabeller
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return logits(x)
+
+    volume = intensity(mr, "mr_percentile", volume_stats(mr, "mr_percentile"))
+    want = predict_volume(logits, volume, 48, batch_size=3, resize=resize, two_step_size=40)
+    inferer = bundle_script.SliceInferer(48, resize=resize, two_step_size=40)
+    image = MetaTensor(torch.from_numpy(volume.transpose(2, 1, 0).copy())[None, None], affine=torch.eye(4) * 2)
+    got = inferer(image, SliceLabeller(Net(), 48, 3))
+    assert isinstance(got, MetaTensor) and got.dtype == torch.uint8 and torch.equal(got.affine, image.affine)
+    assert np.array_equal(got[0, 0].numpy().transpose(2, 1, 0), want)
