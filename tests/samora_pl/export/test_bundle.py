@@ -269,3 +269,14 @@ def test_the_bundle_script_repeats_predicts_steps(resize):
     got = inferer(image, SliceLabeller(Net(), 48, 3))
     assert isinstance(got, MetaTensor) and got.dtype == torch.uint8 and torch.equal(got.affine, image.affine)
     assert np.array_equal(got[0, 0].numpy().transpose(2, 1, 0), want)
+
+
+def test_make_bundle_passes_run_and_out(repo_root):
+    stamp = "no-venv-stamp"  # as tests/test_smoke_paper.py: the venv stamp is never rebuilt here
+    argv = ["make", "-n", "--no-print-directory", "-f", str(repo_root / "Makefile"), "-o", stamp, f"STAMP={stamp}"]
+    shown = subprocess.run([*argv, "bundle", "RUN=r1", "OUT=/x/b"], capture_output=True, text=True, cwd=repo_root)
+    assert shown.returncode == 0, shown.stderr
+    words = shown.stdout.split()
+    assert words[1] == "bundle" and "run=r1" in words and words[-1] == "out=/x/b", shown.stdout
+    shown = subprocess.run([*argv, "bundle", "RUN=r1"], capture_output=True, text=True, cwd=repo_root)
+    assert not [w for w in shown.stdout.split() if w.startswith("out=")], shown.stdout
