@@ -153,7 +153,6 @@ def inference(facts: BundleFacts) -> dict:
             "img_size": facts.img_size,
             "resize": facts.resize,
             "two_step_size": facts.two_step_size,
-            "device": "@device",
         },
         "postprocessing": {
             "_target_": "Compose",

@@ -86,7 +86,8 @@ class SliceInferer(Inferer):
     """[B, 1, X, Y, Z] images (MONAI's axis order) -> [B, 1, X, Y, Z] uint8 labels in the same geometry.
 
     Slices are taken along Z and given to the network as samora reads them, (Y, X); the network (the bundle's
-    TorchScript model) maps [N, 1, S, S] float32 to [N, S, S] labels and batches the slices itself.
+    TorchScript model) maps [N, 1, S, S] float32 to [N, S, S] labels and batches the slices itself. The slices go
+    to `device`, by default the device of the network's weights.
     """
 
     def __init__(self, img_size: int, resize: str = "direct", two_step_size: int = 224, device=None):
@@ -108,10 +109,17 @@ class SliceInferer(Inferer):
             depth, height, width = volume.shape
             stack = np.stack([model_slice(s, self.img_size, self.resize, self.two_step_size) for s in volume])
             batch = torch.from_numpy(np.ascontiguousarray(stack)).float().unsqueeze(1)
-            labels = network(batch.to(self.device) if self.device is not None else batch).cpu().numpy()
+            labels = network(batch.to(self.device or _device_of(network))).cpu().numpy()
             back = np.stack([zoom_to(labels[d], (height, width), 0) for d in range(depth)])
             out[b, 0] = torch.from_numpy(np.ascontiguousarray(back.transpose(2, 1, 0))).to(out.device)
         return out
+
+
+def _device_of(network) -> torch.device:
+    """Where the network's weights are (MONAI Label moves the network itself); the CPU for a weightless one."""
+    for param in network.parameters():
+        return param.device
+    return torch.device("cpu")
 
 
 def predict_all(dataset, inferer, network, postprocessing) -> list:
