@@ -44,7 +44,8 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
 ```
 
 `models/model.ts` takes `[N, 1, {size}, {size}]` float32 slices in [0, 1] and returns `[N, {size}, {size}]`
-uint8 labels; `torch.jit.load` is all it needs. Traced on the CPU; `--device cuda` moves it to a GPU.
+uint8 labels; `torch.jit.load` is all it needs. Traced on the CPU and tested there; `--device cuda` moves it
+to a GPU (not tested).
 
 ## Serve it into 3D Slicer with MONAI Label
 
