@@ -32,7 +32,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
 	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
 
-.PHONY: setup demo test test-fast test-slow smoke-paper lint cpt distill finetune evaluate predict probe check prepare ablation bench tensorboard clean-venv
+.PHONY: setup demo test test-fast test-slow smoke-paper lint cpt distill finetune evaluate predict bundle probe check prepare ablation bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -85,6 +85,10 @@ evaluate: $(STAMP)
 # make predict IN=<volume or folder> OUT=<folder> RUN=... [ARGS="finetune.tag=... predict.overlay=true"]
 predict: $(STAMP)
 	$(SAMORA) predict $(COMMON) $(if $(IN),predict.input=$(IN)) $(if $(OUT),predict.output=$(OUT))
+
+# make bundle RUN=... [OUT=<folder>, default runs/<RUN>/bundle/<tag>] [ARGS="finetune.tag=..."]: a MONAI bundle
+bundle: $(STAMP)
+	$(SAMORA) bundle $(COMMON) $(if $(OUT),out=$(OUT))
 
 probe: $(STAMP)
 	$(SAMORA) probe $(COMMON)

@@ -1,6 +1,6 @@
 """`samora <command> key=value ...`: the command line every make target calls.
 
-Commands: cpt, distill, finetune, evaluate, predict, probe, check, prepare, demo, ablation. A user mistake
+Commands: cpt, distill, finetune, evaluate, predict, bundle, probe, check, prepare, demo, ablation. A user mistake
 (SamoraError) prints one message and exits 1; anything else is a bug and keeps its traceback.
 """
 
@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune": "stage 2 on a labelled fraction (data.fraction=0.1), then evaluation",
     "evaluate": "re-evaluate a finished fine-tuning run and rewrite its results",
     "predict": "label maps of new volumes from a fine-tuned run (predict.input=... predict.output=...)",
+    "bundle": "a fine-tuned run as a MONAI bundle (TorchScript + inference.json): `samora bundle [out=FOLDER] ...`",
     "probe": "linear / k-NN probes and CKA of a run's teachers and experts on its labelled training slices",
     "check": "validate a dataset (every file, key, shape, label value) without training",
     "prepare": "public raw download -> the layout the data module reads (prepare.raw=... prepare.out=...)",
@@ -93,9 +94,18 @@ def run_command(command: str, overrides) -> dict:
             raise SamoraError(f"seeds={seeds[-1]}: give a whole number of seeds per variant, e.g. seeds=3.")
         rest = [item for item in overrides if "=" in item and not item.startswith("seeds=")]
         return run_ablation(names[0], rest, seeds=int(seeds[-1]) if seeds else 1)
+    from samora_pl.config.finished import predict_plan
     from samora_pl.config.plans import build_plan
     from samora_pl.config.validate import check_stage_overrides
 
+    if command == "bundle":  # composed as `samora predict` is, OUT apart
+        from samora_pl.export.bundle import run as bundle
+
+        outs = [item.split("=", 1)[1] for item in overrides if item.startswith("out=")]
+        rest = [item for item in overrides if not item.startswith("out=")]
+        if outs and not outs[-1].strip():
+            raise SamoraError("out= is empty; give the folder the bundle is written to (OUT=...), or leave it out.")
+        return bundle(predict_plan(compose("predict", rest), rest, needs_io=False), outs[-1] if outs else None)
     check_stage_overrides(command, overrides)
     cfg = compose(command, overrides)
     if command == "evaluate":  # reads a finished fine-tune, which the overrides may name
@@ -104,8 +114,6 @@ def run_command(command: str, overrides) -> dict:
 
         return evaluate(*evaluate_plan(cfg, overrides))
     if command == "predict":
-        from samora_pl.config.finished import predict_plan
-
         return _runner(command)(predict_plan(cfg, overrides))
     if command == "prepare":
         from data_modules.prepare.raw import run as prepare

@@ -86,9 +86,10 @@ def evaluate_plan(cfg: DictConfig, overrides: Iterable[str] = ()) -> tuple[Finet
     return _plan_in(evaluation_config(cfg, folder, overrides), folder), folder / FINAL_FILE
 
 
-def predict_plan(cfg: DictConfig, overrides: Iterable[str] = ()) -> PredictPlan:
-    """`samora predict`: this command's settings, the model of the finished fine-tune it names (as saved)."""
-    if not cfg.predict.input or not cfg.predict.output:
+def predict_plan(cfg: DictConfig, overrides: Iterable[str] = (), needs_io: bool = True) -> PredictPlan:
+    """`samora predict`: this command's settings, the model of the finished fine-tune it names (as saved);
+    `needs_io=False` for commands that read no volumes (`samora bundle`)."""
+    if needs_io and (not cfg.predict.input or not cfg.predict.output):
         raise SamoraError(
             "predict.input (IN) and predict.output (OUT) are both needed: a volume or folder of "
             "volumes, and the folder the predictions go to."
