@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 import data_modules
 import samora_pl
 from samora_pl.cli import main
-from samora_pl.config.compose import compose, experiments_dir, to_yaml
+from samora_pl.config.compose import compose, experiments_dir, load_saved, to_yaml
 from samora_pl.config.plans import PLANS, CptPlan, DistillPlan, FinetunePlan, build_plan
 from samora_pl.suites.ablation import load_ablation
 from tests.stage_runs import planned
@@ -113,7 +113,8 @@ def test_a_samed_fine_tune_is_not_refused_for_fusion_settings_it_never_reads(tmp
     folder = _saved(tmp_path, "finetune", ["mode=samed"])
     assert planned("finetune", ["mode=samed", "model.hl_init=zero", "model.fusion=sum"]).changed_in(folder, "t") == []
     assert planned("finetune", ["mode=samed", "optim.lr=0.1"]).changed_in(folder, "t") == ["optim.lr"]
-    folder = _saved(tmp_path / "samora", "finetune") if (tmp_path / "samora").mkdir() is None else None
+    (tmp_path / "samora").mkdir()
+    folder = _saved(tmp_path / "samora", "finetune")
     assert planned("finetune", ["model.hl_init=zero"]).changed_in(folder, "t") == ["model.hl_init"]
 
 
@@ -160,3 +161,24 @@ def test_a_plan_is_frozen():
     with pytest.raises(AttributeError):
         plan.tag = "other"  # type: ignore[misc]
     assert isinstance(OmegaConf.create(plan.config), DictConfig)
+
+
+SAVED = Path(__file__).with_name("saved")  # config.yaml files written by the code before plans (0267552)
+BEFORE = ["run=before", "runs_dir=/work/runs-cmp", "data.dir=/work/data-cmp/demo", "deterministic=true"]
+
+
+@pytest.mark.parametrize(
+    "stage, sub, extra",
+    [("cpt", "mae", []), ("distill", "patch", ["distill.level=all"]), ("finetune", "samora-hl_attn-f0.1", [])],
+)
+def test_run_folders_made_before_plans_are_reused(tmp_path, stage, sub, extra):
+    """A `samora demo` run made before this layout (its saved config.yaml files, kept under saved/) plans
+    again and is reused by today's plans with the same command line: no setting reads as changed."""
+    (tmp_path / "config.yaml").write_text((SAVED / f"{stage}_before_plans.yaml").read_text())
+    saved = build_plan(load_saved(tmp_path / "config.yaml"))
+    assert saved.stage == stage
+    now = planned(stage, ["data.name=demo", "data.fraction=0.1", *BEFORE, *extra])
+    assert now.changed_in(tmp_path, sub) == []
+    assert saved.shaping(sub) == now.shaping(sub)
+    if stage == "finetune":
+        assert saved.tag == now.tag == sub and saved.layout == now.layout and saved.segmenter == now.segmenter

@@ -2,7 +2,7 @@
 
 `normalize="imagenet"` applies ImageNet mean / std (what torchvision / timm ResNets and MAE were trained
 on); "none" keeps [0, 1] (what SimCLRv2 was trained on). The SimCLR teacher's config default, "auto", picks
-one from its starting weights (`teacher_io.simclr_normalize`); the teacher itself always holds a resolved
+one from its starting weights (`files.simclr_normalize`); the teacher itself always holds a resolved
 value, which `teacher.pt` records in its architecture.
 """
 
