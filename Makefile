@@ -32,7 +32,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
 	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
 
-.PHONY: setup demo test test-fast test-slow smoke-paper lint cpt distill finetune evaluate predict bundle probe check prepare ablation bench tensorboard clean-venv
+.PHONY: setup demo test test-fast test-slow smoke-paper lint format cpt distill finetune evaluate predict bundle probe check prepare ablation bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -69,6 +69,11 @@ smoke-paper: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# rewrite the tree as lint wants it (imports sorted, fixable rules applied, formatted)
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 cpt: $(STAMP)
 	$(SAMORA) cpt cpt.teacher=$(TEACHER) $(COMMON)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from data_modules.labelled.base import subset_policy
 from data_modules.labelled.spec import LabelledDataSpec
 from data_modules.pool.spec import PoolSpec
-from samora_pl.config.choices import LEVELS, TEACHERS
+from samora_pl.config.choices import LEVELS, TEACHERS, Decoder, Family, Fusion, Mode
 from samora_pl.config.compose import changed_since, flat_config
 from samora_pl.config.schema import (
     CptConfig,
@@ -129,7 +129,7 @@ def trainer_spec(cfg: DictConfig, max_epochs: int, accumulate: int = 1) -> Train
 def segmenter_spec(cfg: DictConfig) -> SegmenterSpec:
     m = cfg.model
     return SegmenterSpec(
-        family=m.family,
+        family=Family(m.family),
         variant=m.variant,
         img_size=m.img_size,
         lora_rank=m.lora_rank,
@@ -143,7 +143,7 @@ def segmenter_spec(cfg: DictConfig) -> SegmenterSpec:
         encoder_seed=m.init_seed,
         seed=cfg.seed,
         pos_embed_resize=m.pos_embed_resize,
-        decoder=m.decoder,
+        decoder=Decoder(m.decoder),
         hsam_cmattn=m.hsam_cmattn,
         hsam_cmattn_heads=m.hsam_cmattn_heads,
         hsam_noise=m.hsam_noise,
@@ -308,7 +308,7 @@ class FinetunePlan(StagePlan):
     stage: ClassVar[str] = "finetune"
     tag: str
     folder: Path
-    mode: str
+    mode: Mode
     levels: tuple[str, ...]  # the experts fused (mode=samora)
     layout: ExpertLayout  # the segmenter's LoRA slots and fusion
     fusion_label: str
@@ -335,12 +335,12 @@ class FinetunePlan(StagePlan):
 
     def shaping_keys(self, sub: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """A fine-tune's evaluation or cache changes nothing it makes; SAMed reads no fusion setting."""
-        ignore = ("finetune.evaluate", "data.cache") + (SAMED_UNREAD if self.mode == "samed" else ())
+        ignore = ("finetune.evaluate", "data.cache") + (SAMED_UNREAD if self.mode is Mode.SAMED else ())
         return FINETUNE_KEYS, ignore
 
     @property
     def reads_experts(self) -> bool:
-        return self.mode == "samora" and not self.uses_lorahub and not self.zero_experts
+        return self.mode is Mode.SAMORA and not self.uses_lorahub and not self.zero_experts
 
 
 def _finetune_plan(cfg: DictConfig, config: dict) -> FinetunePlan:
@@ -348,8 +348,9 @@ def _finetune_plan(cfg: DictConfig, config: dict) -> FinetunePlan:
     tag = finetune_tag(cfg)
     folder = folders.stage("finetune", tag)
     levels = levels_of(cfg.finetune.levels)
-    samed = cfg.mode == "samed"
-    lorahub = not samed and cfg.model.fusion == "lorahub"
+    mode = Mode(cfg.mode)
+    samed = mode is Mode.SAMED
+    lorahub = not samed and cfg.model.fusion == Fusion.LORAHUB
     if samed:
         layout = ExpertLayout((SAMED_EXPERT,), f"single:{SAMED_EXPERT}")
     elif lorahub:
@@ -370,7 +371,7 @@ def _finetune_plan(cfg: DictConfig, config: dict) -> FinetunePlan:
         config=config,
         tag=tag,
         folder=folder,
-        mode=cfg.mode,
+        mode=mode,
         levels=levels,
         layout=layout,
         fusion_label=fusion_label(cfg.mode, cfg.model.fusion, cfg.model.hl_init),
@@ -390,7 +391,7 @@ def _finetune_plan(cfg: DictConfig, config: dict) -> FinetunePlan:
         train_experts=cfg.finetune.train_experts,
         evaluate=cfg.finetune.evaluate,
         uses_lorahub=lorahub,
-        mole_aux_weight=cfg.model.mole_balance_weight if not samed and cfg.model.fusion == "mole" else 0.0,
+        mole_aux_weight=cfg.model.mole_balance_weight if not samed and cfg.model.fusion == Fusion.MOLE else 0.0,
         include_test_cases=cfg.cpt.include_test_cases,
         subset_policy=subset_policy(d.fraction_by, d.fraction_list, d.subset_seed, d.fraction),
         dataset=d.name,

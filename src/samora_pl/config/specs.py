@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from samora_pl.config.choices import Decoder, Family
+
 
 @dataclass(frozen=True)
 class RunFolders:
@@ -66,7 +68,7 @@ class SegmenterSpec:
     """SAM or SAM 2 with its LoRA rank, fusion settings and decoder; `checkpoint` None means a random
     frozen encoder seeded by `encoder_seed`, while the trainable parts follow `seed`."""
 
-    family: str
+    family: Family
     variant: str
     img_size: int
     lora_rank: int
@@ -80,7 +82,7 @@ class SegmenterSpec:
     encoder_seed: int
     seed: int
     pos_embed_resize: str
-    decoder: str
+    decoder: Decoder
     hsam_cmattn: str
     hsam_cmattn_heads: int | None
     hsam_noise: float
