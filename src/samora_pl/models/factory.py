@@ -78,7 +78,7 @@ def _sam2_segmenter() -> type:
 SEGMENTERS: dict[str, Callable[[], type]] = {"sam": lambda: SAMoraSegmenter, "sam2": _sam2_segmenter}
 
 
-def base_fingerprint(model: torch.nn.Module) -> str:
+def base_fingerprint(model: SAMoraSegmenter) -> str:
     """sha256 of the frozen SAM (or SAM 2) image-encoder weights (LoRA and fusion excluded)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.encoder.image_encoder.state_dict().items()):
