@@ -32,7 +32,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
 	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
 
-.PHONY: setup demo test test-fast test-slow smoke-paper lint cpt distill finetune evaluate predict probe check prepare ablation bench tensorboard clean-venv
+.PHONY: setup demo test test-fast test-slow smoke-paper lint typecheck cpt distill finetune evaluate predict probe check prepare ablation bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -69,6 +69,10 @@ smoke-paper: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy on the packages pyproject.toml's [tool.mypy] lists (config/ and models/ so far)
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 cpt: $(STAMP)
 	$(SAMORA) cpt cpt.teacher=$(TEACHER) $(COMMON)
