@@ -257,8 +257,6 @@ def compose_experts(lora: MultiExpertLoRA, weights: dict[str, float], into: str)
     unknown = [n for n in weights if n not in lora.names]
     if unknown:
         raise SamoraError(f"cannot compose unknown experts {unknown}; the model has {list(lora.names)}")
-    if not weights:  # sum() of no experts would be the int 0, which copy_ refuses
-        raise SamoraError(f"cannot compose no experts into {into!r}: give at least one weight")
     target = lora[into]
     srcs = {
         n: [
@@ -269,7 +267,8 @@ def compose_experts(lora: MultiExpertLoRA, weights: dict[str, float], into: str)
     }
     for i, blk in enumerate(target.qv_blocks()):
         for j, t in enumerate((blk.lora_A_q, blk.lora_B_q, blk.lora_A_v, blk.lora_B_v)):
-            t.copy_(cast(torch.Tensor, sum(float(w) * srcs[n][i][j] for n, w in weights.items())))  # weights: >= 1
+            # torch's stubs want a Tensor, but copy_ takes a number too: no weights give the sum 0, a zero expert
+            t.copy_(sum(float(w) * srcs[n][i][j] for n, w in weights.items()))  # type: ignore[arg-type]
         blk.lora_scale.fill_(1.0)
 
 
