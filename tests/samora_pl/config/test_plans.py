@@ -3,8 +3,8 @@ plans; derived facts live in the plan; the plan decides which settings shape a s
 function below the stage entry points takes the whole config."""
 
 import inspect
-import re
 import pkgutil
+import re
 from importlib import import_module
 from pathlib import Path
 
