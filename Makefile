@@ -32,7 +32,7 @@ COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
 	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
 
-.PHONY: setup demo test test-fast test-slow smoke-paper lint format cpt distill finetune evaluate predict bundle probe check prepare ablation bench tensorboard clean-venv
+.PHONY: setup demo test test-fast test-slow smoke-paper lint format typecheck cpt distill finetune evaluate predict bundle probe check prepare ablation bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -74,6 +74,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# mypy on the packages pyproject.toml's [tool.mypy] lists (config/ and models/)
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 cpt: $(STAMP)
 	$(SAMORA) cpt cpt.teacher=$(TEACHER) $(COMMON)

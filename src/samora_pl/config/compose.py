@@ -8,8 +8,9 @@ command-line `key=value` overrides. Values are parsed as YAML scalars, never eva
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from samora_pl.config.migrate import added_since
@@ -32,9 +33,12 @@ def experiments_dir() -> Path:
 
 def _load_yaml(path: Path) -> DictConfig:
     try:
-        return OmegaConf.load(path)
+        loaded = OmegaConf.load(path)
     except (OSError, OmegaConfBaseException, ValueError) as err:
         raise SamoraError(f"Cannot read config file {path}: {err}") from err
+    if isinstance(loaded, ListConfig):  # a YAML list at the top: no config keys to merge
+        raise SamoraError(f"Cannot read config file {path}: it holds a list, not a mapping of config keys.")
+    return loaded
 
 
 def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
@@ -50,12 +54,12 @@ def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
 
 def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, update)
+        return cast(DictConfig, OmegaConf.merge(base, update))  # merging onto a DictConfig gives a DictConfig
     except ConfigKeyError as err:
         key = err.full_key or err.key
         parent = key.rsplit(".", 1)[0] if "." in str(key) else ""
         node = OmegaConf.select(base, parent) if parent else base
-        known = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
+        known = ", ".join(sorted(map(str, node.keys()))) if isinstance(node, DictConfig) else "?"
         raise SamoraError(f"Unknown config key '{key}' (from {source}). Known keys here: {known}.") from err
     except ValidationError as err:
         raise SamoraError(
@@ -161,6 +165,11 @@ def changed_since(saved: Path, cfg: DictConfig, watched: Iterable[str], ignore: 
     except SamoraError as err:
         return [f"{Path(saved).name} unreadable ({err})"]
     return [key for key in diff_keys(old, cfg, ignore) if key.startswith(tuple(watched))]
+
+
+def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python containers (a DictConfig's container is a dict with str keys)."""
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
 
 
 def flat_config(cfg: DictConfig) -> dict:

@@ -4,11 +4,13 @@ configuration it was made with: the model is always rebuilt from the fine-tune's
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from samora_pl.config.compose import compose_on_saved, diff_keys, load_saved
+from samora_pl.config.compose import compose_on_saved, diff_keys, load_saved, resolved_dict
 from samora_pl.config.plans import FINAL_FILE, FinetunePlan, PredictPlan, build_plan, finetune_tag, folders_of
+from samora_pl.config.schema import PredictConfig
 from samora_pl.errors import SamoraError
 
 TAG_KEYS = (  # what finetune_tag is made of
@@ -81,7 +83,9 @@ def evaluate_plan(cfg: DictConfig, overrides: Iterable[str] = ()) -> tuple[Finet
     this command's settings on top, and its final model; with `eval.checkpoint`, that file as the model the
     command's own config describes."""
     if cfg.eval.checkpoint:
-        return build_plan(cfg), Path(cfg.eval.checkpoint)
+        plan = build_plan(cfg)
+        assert isinstance(plan, FinetunePlan)  # cfg.stage is "evaluate": PLANS builds it with _finetune_plan
+        return plan, Path(cfg.eval.checkpoint)
     folder = finished_folder(cfg, overrides)
     return _plan_in(evaluation_config(cfg, folder, overrides), folder), folder / FINAL_FILE
 
@@ -99,8 +103,8 @@ def predict_plan(cfg: DictConfig, overrides: Iterable[str] = (), needs_io: bool 
         folders=folders_of(cfg),
         seed=cfg.seed,
         overwrite=cfg.overwrite,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        predict=OmegaConf.to_object(cfg.predict),
+        config=resolved_dict(cfg),
+        predict=cast(PredictConfig, OmegaConf.to_object(cfg.predict)),  # a structured PredictConfig node
         model=_plan_in(load_saved(folder / "config.yaml"), folder),
         weights=folder / FINAL_FILE,
         threads=cfg.threads,

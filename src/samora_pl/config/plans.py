@@ -24,7 +24,7 @@ from data_modules.labelled.base import subset_policy
 from data_modules.labelled.spec import LabelledDataSpec
 from data_modules.pool.spec import PoolSpec
 from samora_pl.config.choices import LEVELS, TEACHERS, Decoder, Family, Fusion, Mode
-from samora_pl.config.compose import changed_since, flat_config
+from samora_pl.config.compose import changed_since, flat_config, resolved_dict
 from samora_pl.config.schema import (
     CptConfig,
     DataConfig,
@@ -357,7 +357,7 @@ def _finetune_plan(cfg: DictConfig, config: dict) -> FinetunePlan:
         layout = ExpertLayout((LORAHUB_SLOT,), f"single:{LORAHUB_SLOT}")
     else:
         layout = ExpertLayout(levels, cfg.model.fusion)
-    given = {lv: bool(cfg.finetune.experts[lv]) for lv in LEVELS}
+    given: dict[str, bool] = {str(lv): bool(cfg.finetune.experts[lv]) for lv in LEVELS}
     files = {
         lv: Path(cfg.finetune.experts[lv]) if given[lv] else folders.stage("distill", lv) / EXPERT_FILE for lv in levels
     }
@@ -532,4 +532,4 @@ PLANS: dict[str, Callable[[DictConfig, dict], StagePlan]] = {
 def build_plan(cfg: DictConfig) -> StagePlan:
     """The plan of the validated configuration `cfg` of its stage (`cfg.stage`); for `evaluate` the plan of
     the fine-tune that `cfg` describes (`config/finished.py` finds a finished one)."""
-    return PLANS[cfg.stage](cfg, OmegaConf.to_container(cfg, resolve=True))
+    return PLANS[cfg.stage](cfg, resolved_dict(cfg))

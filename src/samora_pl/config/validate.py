@@ -5,11 +5,14 @@ distillation's too) whatever the stage, so `samora demo distill.mask_ratio=1.5` 
 train; `samora ablation` and `samora demo` compose (and so validate) every stage they will run first.
 """
 
+from typing import cast
+
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data_modules.pool.unlabeled import source_dict
 from samora_pl.config import choices
 from samora_pl.config.choices import LEVELS
+from samora_pl.config.schema import TrainerConfig
 from samora_pl.errors import SamoraError
 from samora_pl.models.teachers.grey_input import NORMALIZE, NORMALIZE_AUTO
 from samora_pl.models.teachers.simclr import RESNET_DEPTHS
@@ -141,7 +144,8 @@ def _check_recipe(cfg: DictConfig) -> None:
     if size is not None and size < 1:
         raise SamoraError(f"Config key 'data.train_size' is {size}; it must be a positive integer (e.g. 224) or unset.")
     if cfg.stage == "finetune":  # the other stages do not step this batch
-        world = known_world_size(OmegaConf.to_object(cfg.trainer).devices, cfg.trainer.num_nodes)
+        trainer = cast(TrainerConfig, OmegaConf.to_object(cfg.trainer))  # a structured TrainerConfig node
+        world = known_world_size(trainer.devices, cfg.trainer.num_nodes)
         accumulation(cfg.data.effective_batch_size, cfg.data.batch_size, world)
 
 

@@ -79,7 +79,7 @@ def _sam2_segmenter() -> type:
 SEGMENTERS: dict[Family, Callable[[], type]] = {Family.SAM: lambda: SAMoraSegmenter, Family.SAM2: _sam2_segmenter}
 
 
-def base_fingerprint(model: torch.nn.Module) -> str:
+def base_fingerprint(model: SAMoraSegmenter) -> str:
     """sha256 of the frozen SAM (or SAM 2) image-encoder weights (LoRA and fusion excluded)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.encoder.image_encoder.state_dict().items()):

@@ -49,7 +49,7 @@ class TokenProjection(nn.Module):
         super().__init__()
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
         self.hidden = int(hidden) if hidden else None
-        layers = [nn.LayerNorm(in_dim)]
+        layers: list[nn.Module] = [nn.LayerNorm(in_dim)]
         if self.hidden:
             layers += [nn.Linear(in_dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, out_dim)]
         else:
@@ -107,8 +107,9 @@ class PixelDecoder(nn.Module):
         x = self.stages(neck)
         # the 1x1 output conv as a channel contraction: same result, several times faster than a
         # few-channel convolution on CPU (oneDNN is slow for 1 output channel at full resolution)
-        weight = self.out.weight[:, :, 0, 0]
-        return torch.einsum("bchw,oc->bohw", x, weight) + self.out.bias.view(1, -1, 1, 1)
+        weight, bias = self.out.weight[:, :, 0, 0], self.out.bias
+        assert bias is not None  # self.out is built with its bias (nn.Conv2d's default)
+        return torch.einsum("bchw,oc->bohw", x, weight) + bias.view(1, -1, 1, 1)
 
     def forward(self, neck: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(neck))

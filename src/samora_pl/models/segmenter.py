@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from samora_pl.models.sam.build import (
     load_sam_checkpoint,
 )
 from samora_pl.models.sam.encoder import SAMoraEncoder, prepare_images
+
+if TYPE_CHECKING:
+    from samora_pl.models.sam2.encoder import SAMoraHieraEncoder
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +147,10 @@ class SAMoraSegmenter(nn.Module):
             )
             for _ in range(v.depth)
         ]
-        self.encoder = SAMoraEncoder(image_encoder, lora, fusions, grad_checkpoint=grad_checkpoint)
+        # SAM 2's subclass (models/sam2/segmenter.py) holds a SAMoraHieraEncoder here
+        self.encoder: SAMoraEncoder | SAMoraHieraEncoder = SAMoraEncoder(
+            image_encoder, lora, fusions, grad_checkpoint=grad_checkpoint
+        )
         self.trainable_mode: str | None = None
         if trainable is not None:
             self.set_trainable(trainable)
@@ -151,11 +158,15 @@ class SAMoraSegmenter(nn.Module):
     # -- parts ----------------------------------------------------------------------------------------
     @property
     def lora(self) -> MultiExpertLoRA:
-        return self.encoder.lora
+        lora = self.encoder.lora
+        assert lora is not None  # a segmenter always builds its encoder with experts
+        return lora
 
     @property
     def fusion(self) -> nn.ModuleList:
-        return self.encoder.fusion
+        fusion = self.encoder.fusion
+        assert fusion is not None  # built with the experts, one fusion module per block
+        return fusion
 
     @property
     def experts(self):

@@ -4,7 +4,7 @@ from omegaconf.errors import ReadonlyConfigError
 
 from samora_pl.cli import main
 from samora_pl.config.choices import HL_ORDERS
-from samora_pl.config.compose import compose, diff_keys, experiments_dir
+from samora_pl.config.compose import compose, diff_keys, experiments_dir, load_saved
 from samora_pl.errors import SamoraError
 from tests.stage_runs import planned
 
@@ -241,3 +241,10 @@ def test_hsam_decoder_on_sam2_is_refused_with_the_reason():
     with pytest.raises(SamoraError) as err:
         compose("finetune", ["model.family=sam2", "model.decoder=hsam"])
     assert "model.decoder" in str(err.value) and "conv_s0" in str(err.value)
+
+
+def test_a_saved_config_holding_a_list_is_one_clear_error(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text("- 1\n- 2\n")
+    with pytest.raises(SamoraError, match="holds a list, not a mapping"):
+        load_saved(saved)

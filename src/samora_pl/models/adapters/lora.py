@@ -29,7 +29,8 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import cast
 
 import loralib
 import torch
@@ -144,6 +145,14 @@ class LoRAExpert(nn.Module):
         self.depth, self.dim, self.rank = int(depth), int(dim), int(rank)
         self.blocks = nn.ModuleList(LoRAQV(a, rank, b) for a, b in block_widths(depth, dim, widths))
 
+    def block(self, i: int) -> LoRAQV:
+        """Block ``i``'s :class:`LoRAQV` (``self.blocks[i]``, typed)."""
+        return cast(LoRAQV, self.blocks[i])  # self.blocks holds only LoRAQV
+
+    def qv_blocks(self) -> Iterator[LoRAQV]:
+        """Every block's :class:`LoRAQV`, in order (``iter(self.blocks)``, typed)."""
+        return (cast(LoRAQV, b) for b in self.blocks)  # self.blocks holds only LoRAQV
+
     def ab_parameters(self):
         """The A/B factors only (no scales)."""
         for n, p in self.named_parameters():
@@ -182,7 +191,10 @@ class MultiExpertLoRA(nn.Module):
     def __getitem__(self, name: str) -> LoRAExpert:
         if name not in self.experts:
             raise SamoraError(f"no LoRA expert named {name!r}; the model has {list(self.names)}")
-        return self.experts[name]
+        return self._expert(name)
+
+    def _expert(self, name: str) -> LoRAExpert:
+        return cast(LoRAExpert, self.experts[name])  # self.experts holds only LoRAExpert
 
     def streams(
         self,
@@ -209,7 +221,7 @@ class MultiExpertLoRA(nn.Module):
         the same for v): the experts merged as one rank ``E*r`` update (LAC); ``with_base`` is ignored.
         """
         names = self.names if names is None else tuple(names)
-        mods = [self.experts[n].blocks[block] for n in names]
+        mods = [self._expert(n).block(block) for n in names]
         E, r, C = len(mods), self.rank, q.shape[-1]
         lead = x.shape[:-1]
         a = torch.cat([torch.cat([m.lora_A_q, m.lora_A_v], 0) for m in mods], 0)  # [E*2r, Cin]
@@ -249,13 +261,14 @@ def compose_experts(lora: MultiExpertLoRA, weights: dict[str, float], into: str)
     srcs = {
         n: [
             (b.lora_A_q.clone(), b.lora_B_q * b.lora_scale, b.lora_A_v.clone(), b.lora_B_v * b.lora_scale)
-            for b in lora[n].blocks
+            for b in lora[n].qv_blocks()
         ]
         for n in weights
     }
-    for i, blk in enumerate(target.blocks):
+    for i, blk in enumerate(target.qv_blocks()):
         for j, t in enumerate((blk.lora_A_q, blk.lora_B_q, blk.lora_A_v, blk.lora_B_v)):
-            t.copy_(sum(float(w) * srcs[n][i][j] for n, w in weights.items()))
+            # torch's stubs want a Tensor, but copy_ takes a number too: no weights give the sum 0, a zero expert
+            t.copy_(sum(float(w) * srcs[n][i][j] for n, w in weights.items()))  # type: ignore[arg-type]
         blk.lora_scale.fill_(1.0)
 
 

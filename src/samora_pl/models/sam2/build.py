@@ -33,11 +33,17 @@ stride-4 map, so the side must be a multiple of 32; the embedding is side/16 and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from samora_pl.errors import SamoraError
+
+if TYPE_CHECKING:  # the sam2 package is imported lazily at run time (sam2_modules)
+    from sam2.modeling.backbones.image_encoder import ImageEncoder
+    from sam2.modeling.sam.mask_decoder import MaskDecoder
+    from sam2.modeling.sam.prompt_encoder import PromptEncoder
 
 __all__ = [
     "HieraVariant",
@@ -152,9 +158,9 @@ def sam2_modules():
 
 @dataclass
 class Sam2Parts:
-    image_encoder: nn.Module
-    prompt_encoder: nn.Module
-    mask_decoder: nn.Module
+    image_encoder: ImageEncoder
+    prompt_encoder: PromptEncoder
+    mask_decoder: MaskDecoder
     no_mem_embed: nn.Parameter
 
 

@@ -47,6 +47,8 @@ class SAM2Segmenter(SAMoraSegmenter):
     head count (``hl_width`` / ``hl_heads``, when set, apply to every block).
     """
 
+    encoder: SAMoraHieraEncoder  # SAM 2's encoder in the slot SAMoraSegmenter types as either encoder
+
     def __init__(
         self,
         *,

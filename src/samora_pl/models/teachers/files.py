@@ -27,10 +27,9 @@ import zipfile
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from samora_pl.errors import SamoraError
-from samora_pl.models.teachers.factory import build_teacher
+from samora_pl.models.teachers.factory import Teacher, build_teacher
 from samora_pl.models.teachers.grey_input import NORMALIZE, NORMALIZE_AUTO
 from samora_pl.models.teachers.mae import MaeTeacher
 from samora_pl.models.teachers.simclr import SimclrTeacher
@@ -245,10 +244,11 @@ def load_mae_checkpoint(model: MaeTeacher, path) -> dict:
             )
             notes.append(f"pos_embed resampled from {side}x{side} to {model.grid[0]}x{model.grid[1]}")
     decoder_pos = state.get("decoder_pos_embed")
-    wanted = expected["decoder_pos_embed"].shape if decoder_pos is not None else None
-    if decoder_pos is not None and decoder_pos.shape != wanted and decoder_pos.shape[-1] == wanted[-1]:
-        state.pop("decoder_pos_embed")  # fixed sin-cos: the model's own table for its grid is the same function
-        notes.append("decoder_pos_embed recomputed for this grid")
+    if decoder_pos is not None:
+        wanted = expected["decoder_pos_embed"].shape
+        if decoder_pos.shape != wanted and decoder_pos.shape[-1] == wanted[-1]:
+            state.pop("decoder_pos_embed")  # fixed sin-cos: the model's own table for its grid is the same function
+            notes.append("decoder_pos_embed recomputed for this grid")
     has_decoder = any(k.startswith(decoder_names) for k in state)
     if not has_decoder:
         expected = {k: v for k, v in expected.items() if not k.startswith(decoder_names)}
@@ -276,7 +276,7 @@ def load_mae_checkpoint(model: MaeTeacher, path) -> dict:
     }
 
 
-def load_public_checkpoint(model: nn.Module, path) -> dict:
+def load_public_checkpoint(model: Teacher, path) -> dict:
     if isinstance(model, SimclrTeacher):
         return load_simclr_checkpoint(model, path)
     return load_mae_checkpoint(model, path)
@@ -285,7 +285,7 @@ def load_public_checkpoint(model: nn.Module, path) -> dict:
 # ----------------------------------------------------------------------------------------- teacher.pt
 
 
-def save_teacher(model: nn.Module, path, meta: dict | None = None) -> Path:
+def save_teacher(model: Teacher, path, meta: dict | None = None) -> Path:
     """Write the hand-off file atomically: kind, architecture, weights (CPU) and metadata."""
     payload = {
         "samora_teacher": FORMAT_VERSION,
@@ -299,7 +299,7 @@ def save_teacher(model: nn.Module, path, meta: dict | None = None) -> Path:
     return path
 
 
-def load_teacher(path, kind: str | None = None, device="cpu") -> nn.Module:
+def load_teacher(path, kind: str | None = None, device="cpu") -> Teacher:
     """A trained teacher from `teacher.pt`, in eval mode with frozen parameters.
 
     `kind` ("simclr" / "mae") is checked when given. SimCLR: `embed(images) -> [B, proj_dim]`. MAE:

@@ -20,6 +20,9 @@ NORMALIZE_AUTO = "auto"  # cpt.simclr.normalize only: follow the starting weight
 class GreyInput(nn.Module):
     """[B, 1 | 3, H, W] in [0, 1] -> 3 channels, normalised (ImageNet statistics or none)."""
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, normalize: str = "imagenet"):
         super().__init__()
         if normalize not in NORMALIZE:

@@ -9,6 +9,7 @@ normalises them.
 """
 
 from functools import partial
+from typing import Any
 
 import numpy as np
 import timm
@@ -84,6 +85,7 @@ class MaeTeacher(nn.Module):
     """MAE patch-level teacher: ViT encoder on visible patches, light decoder predicting masked pixels."""
 
     kind = "mae"
+    teacher_meta: dict  # the metadata of the teacher.pt it was loaded from (files.load_teacher sets it)
 
     def __init__(
         self,
@@ -101,7 +103,7 @@ class MaeTeacher(nn.Module):
         mask_ratio: float = 0.75,
     ):
         super().__init__()
-        overrides = {
+        overrides: dict[str, Any] = {  # forwarded to the timm model class as keyword arguments
             k: v
             for k, v in dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads).items()
             if v is not None
@@ -142,7 +144,8 @@ class MaeTeacher(nn.Module):
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.ModuleList(
             [
-                Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer)
+                # timm annotates norm_layer as type[nn.Module] but only calls it, and passes partials itself
+                Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer)  # type: ignore[arg-type]
                 for _ in range(decoder_depth)
             ]
         )
@@ -152,13 +155,14 @@ class MaeTeacher(nn.Module):
 
         self.norm_pix_loss = bool(norm_pix_loss)
         self.mask_ratio = float(mask_ratio)
+        first_block: Any = vit.blocks[0]  # whichever timm block class the variant uses: each has .attn.num_heads
         self.arch = dict(
             variant=variant,
             img_size=self.img_size,
             patch_size=self.patch_size,
             embed_dim=self.embed_dim,
             depth=len(self.blocks),
-            num_heads=int(vit.blocks[0].attn.num_heads),
+            num_heads=int(first_block.attn.num_heads),
             decoder_dim=int(decoder_dim),
             decoder_depth=int(decoder_depth),
             decoder_heads=int(decoder_heads),

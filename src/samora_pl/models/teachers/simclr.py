@@ -10,6 +10,8 @@ final output (before L2 normalisation): the distillation target. Inputs are grey
 ([B, 1, H, W] or 3-channel); `GreyInput` repeats and normalises them.
 """
 
+from typing import Any, cast
+
 import torch
 import torch.nn as nn
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -35,7 +37,8 @@ def build_resnet(depth: int = 50, width: float = 1.0, selective_kernel: bool = F
         raise SamoraError(f"cpt.simclr.width is {width}; it must be positive (1 or 2 for SimCLRv2's 1x / 2x).")
     kind, layers = RESNET_DEPTHS[depth]
     channels = tuple(max(8, int(round(c * width))) for c in (64, 128, 256, 512))
-    kwargs = dict(layers=list(layers), channels=channels, num_classes=0, global_pool="avg")
+    kwargs: dict[str, Any] = dict(layers=list(layers), channels=channels, num_classes=0, global_pool="avg")
+    block: type[nn.Module]
     if selective_kernel:
         # attention width max(C / 16, 32) as SimCLRv2 (exact at widths 1 and 2), so its public weights load
         sk = dict(kernel_size=[3, 3], rd_ratio=1.0 / 16, rd_divisor=32, split_input=False)
@@ -47,9 +50,10 @@ def build_resnet(depth: int = 50, width: float = 1.0, selective_kernel: bool = F
             block_args=dict(sk_kwargs=sk),
             zero_init_last=False,
         )
-        return ResNet(block=block, **kwargs)  # the deep stem already scales: (32w, 32w, 64w)
+        # the deep stem already scales: (32w, 32w, 64w)
+        return ResNet(block=block, **kwargs)  # type: ignore[arg-type]  # timm annotates block as an instance
     block = Bottleneck if kind == "bottleneck" else BasicBlock
-    model = ResNet(block=block, **kwargs)
+    model = ResNet(block=block, **kwargs)  # type: ignore[arg-type]  # timm annotates block as an instance
     if channels[0] != 64:
         _scale_stem(model, channels[0])
     return model
@@ -58,14 +62,22 @@ def build_resnet(depth: int = 50, width: float = 1.0, selective_kernel: bool = F
 def _scale_stem(model: ResNet, width: int) -> None:
     """timm's 7x7 stem is always 64 wide; SimCLRv2 scales it with the rest (2x: 128). Rebuild the stem and
     the layer1 inputs at `width` (same parameter names, so torchvision-layout 2x checkpoints load)."""
-    model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    # timm's conv1 is a Conv2d, or a Sequential with the deep stem; its inferred type is the latter only
+    model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)  # type: ignore[assignment]
     model.bn1 = nn.BatchNorm2d(width)
-    first = model.layer1[0]
+    layer1 = cast(nn.Sequential, model.layer1)  # timm adds its stages with add_module: Sequentials of blocks
+    first = cast(BasicBlock | Bottleneck, layer1[0])  # the plain (non-SK) ResNet's blocks
     old = first.conv1
+    # torch types _ConvNd's kernel_size / stride / padding as tuple[int, ...]; a Conv2d's are pairs (or a str padding)
     first.conv1 = nn.Conv2d(
-        width, old.out_channels, kernel_size=old.kernel_size, stride=old.stride, padding=old.padding, bias=False
+        width,
+        old.out_channels,
+        kernel_size=cast(tuple[int, int], old.kernel_size),
+        stride=cast(tuple[int, int], old.stride),
+        padding=cast(str | tuple[int, int], old.padding),
+        bias=False,
     )
-    out = (first.conv3 if hasattr(first, "conv3") else first.conv2).out_channels
+    out = (first.conv3 if isinstance(first, Bottleneck) else first.conv2).out_channels
     if out == width:  # basic blocks: input already matches, no projection (as torchvision)
         first.downsample = None
     else:  # a projection from the new stem width (timm made none where its 64-wide stem matched)
@@ -99,6 +111,7 @@ class SimclrTeacher(nn.Module):
     """SimCLRv2 image-level teacher: ResNet backbone + 3-layer projection head."""
 
     kind = "simclr"
+    teacher_meta: dict  # the metadata of the teacher.pt it was loaded from (files.load_teacher sets it)
 
     def __init__(
         self,

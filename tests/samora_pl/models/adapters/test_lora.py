@@ -164,3 +164,5 @@ def test_compose_experts_lorahub_style(randomize_lora):
     assert torch.allclose(hub.lora_B_q, expect_b) and hub.lora_scale.item() == 1.0
     with pytest.raises(SamoraError, match="unknown"):
         compose_experts(lora, {"organ": 1.0}, "hub")
+    compose_experts(lora, {}, "hub")  # no weights: the empty sum, a zero expert of scale 1
+    assert all(not t.any() for t in lora["hub"].parameters() if t.dim()) and hub.lora_scale.item() == 1.0
