@@ -27,6 +27,8 @@ POLY_HORIZONS = ("after_warmup", "total")  # schedules.warmup_poly
 MODES = ("samora", "samed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+# logger: the experiment tracker of every stage (training/loggers.py); tensorboard is the default
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
 
 INTENSITIES = ("none", "ct_window", "mr_percentile")
 INTENSITY_OPTIONS = ("auto",) + INTENSITIES  # auto: the dataset's own default

@@ -18,6 +18,7 @@ from samora_pl.config.migrate import added_since
 from samora_pl.config.schema import RootConfig
 from samora_pl.errors import SamoraError
 from samora_pl.training.effective_batch import accumulate_grad_batches
+from samora_pl.training.loggers import check_logger
 
 STAGES = ("cpt", "distill", "finetune", "evaluate", "check", "prepare", "predict", "probe")
 CHOICES = {
@@ -33,6 +34,7 @@ CHOICES = {
     "model.pos_embed_resize": choices.POS_EMBED_RESIZE,
     "optim.poly_horizon": choices.POLY_HORIZONS,
     "mode": choices.MODES,
+    "logger": choices.LOGGERS,
     "trainer.precision": choices.PRECISIONS,
     "trainer.accelerator": choices.ACCELERATORS,
     "eval.resize": choices.RESIZE_MODES,
@@ -152,6 +154,7 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
     _check_devices(cfg.trainer.devices)
+    check_logger(cfg.logger)  # the tracker's package (mlflow, wandb) is installed
     _check_probe(cfg)
     _check_recipe(cfg)
     _check_levels(cfg)
