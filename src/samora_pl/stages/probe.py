@@ -242,6 +242,8 @@ def _no_nan(tree):
 def _write_events(cfg: DictConfig, scores: dict, table: str) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
+    if cfg.logger != "tensorboard":  # the run's other tracker gets the scalars (the table is results.md)
+        return _log_to_tracker(cfg, scores)
     folder = tb_root(cfg) / "probe"
     for old in folder.glob("events.out.tfevents.*"):  # one probe's scalars at a time
         old.unlink()
@@ -253,6 +255,23 @@ def _write_events(cfg: DictConfig, scores: dict, table: str) -> Path:
     writer.add_text("probe/results", table, 0)
     writer.close()
     return folder
+
+
+def _log_to_tracker(cfg: DictConfig, scores: dict) -> Path:
+    from samora_pl.training.loggers import build_logger, logger_dir
+
+    logger = build_logger(cfg.logger, logger_dir(run_dir(cfg), cfg.logger), "probe", "results")
+    logger.log_metrics(
+        {
+            f"probe/{subject}/{metric}": value
+            for subject, row in scores.items()
+            for metric, value in row.items()
+            if isinstance(value, float) and not math.isnan(value)
+        },
+        step=0,
+    )
+    logger.finalize("success")
+    return logger_dir(run_dir(cfg), cfg.logger)
 
 
 def run(cfg: DictConfig) -> dict:

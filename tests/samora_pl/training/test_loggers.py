@@ -129,3 +129,14 @@ def test_wandb_tracker_writes_offline_runs_with_pictures(tmp_path, quick, monkey
     for run in runs:
         assert list(run.glob("*.wandb"))
         assert list((run / "files" / "media" / "images").rglob("*.png"))
+
+
+def test_probe_scores_reach_the_csv_tracker(tmp_path):
+    """`samora probe` writes its scores with a SummaryWriter under tb/; another tracker gets them as metrics."""
+    from samora_pl.stages.probe import _write_events
+
+    cfg = compose("probe", [f"runs_dir={tmp_path / 'runs'}", "run=t", "logger=csv"])
+    _write_events(cfg, {"expert_image": {"linear_bacc": 0.75, "knn_auroc": float("nan")}}, "| table |")
+    (row,) = _csv_rows(tmp_path / "runs" / "t" / "csv" / "probe" / "results")
+    assert float(row["probe/expert_image/linear_bacc"]) == 0.75 and "probe/expert_image/knn_auroc" not in row
+    assert not (tmp_path / "runs" / "t" / "tb").exists()
