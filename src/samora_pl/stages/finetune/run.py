@@ -288,8 +288,12 @@ def run(cfg: DictConfig) -> dict:
     if diagnostics.latest:
         record.metrics["fusion_diagnostics"] = diagnostics.latest
     metrics = {}
+    monitored = trainer.callback_metrics.get("val/mean_dice")  # the last validation on held-out training slices
+    if monitored is not None:  # what `samora sweep` optimises: never a test volume
+        metrics["val_mean_dice"] = float(monitored)
+        record.metrics["val_mean_dice"] = metrics["val_mean_dice"]
     if cfg.finetune.evaluate:
-        metrics = evaluate_model(cfg, model, data, folder, trainer.strategy.root_device, diagnostics.latest)
+        metrics.update(evaluate_model(cfg, model, data, folder, trainer.strategy.root_device, diagnostics.latest))
         record.metrics.update(metrics)
     record.write()
     return metrics
