@@ -248,6 +248,12 @@ def _check_base(cfg: DictConfig) -> None:
             f"{cfg.trainer.devices}, trainer.num_nodes={cfg.trainer.num_nodes}); use DEVICES=1, and run the best "
             "settings on more devices with make finetune."
         )
+    if cfg.data.fraction >= 1.0 and cfg.data.fraction_by != "list":
+        raise SamoraError(
+            "samora sweep scores each trial on labelled training slices the fraction did not select, and "
+            "data.fraction=1 selects them all (the score would show fit, not generalisation): give FRACTION < 1, "
+            "e.g. data.fraction=0.1 as the demo, or 0.9 to keep nine tenths for training."
+        )
     if cfg.data.val_slices < 1:
         raise SamoraError(
             "samora sweep scores each trial on the fine-tune's monitoring slices (held-out labelled training "

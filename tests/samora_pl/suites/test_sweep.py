@@ -156,6 +156,8 @@ def test_an_unknown_sweep_lists_the_known_ones(capsys):
     assert "lr" in capsys.readouterr().err
 
 
-def test_a_sweep_needs_monitoring_slices(capsys):
-    assert main(["sweep", "lr", "data.val_slices=0"]) == 1
+def test_a_sweep_needs_held_out_monitoring_slices(capsys):
+    assert main(["sweep", "lr", "data.fraction=0.1", "data.val_slices=0"]) == 1
     assert "data.val_slices" in capsys.readouterr().err
+    assert main(["sweep", "lr", "data.fraction=1.0"]) == 1  # nothing held out: the score would be fit
+    assert "FRACTION < 1" in capsys.readouterr().err
