@@ -102,7 +102,7 @@ prepare: $(STAMP)
 ablation: $(STAMP)
 	$(SAMORA) ablation $(NAME) seeds=$(SEEDS) $(COMMON)
 
-# make sweep NAME=lr [TRIALS=N]: Optuna over experiments/sweeps/NAME.yaml, scored on held-out training slices;
+# make sweep NAME=lr FRACTION=0.1 [TRIALS=N]: Optuna over experiments/sweeps/NAME.yaml, scored on held-out training slices;
 # the best settings land in runs/$(RUN)/sweeps/NAME/best.yaml: make finetune OVERRIDES=runs/$(RUN)/sweeps/NAME/best.yaml
 sweep: $(STAMP)
 	$(SAMORA) sweep $(NAME) $(if $(TRIALS),trials=$(TRIALS)) $(COMMON)
