@@ -23,6 +23,10 @@ from samora_pl.errors import SamoraError
 
 # the folder of the run each tracker writes into
 FOLDERS = {"tensorboard": "tb", "csv": "csv", "mlflow": "mlruns", "wandb": "wandb"}
+# where W&B keeps its cache, settings and data outside a run (default: the home folder); under the run instead,
+# unless the user chose a place before samora_pl was imported
+WANDB_HOME_DIRS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data"}
+_USER_WANDB_DIRS = {key for key in WANDB_HOME_DIRS if key in os.environ}
 # the module each tracker imports, and the pip package that provides it
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 
@@ -66,6 +70,7 @@ def build_logger(kind: str, save_dir: Path, name: str, version: str):
         # MLflow 3 keeps its file store in maintenance mode and refuses it unless this is set; a local folder
         # under the run is what this tracker is for (no server, no database); the user's own setting wins
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing leaves the machine
         save_dir.mkdir(parents=True, exist_ok=True)
         return MLFlowLogger(experiment_name=name, run_name=version, tracking_uri=save_dir.resolve().as_uri())
     import wandb
@@ -74,6 +79,9 @@ def build_logger(kind: str, save_dir: Path, name: str, version: str):
     if wandb.run is not None:  # the previous stage's run (demo, ablations, sweeps): Lightning would reuse it
         wandb.finish()
     save_dir.mkdir(parents=True, exist_ok=True)
+    for key, sub in WANDB_HOME_DIRS.items():
+        if key not in _USER_WANDB_DIRS:
+            os.environ[key] = str(save_dir.resolve() / f".{sub}")
     # offline: nothing leaves the machine; the project is the samora run (the folder above save_dir)
     return WandbLogger(
         name=f"{name}/{version}",
