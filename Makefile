@@ -25,14 +25,16 @@ RAW      ?=
 SOURCE   ?=
 OUT      ?=
 IN       ?=
+TRIALS   ?=
+OVERRIDES ?=
 
 COMMON = data.name=$(DATA) run=$(RUN) \
 	$(if $(DATA_DIR),data.dir=$(DATA_DIR)) $(if $(PROFILE),profile=$(PROFILE)) \
 	$(if $(DEVICES),trainer.devices=$(DEVICES)) $(if $(NUM_NODES),trainer.num_nodes=$(NUM_NODES)) \
 	$(if $(PRECISION),trainer.precision=$(PRECISION)) $(if $(SEED),seed=$(SEED)) \
-	$(if $(FRACTION),data.fraction=$(FRACTION)) $(ARGS)
+	$(if $(FRACTION),data.fraction=$(FRACTION)) $(if $(OVERRIDES),overrides_file=$(OVERRIDES)) $(ARGS)
 
-.PHONY: setup demo test test-fast test-slow smoke-paper lint format typecheck cpt distill finetune evaluate predict bundle probe check prepare ablation bench tensorboard clean-venv
+.PHONY: setup demo test test-fast test-slow smoke-paper lint format typecheck cpt distill finetune evaluate predict bundle probe check prepare ablation sweep bench tensorboard clean-venv
 
 setup: $(STAMP)
 
@@ -112,6 +114,11 @@ prepare: $(STAMP)
 
 ablation: $(STAMP)
 	$(SAMORA) ablation $(NAME) seeds=$(SEEDS) $(COMMON)
+
+# make sweep NAME=lr FRACTION=0.1 [TRIALS=N]: Optuna over experiments/sweeps/NAME.yaml, scored on held-out training slices;
+# the best settings land in runs/$(RUN)/sweeps/NAME/best.yaml: make finetune OVERRIDES=runs/$(RUN)/sweeps/NAME/best.yaml
+sweep: $(STAMP)
+	$(SAMORA) sweep $(NAME) $(if $(TRIALS),trials=$(TRIALS)) $(COMMON)
 
 bench: $(STAMP)
 	for script in $(filter-out benchmarks/perf_summary.py benchmarks/_%,$(wildcard benchmarks/*.py)); do echo "== $$script"; $(BIN)/python $$script || exit 1; done

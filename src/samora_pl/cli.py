@@ -1,7 +1,7 @@
 """`samora <command> key=value ...`: the command line every make target calls.
 
-Commands: cpt, distill, finetune, evaluate, predict, bundle, probe, check, prepare, demo, ablation. A user mistake
-(SamoraError) prints one message and exits 1; anything else is a bug and keeps its traceback.
+Commands: cpt, distill, finetune, evaluate, predict, bundle, probe, check, prepare, demo, ablation, sweep. A
+user mistake (SamoraError) prints one message and exits 1; anything else is a bug and keeps its traceback.
 """
 
 import argparse
@@ -26,6 +26,7 @@ COMMANDS = {
     "prepare": "public raw download -> the layout the data module reads (prepare.raw=... prepare.out=...)",
     "demo": "the whole chain (cpt, distill x3, finetune) on the built-in demo data",
     "ablation": "run the fine-tuning variants of experiments/ablations/NAME.yaml: `samora ablation NAME [seeds=N] ...`",
+    "sweep": "Optuna over experiments/sweeps/NAME.yaml, on held-out training slices: `samora sweep NAME [trials=N]`",
 }
 
 
@@ -94,6 +95,17 @@ def run_command(command: str, overrides) -> dict:
             raise SamoraError(f"seeds={seeds[-1]}: give a whole number of seeds per variant, e.g. seeds=3.")
         rest = [item for item in overrides if "=" in item and not item.startswith("seeds=")]
         return run_ablation(names[0], rest, seeds=int(seeds[-1]) if seeds else 1)
+    if command == "sweep":
+        from samora_pl.suites.sweep import run_sweep
+
+        names = [item for item in overrides if "=" not in item]
+        if len(names) != 1:
+            raise SamoraError("Usage: samora sweep NAME [trials=N] key=value ... (NAME from experiments/sweeps/).")
+        trials = [item.split("=", 1)[1] for item in overrides if item.startswith("trials=")]
+        if trials and not trials[-1].strip().isdigit():
+            raise SamoraError(f"trials={trials[-1]}: give a whole number of finished trials, e.g. trials=20.")
+        rest = [item for item in overrides if "=" in item and not item.startswith("trials=")]
+        return run_sweep(names[0], rest, trials=int(trials[-1]) if trials else None)
     from samora_pl.config.finished import predict_plan
     from samora_pl.config.plans import build_plan
     from samora_pl.config.validate import check_stage_overrides

@@ -133,3 +133,5 @@ RESIZE_MODES = tuple(ResizeMode)
 TEACHERS = tuple(Teacher)
 IMAGE_PAIRINGS = tuple(ImagePairing)
 PREPARE_SOURCES = tuple(PrepareSource)
+# logger: the experiment tracker of every stage (training/loggers.py); tensorboard is the default
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")

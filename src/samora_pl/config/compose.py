@@ -2,7 +2,8 @@
 
 Order of composition (later wins): schema defaults (`config/schema.py`) < `experiments/<stage>.yaml` <
 `experiments/data/<data>.yaml` < `experiments/model/<profile>.yaml` (its `stages.<stage>` block last) <
-command-line `key=value` overrides. Values are parsed as YAML scalars, never evaluated as code.
+command-line `key=value` overrides, among which `overrides_file=PATH` reads a YAML mapping of keys in its
+place (`samora sweep` writes one). Values are parsed as YAML, never evaluated as code.
 """
 
 import os
@@ -10,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -41,15 +43,46 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+OVERRIDES_FILE = "overrides_file"  # overrides_file=PATH: a YAML mapping of overrides (`samora sweep`'s best.yaml)
+
+
 def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    """The command line's overrides as one tree; each `overrides_file=PATH` is read (YAML, never evaluated)
+    where it stands, so a key=value after it wins over the file and one before it does not."""
     items = list(overrides)
     for item in items:
         if "=" not in item or item.startswith("="):
             raise SamoraError(f"Override '{item}' is not of the form key=value (e.g. data.fraction=0.1).")
+    tree, run = OmegaConf.create(), []
+    for item in [*items, None]:
+        if item is not None and not item.startswith(f"{OVERRIDES_FILE}="):
+            run.append(item)
+            continue
+        try:
+            tree = OmegaConf.merge(tree, OmegaConf.from_dotlist(run))
+        except OmegaConfBaseException as err:
+            raise SamoraError(f"Cannot parse overrides {run}: {err}") from err
+        run = []
+        if item is not None:
+            tree = OmegaConf.merge(tree, _overrides_file(item.split("=", 1)[1]))
+    return tree
+
+
+def _overrides_file(path: str) -> DictConfig:
+    """A YAML mapping of config keys (nested, as experiments/*.yaml), checked against the schema by name."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SamoraError(f"{OVERRIDES_FILE}={path}: no such file; give a YAML file of config keys (e.g. best.yaml).")
     try:
-        return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as err:
-        raise SamoraError(f"Cannot parse overrides {items}: {err}") from err
+        loaded = _load_yaml(file)
+    except yaml.YAMLError as err:  # malformed YAML (the stage files' reader lets it through)
+        raise SamoraError(f"Cannot read config file {file}: {err}") from err
+    if not isinstance(loaded, DictConfig):
+        raise SamoraError(
+            f"{OVERRIDES_FILE}={path}: the file must hold a mapping of config keys, e.g. optim: {{lr: 0.001}}."
+        )
+    _merge(OmegaConf.structured(RootConfig), loaded, str(file))  # unknown keys and bad types, named with the file
+    return loaded
 
 
 def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:

@@ -122,6 +122,7 @@ def trainer_spec(cfg: DictConfig, max_epochs: int, accumulate: int = 1) -> Train
         deterministic=cfg.deterministic,
         threads=cfg.threads,
         skip_nonfinite=cfg.skip_nonfinite,
+        logger=cfg.logger,
         accumulate_grad_batches=accumulate,
     )
 
@@ -481,6 +482,7 @@ class ProbePlan(StagePlan):
     expert_files: dict[str, Path]  # level -> the run's distilled expert
     accelerator: str
     threads: int | None
+    logger: str  # the run's tracker: the scores go there too
     dataset: str
 
 
@@ -500,6 +502,7 @@ def _probe_plan(cfg: DictConfig, config: dict) -> ProbePlan:
         expert_files={lv: folders.stage("distill", lv) / EXPERT_FILE for lv in LEVELS},
         accelerator=cfg.trainer.accelerator,
         threads=cfg.threads,
+        logger=cfg.logger,
         dataset=cfg.data.name,
     )
 

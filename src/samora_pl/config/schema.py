@@ -288,6 +288,8 @@ class RootConfig:
     threads: int | None = None  # torch intra-op threads; none -> torch's default
     deterministic: bool = False
     overwrite: bool = False
+    # experiment tracker of every stage: one of choices.LOGGERS (tensorboard | csv | mlflow | wandb), under the run
+    logger: str = "tensorboard"
     skip_nonfinite: bool = False  # skip batches with a NaN/inf training loss (counted) instead of stopping
     mode: str = "samora"  # one of choices.MODES (samed: one LoRA + decoder + prompt encoder, no experts needed)
     data: DataConfig = field(default_factory=DataConfig)

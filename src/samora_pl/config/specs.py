@@ -49,6 +49,7 @@ class TrainerSpec:
     deterministic: bool
     threads: int | None
     skip_nonfinite: bool
+    logger: str = "tensorboard"  # the run's tracker (training/loggers.py)
     accumulate_grad_batches: int = 1
 
     def for_epochs(self, max_epochs: int) -> TrainerSpec:

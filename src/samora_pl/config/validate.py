@@ -17,6 +17,7 @@ from samora_pl.errors import SamoraError
 from samora_pl.models.teachers.grey_input import NORMALIZE, NORMALIZE_AUTO
 from samora_pl.models.teachers.simclr import RESNET_DEPTHS
 from samora_pl.training.effective_batch import accumulation, known_world_size
+from samora_pl.training.loggers import check_logger
 
 CHOICES = {
     "data.fraction_by": choices.FRACTION_MODES,
@@ -31,6 +32,7 @@ CHOICES = {
     "model.pos_embed_resize": choices.POS_EMBED_RESIZE,
     "optim.poly_horizon": choices.POLY_HORIZONS,
     "mode": choices.MODES,
+    "logger": choices.LOGGERS,
     "trainer.precision": choices.PRECISIONS,
     "trainer.accelerator": choices.ACCELERATORS,
     "eval.resize": choices.RESIZE_MODES,
@@ -105,6 +107,7 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
         raise SamoraError(f"Config key 'run' is {cfg.run!r}; use a plain folder name (letters, digits, - and _).")
     _check_devices(cfg.trainer.devices)
+    check_logger(cfg.logger)  # the tracker's package (mlflow, wandb) is installed
     _check_probe(cfg)
     _check_recipe(cfg)
     _check_levels(cfg)

@@ -236,10 +236,12 @@ def _no_nan(tree):
     return None if isinstance(tree, float) and math.isnan(tree) else tree
 
 
-def _write_events(tb_root: Path, scores: dict, table: str) -> Path:
+def _write_events(logger: str, run_root: Path, scores: dict, table: str) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
-    folder = tb_root / "probe"
+    if logger != "tensorboard":  # the run's other tracker gets the scalars (the table is results.md)
+        return _log_to_tracker(logger, run_root, scores)
+    folder = run_root / "tb" / "probe"
     for old in folder.glob("events.out.tfevents.*"):  # one probe's scalars at a time
         old.unlink()
     writer = SummaryWriter(log_dir=str(folder))
@@ -250,6 +252,23 @@ def _write_events(tb_root: Path, scores: dict, table: str) -> Path:
     writer.add_text("probe/results", table, 0)
     writer.close()
     return folder
+
+
+def _log_to_tracker(logger_kind: str, run_root: Path, scores: dict) -> Path:
+    from samora_pl.training.loggers import build_logger, logger_dir
+
+    logger = build_logger(logger_kind, logger_dir(run_root, logger_kind), "probe", "results")
+    logger.log_metrics(
+        {
+            f"probe/{subject}/{metric}": value
+            for subject, row in scores.items()
+            for metric, value in row.items()
+            if isinstance(value, float) and not math.isnan(value)
+        },
+        step=0,
+    )
+    logger.finalize("success")
+    return logger_dir(run_root, logger_kind)
 
 
 def run(plan: ProbePlan) -> dict:
@@ -295,7 +314,7 @@ def run(plan: ProbePlan) -> dict:
         text = f"# Probe of run {run}\n\n{where}\n\n{table}\n\n" + "".join(f"- {note}\n" for note in notes)
         atomic_write_text(folder / "results.md", text)
         save_config(plan.config, folder)
-        _write_events(plan.folders.tb, scores, table)
+        _write_events(plan.logger, plan.folders.root, scores, table)
         record.add_output(folder / "metrics.json")
         record.add_output(folder / "results.md")
         record.metrics.update({f"{s}/{m}": v for s, row in scores.items() for m, v in row.items()})

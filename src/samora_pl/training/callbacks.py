@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from samora_pl.training.images import image_loggers
+
 # Background transparent, then distinct colours for up to 13 classes (Synapse's 8 first).
 PALETTE = (
     torch.tensor(
@@ -92,7 +94,7 @@ class FusionDiagnostics(L.Callback):
     """What the fusion modules do, per block, at each validation of a fine-tune (the sanity check excluded).
 
     Each fusion records only during validation (``Fusion.record_diagnostics``), so training keeps its fast
-    attention path; at the end of the epoch every value goes to TensorBoard as ``fusion/blockNN/<name>``
+    attention path; at the end of the epoch every value goes to the run's tracker as ``fusion/blockNN/<name>``
     (HL-Attn: g1, g2, gamma, entropy_step1/2, entropy_uniform; MoLE: gate_<expert>, tau; LAC:
     weight_<expert>) and the latest set is kept in :attr:`latest` for the fine-tune's manifest. Each rank
     records its own validation share; rank zero's is the one written."""
@@ -118,11 +120,9 @@ class FusionDiagnostics(L.Callback):
         if not blocks:
             return
         self.latest = {"epoch": trainer.current_epoch, "step": trainer.global_step, "blocks": blocks}
-        writer = tensorboard(trainer)
-        if writer is not None:
-            for block, values in blocks.items():
-                for name, value in values.items():
-                    writer.add_scalar(f"fusion/{block}/{name}", value, trainer.global_step)
+        scalars = {f"fusion/{block}/{key}": value for block, values in blocks.items() for key, value in values.items()}
+        for logger in image_loggers(trainer):  # every tracker of the run, on rank zero
+            logger.log_metrics(scalars, step=trainer.global_step)
 
 
 class RandomState(L.Callback):

@@ -3,8 +3,8 @@
 Lightning does the distributed work: `strategy=auto` with more than one device or node selects DDP (gloo on
 CPU, NCCL on GPU; multi-node through torchrun or SLURM), `precision` selects mixed precision. How many
 processes there are is the Trainer's (or Fabric's) `world_size`, never read off the config: `devices=-1`
-or `auto` means every device the machine has. Every stage logs to `runs/<run>/tb/<stage>/<sub>` and
-checkpoints into its stage folder.
+or `auto` means every device the machine has. Every stage logs to `runs/<run>/tb/<stage>/<sub>` (or to
+the tracker config key `logger` names: training/loggers.py) and checkpoints into its stage folder.
 """
 
 import warnings
@@ -13,12 +13,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from samora_pl.config.specs import TrainerSpec
 from samora_pl.runs.checkpoint_io import AtomicCheckpointIO
 from samora_pl.training.callbacks import RandomState
 from samora_pl.training.guards import NonFiniteGuard
+from samora_pl.training.loggers import build_logger, logger_dir
 from samora_pl.training.progress import progress_bar
 
 
@@ -42,15 +42,15 @@ def _devices(devices):
 
 def build_trainer(
     spec: TrainerSpec,
-    tb_root: Path,
+    run_root: Path,
     folder: Path,
     stage: str,
     sub: str,
     callbacks: list[Callback] | None = None,
     checkpoint_every_n_epochs: int = 1,
 ) -> L.Trainer:
-    """A Trainer logging to TensorBoard under `tb_root` (the run's) and checkpointing `last.ckpt` into `folder`,
-    for `spec.max_epochs`, the stage's own epochs.
+    """A Trainer logging to the run's tracker (`spec.logger`, TensorBoard by default, under `run_root`) and
+    checkpointing `last.ckpt` into `folder`, for `spec.max_epochs`, the stage's own epochs.
 
     `spec.accumulate_grad_batches` micro-batches make one optimiser step (the fine-tune's global batch,
     `training/effective_batch.py`); Lightning scales each micro-batch's loss by its inverse.
@@ -61,7 +61,8 @@ def build_trainer(
         torch.set_num_threads(spec.threads)
     # a resumed stage checkpoints into its own non-empty folder on purpose
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
-    logger = TensorBoardLogger(save_dir=str(tb_root), name=stage, version=sub, default_hp_metric=False)
+    # the tracker of config key `logger` (TensorBoard by default) under the run folder: training/loggers.py
+    logger = build_logger(spec.logger, logger_dir(run_root, spec.logger), stage, sub)
     # `last.ckpt` after every `checkpoint_every_n_epochs` epochs, overwritten in place: the latest state is
     # the one "top-1" checkpoint (no monitor). `save_last=True, save_top_k=0` would write it only when
     # training ends (Lightning saves `last` only beside a top-k save), so a killed run could not resume.

@@ -99,7 +99,7 @@ def test_finetune_log_file_stays_small_and_ends_with_the_results(tmp_path):
     from data_modules.labelled.demo import ensure_demo
 
     demo = ensure_demo(tmp_path / "demo")
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]), OMP_NUM_THREADS="1")
     args = ["mode=samed", "data.fraction=0.1", f"data.dir={demo}", f"runs_dir={tmp_path / 'runs'}", "run=log"]
     log = tmp_path / "finetune.log"

@@ -12,8 +12,8 @@ from torchvision.utils import make_grid
 
 from samora_pl.models.teachers.mae import MaeTeacher
 from samora_pl.stages.cpt.module import CptModule
-from samora_pl.training.callbacks import tensorboard
 from samora_pl.training.guards import guard_loss
+from samora_pl.training.images import image_loggers, log_images
 
 
 class MaeCpt(CptModule):
@@ -43,10 +43,11 @@ class MaeCpt(CptModule):
         return loss
 
     def _log_reconstructions(self, images, pred, mask) -> None:
-        writer = tensorboard(self.trainer)
-        if writer is None:
+        loggers = image_loggers(self.trainer)
+        if not loggers:
             return
         n = min(8, images.shape[0])
         original, masked, pasted = self.teacher.reconstruct(images[:n], pred[:n].detach(), mask[:n])
         rows = torch.stack([original, masked, pasted], dim=1).flatten(0, 1).float().cpu()
-        writer.add_image("cpt_mae/reconstructions", make_grid(rows, nrow=3, padding=2, pad_value=1.0), self.global_step)
+        grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+        log_images(loggers, "cpt_mae/reconstructions", grid, self.global_step)

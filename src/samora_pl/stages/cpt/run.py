@@ -194,7 +194,7 @@ def _train(plan: CptPlan, kind: str, pool: SlicePool, teacher, start_report) -> 
 
     save_config(plan.config, folder)
     # built first: the process count (MAE's LR scaling, SyncBatchNorm) is the Trainer's, e.g. devices=-1
-    trainer = build_trainer(plan.trainer[kind], plan.folders.tb, folder, "cpt", kind, callbacks=[Throughput()])
+    trainer = build_trainer(plan.trainer[kind], plan.folders.root, folder, "cpt", kind, callbacks=[Throughput()])
     if kind == "simclr" and trainer.world_size > 1 and isinstance(trainer.accelerator, CUDAAccelerator):
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # global BatchNorm across GPUs, as SimCLR
     interval = plan.trainer[kind].image_log_every_n_epochs

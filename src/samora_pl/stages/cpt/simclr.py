@@ -12,8 +12,8 @@ from torchvision.utils import make_grid
 from samora_pl.losses.nt_xent import nt_xent
 from samora_pl.models.teachers.simclr import SimclrTeacher
 from samora_pl.stages.cpt.module import CptModule
-from samora_pl.training.callbacks import tensorboard
 from samora_pl.training.guards import guard_loss
+from samora_pl.training.images import image_loggers, log_images
 
 
 class SimclrCpt(CptModule):
@@ -48,9 +48,9 @@ class SimclrCpt(CptModule):
         return loss
 
     def _log_views(self, view1: torch.Tensor, view2: torch.Tensor) -> None:
-        writer = tensorboard(self.trainer)
-        if writer is None:
+        loggers = image_loggers(self.trainer)
+        if not loggers:
             return
         n = min(8, view1.shape[0])
         pairs = torch.stack([view1[:n], view2[:n]], dim=1).flatten(0, 1).detach().float().cpu()
-        writer.add_image("cpt_simclr/views", make_grid(pairs, nrow=2, padding=2, pad_value=1.0), self.global_step)
+        log_images(loggers, "cpt_simclr/views", make_grid(pairs, nrow=2, padding=2, pad_value=1.0), self.global_step)

@@ -47,9 +47,9 @@ from samora_pl.errors import SamoraError
 from samora_pl.losses.distillation import denoise_loss, normalized_mse
 from samora_pl.models.heads import ImageProjection, PixelDecoder, TokenProjection
 from samora_pl.stages.distill.targets import degrade, visible_mask, visible_student_tokens
-from samora_pl.training.callbacks import tensorboard
 from samora_pl.training.guards import guard_loss
 from samora_pl.training.image_cadence import ImageCadence
+from samora_pl.training.images import image_loggers, log_images
 from samora_pl.training.schedules import decay_groups, lightning_scheduler, warmup_poly
 
 TEACHER_KIND = {"image": "simclr", "patch": "mae", "pixel": None}
@@ -232,13 +232,13 @@ class DistillModule(L.LightningModule):
 
     def _log_columns(self, tag: str, columns: list[torch.Tensor]) -> None:
         """Images [B, C, H, W] side by side (first channel), one row per sample, up to `panel_rows` rows."""
-        writer = tensorboard(self.trainer)
-        if writer is None:
+        loggers = image_loggers(self.trainer)
+        if not loggers:
             return
         rows = min(self.panel_rows, columns[0].shape[0])
         panel = torch.cat([column[:rows, :1].detach() for column in columns], dim=3)  # [r, 1, H, kW]
         panel = torch.cat(list(panel), dim=1).float().clamp(0, 1).cpu()  # [1, r*H, kW]
-        writer.add_image(tag, panel, self.global_step)
+        log_images(loggers, tag, panel, self.global_step)
 
     def compute(self, batch, batch_idx: int = -1) -> dict[str, torch.Tensor]:
         if self.level == "image":

@@ -235,7 +235,7 @@ def run_level(plan: DistillPlan, level: str, held_out: HeldOut = NOTHING_HELD_OU
     record.metrics["expert_parameters"] = log_trainable(student, f"distill {level} (expert)")
     log.info("distill %s: %s trainable parameters (expert + head)", level, f"{trainable:,}")
     save_config(plan.config, folder)
-    trainer = build_trainer(plan.trainer, plan.folders.tb, folder, "distill", level, callbacks=[Throughput()])
+    trainer = build_trainer(plan.trainer, plan.folders.root, folder, "distill", level, callbacks=[Throughput()])
     if resume is not None:
         log.info("distill %s: resuming from %s", level, resume)
     with warnings.catch_warnings():

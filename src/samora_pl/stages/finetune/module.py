@@ -14,9 +14,10 @@ from torchmetrics.segmentation import DiceScore
 
 from samora_pl.losses.hsam import HSAMLoss
 from samora_pl.losses.segmentation import SegmentationLoss
-from samora_pl.training.callbacks import segmentation_panel, tensorboard
+from samora_pl.training.callbacks import segmentation_panel
 from samora_pl.training.guards import guard_loss
 from samora_pl.training.image_cadence import ImageCadence
+from samora_pl.training.images import image_loggers, log_images
 from samora_pl.training.schedules import decay_groups, lightning_scheduler, schedule_steps, warmup_poly
 
 
@@ -106,12 +107,12 @@ class FinetuneModule(L.LightningModule):
         panels["val/slice_truth_prediction"] = pred
         self.val_dice.update(pred, batch["label"])
         if batch_idx == 0 and self.image_cadence.due(self.current_epoch):
-            writer = tensorboard(self.trainer)
-            if writer is not None:
+            loggers = image_loggers(self.trainer)
+            if loggers:
                 count = min(4, len(pred))
                 for tag, shown in panels.items():
                     panel = segmentation_panel(batch["image"][:count], batch["label"][:count], shown[:count])
-                    writer.add_image(tag, panel, self.global_step)
+                    log_images(loggers, tag, panel, self.global_step)
 
     def on_validation_epoch_end(self):
         per_class = self.val_dice.compute().reshape(-1)  # torchmetrics gives a 0-d tensor when K = 1

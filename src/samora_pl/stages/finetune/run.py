@@ -119,7 +119,7 @@ def run(plan: FinetunePlan) -> dict:
     record.metrics["test_cases_in_pretraining"] = pretraining_saw_test_cases(plan)
     module = _module(plan, model, data.class_names)
     save_config(plan.config, folder)
-    trainer = build_trainer(plan.trainer, plan.folders.tb, folder, "finetune", tag, callbacks=callbacks)
+    trainer = build_trainer(plan.trainer, plan.folders.root, folder, "finetune", tag, callbacks=callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     if plan.uses_lorahub:
         record.metrics["lorahub_weights"] = callbacks[-1].weights
@@ -138,8 +138,12 @@ def run(plan: FinetunePlan) -> dict:
     if diagnostics.latest:
         record.metrics["fusion_diagnostics"] = diagnostics.latest
     metrics = {}
+    monitored = trainer.callback_metrics.get("val/mean_dice")  # the last validation on held-out training slices
+    if monitored is not None:  # what `samora sweep` optimises: never a test volume
+        metrics["val_mean_dice"] = float(monitored)
+        record.metrics["val_mean_dice"] = metrics["val_mean_dice"]
     if plan.evaluate:
-        metrics = evaluate_model(plan, model, data, trainer.strategy.root_device, diagnostics.latest)
+        metrics.update(evaluate_model(plan, model, data, trainer.strategy.root_device, diagnostics.latest))
         record.metrics.update(metrics)
     record.write()
     return metrics
