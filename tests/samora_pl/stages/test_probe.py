@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from data_modules import build_datamodule
 from samora_pl.cli import main
 from samora_pl.config.compose import compose, load_saved
+from samora_pl.config.plans import build_plan
 from samora_pl.errors import SamoraError
 from samora_pl.models.teachers.files import load_teacher
 from samora_pl.stages.cpt.run import initial_teacher
@@ -95,7 +96,8 @@ def test_the_start_teacher_is_what_cpt_starts_from(tmp_path, demo_dir, tiny_cpt)
     common = [f"runs_dir={tmp_path / 'runs'}", "run=z", f"data.dir={demo_dir}", "cpt.teacher=simclr"]
     assert main(["cpt", *common, *tiny_cpt, "cpt.simclr.max_epochs=0", "seed=3"]) == 0
     folder = tmp_path / "runs" / "z" / "cpt" / "simclr"
-    rebuilt, _ = initial_teacher(load_saved(folder / "config.yaml"), "simclr")
+    start = build_plan(load_saved(folder / "config.yaml"))
+    rebuilt, _ = initial_teacher(start.cpt, start.seed, "simclr")
     written = load_teacher(folder / "teacher.pt")
     for name, tensor in written.state_dict().items():
         assert torch.equal(tensor, rebuilt.state_dict()[name]), name

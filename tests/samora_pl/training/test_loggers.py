@@ -14,6 +14,7 @@ from samora_pl.config.compose import compose
 from samora_pl.errors import SamoraError
 from samora_pl.training import loggers as trackers
 from samora_pl.training.images import log_image, png_name, to_uint8
+from tests.stage_runs import planned
 
 # a fine-tune on the demo data, mode=samora with untrained experts (HL-Attn still logs its gates), no test volumes
 FINETUNE = ("finetune.zero_experts=true", "finetune.evaluate=false", "finetune.tag=ft")
@@ -138,8 +139,10 @@ def test_probe_scores_reach_the_csv_tracker(tmp_path):
     """`samora probe` writes its scores with a SummaryWriter under tb/; another tracker gets them as metrics."""
     from samora_pl.stages.probe import _write_events
 
-    cfg = compose("probe", [f"runs_dir={tmp_path / 'runs'}", "run=t", "logger=csv"])
-    _write_events(cfg, {"expert_image": {"linear_bacc": 0.75, "knn_auroc": float("nan")}}, "| table |")
+    plan = planned("probe", [f"runs_dir={tmp_path / 'runs'}", "run=t", "logger=csv"])
+    _write_events(
+        plan.logger, plan.folders.root, {"expert_image": {"linear_bacc": 0.75, "knn_auroc": float("nan")}}, "| table |"
+    )
     (row,) = _csv_rows(tmp_path / "runs" / "t" / "csv" / "probe" / "results")
     assert float(row["probe/expert_image/linear_bacc"]) == 0.75 and "probe/expert_image/knn_auroc" not in row
     assert not (tmp_path / "runs" / "t" / "tb").exists()
