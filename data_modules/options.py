@@ -19,6 +19,6 @@ class FractionMode(StrEnum):
     LIST = "list"
 
 
-INTENSITIES = tuple(Intensity)
+INTENSITIES = tuple(member.value for member in Intensity)
 INTENSITY_OPTIONS = ("auto", *INTENSITIES)  # auto: the dataset's own default
-FRACTION_MODES = tuple(FractionMode)
+FRACTION_MODES = tuple(member.value for member in FractionMode)

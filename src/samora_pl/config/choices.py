@@ -2,8 +2,9 @@
 
 Config validation (`config/validate.py`, `CHOICES`), the error messages and the modules that act on an option
 all read these, so a value added in one place is known everywhere. A `StrEnum` member equals its string
-(`Mode.SAMED == "samed"`), so configs, saved files and comparisons keep plain strings; the tuples below are
-the members in their documented order, as the validation messages list them.
+(`Mode.SAMED == "samed"`), so code compares plain strings with members; the tuples below hold the members'
+plain string values, in their documented order, as validation lists them and as saved files and checkpoints
+keep them (a checkpoint read with `weights_only=True` cannot hold an enum member).
 """
 
 from enum import StrEnum
@@ -112,26 +113,30 @@ class PrepareSource(StrEnum):
     COLIN27 = "colin27"
 
 
-LEVELS = tuple(Level)
+def _values(options: type[StrEnum]) -> tuple[str, ...]:
+    return tuple(member.value for member in options)
+
+
+LEVELS = _values(Level)
 HL_ORDERS = tuple("-".join(order) for order in permutations(LEVELS))
-FUSION_NAMES = tuple(Fusion)
+FUSION_NAMES = _values(Fusion)
 FUSIONS = FUSION_NAMES + tuple(f"single:{level}" for level in LEVELS)
-LORAHUB_STARTS = tuple(LoraHubStart)
-HL_INITS = tuple(HLInit)
-FAMILIES = tuple(Family)
+LORAHUB_STARTS = _values(LoraHubStart)
+HL_INITS = _values(HLInit)
+FAMILIES = _values(Family)
 # model.variant per family: models/sam/build.py and models/sam2/build.py hold their sizes
-VARIANTS = {Family.SAM: ("tiny", "vit_b", "vit_l", "vit_h"), Family.SAM2: ("tiny", "t", "s", "b+", "l")}
-DECODERS = tuple(Decoder)
-HSAM_CMATTN = tuple(HSAMClassAttention)
-HSAM_INFERENCE = tuple(HSAMInference)
-POS_EMBED_RESIZE = tuple(PosEmbedResize)
-POLY_HORIZONS = tuple(PolyHorizon)
-MODES = tuple(Mode)
+VARIANTS = {Family.SAM.value: ("tiny", "vit_b", "vit_l", "vit_h"), Family.SAM2.value: ("tiny", "t", "s", "b+", "l")}
+DECODERS = _values(Decoder)
+HSAM_CMATTN = _values(HSAMClassAttention)
+HSAM_INFERENCE = _values(HSAMInference)
+POS_EMBED_RESIZE = _values(PosEmbedResize)
+POLY_HORIZONS = _values(PolyHorizon)
+MODES = _values(Mode)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # Lightning's names
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")  # Lightning's names
-RESIZE_MODES = tuple(ResizeMode)
-TEACHERS = tuple(Teacher)
-IMAGE_PAIRINGS = tuple(ImagePairing)
-PREPARE_SOURCES = tuple(PrepareSource)
+RESIZE_MODES = _values(ResizeMode)
+TEACHERS = _values(Teacher)
+IMAGE_PAIRINGS = _values(ImagePairing)
+PREPARE_SOURCES = _values(PrepareSource)
 # logger: the experiment tracker of every stage (training/loggers.py); tensorboard is the default
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")

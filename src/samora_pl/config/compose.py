@@ -50,21 +50,23 @@ def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
     """The command line's overrides as one tree; each `overrides_file=PATH` is read (YAML, never evaluated)
     where it stands, so a key=value after it wins over the file and one before it does not."""
     items = list(overrides)
-    for item in items:
-        if "=" not in item or item.startswith("="):
-            raise SamoraError(f"Override '{item}' is not of the form key=value (e.g. data.fraction=0.1).")
-    tree, run = OmegaConf.create(), []
-    for item in [*items, None]:
+    for given in items:
+        if "=" not in given or given.startswith("="):
+            raise SamoraError(f"Override '{given}' is not of the form key=value (e.g. data.fraction=0.1).")
+    tree: DictConfig = OmegaConf.create()
+    run: list[str] = []
+    pending: list[str | None] = [*items, None]  # None closes the last run of key=value items
+    for item in pending:
         if item is not None and not item.startswith(f"{OVERRIDES_FILE}="):
             run.append(item)
             continue
         try:
-            tree = OmegaConf.merge(tree, OmegaConf.from_dotlist(run))
+            tree = cast(DictConfig, OmegaConf.merge(tree, OmegaConf.from_dotlist(run)))
         except OmegaConfBaseException as err:
             raise SamoraError(f"Cannot parse overrides {run}: {err}") from err
         run = []
         if item is not None:
-            tree = OmegaConf.merge(tree, _overrides_file(item.split("=", 1)[1]))
+            tree = cast(DictConfig, OmegaConf.merge(tree, _overrides_file(item.split("=", 1)[1])))
     return tree
 
 

@@ -130,7 +130,7 @@ def trainer_spec(cfg: DictConfig, max_epochs: int, accumulate: int = 1) -> Train
 def segmenter_spec(cfg: DictConfig) -> SegmenterSpec:
     m = cfg.model
     return SegmenterSpec(
-        family=Family(m.family),
+        family=Family(m.family).value,
         variant=m.variant,
         img_size=m.img_size,
         lora_rank=m.lora_rank,
@@ -144,7 +144,7 @@ def segmenter_spec(cfg: DictConfig) -> SegmenterSpec:
         encoder_seed=m.init_seed,
         seed=cfg.seed,
         pos_embed_resize=m.pos_embed_resize,
-        decoder=Decoder(m.decoder),
+        decoder=Decoder(m.decoder).value,
         hsam_cmattn=m.hsam_cmattn,
         hsam_cmattn_heads=m.hsam_cmattn_heads,
         hsam_noise=m.hsam_noise,
@@ -309,7 +309,7 @@ class FinetunePlan(StagePlan):
     stage: ClassVar[str] = "finetune"
     tag: str
     folder: Path
-    mode: Mode
+    mode: str  # a Mode value
     levels: tuple[str, ...]  # the experts fused (mode=samora)
     layout: ExpertLayout  # the segmenter's LoRA slots and fusion
     fusion_label: str
@@ -336,12 +336,12 @@ class FinetunePlan(StagePlan):
 
     def shaping_keys(self, sub: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """A fine-tune's evaluation or cache changes nothing it makes; SAMed reads no fusion setting."""
-        ignore = ("finetune.evaluate", "data.cache") + (SAMED_UNREAD if self.mode is Mode.SAMED else ())
+        ignore = ("finetune.evaluate", "data.cache") + (SAMED_UNREAD if self.mode == Mode.SAMED else ())
         return FINETUNE_KEYS, ignore
 
     @property
     def reads_experts(self) -> bool:
-        return self.mode is Mode.SAMORA and not self.uses_lorahub and not self.zero_experts
+        return self.mode == Mode.SAMORA and not self.uses_lorahub and not self.zero_experts
 
 
 def _finetune_plan(cfg: DictConfig, config: dict) -> FinetunePlan:
@@ -349,8 +349,8 @@ def _finetune_plan(cfg: DictConfig, config: dict) -> FinetunePlan:
     tag = finetune_tag(cfg)
     folder = folders.stage("finetune", tag)
     levels = levels_of(cfg.finetune.levels)
-    mode = Mode(cfg.mode)
-    samed = mode is Mode.SAMED
+    mode = Mode(cfg.mode).value
+    samed = mode == Mode.SAMED
     lorahub = not samed and cfg.model.fusion == Fusion.LORAHUB
     if samed:
         layout = ExpertLayout((SAMED_EXPERT,), f"single:{SAMED_EXPERT}")

@@ -10,8 +10,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from samora_pl.config.choices import Decoder, Family
-
 
 @dataclass(frozen=True)
 class RunFolders:
@@ -69,7 +67,7 @@ class SegmenterSpec:
     """SAM or SAM 2 with its LoRA rank, fusion settings and decoder; `checkpoint` None means a random
     frozen encoder seeded by `encoder_seed`, while the trainable parts follow `seed`."""
 
-    family: Family
+    family: str  # a Family value
     variant: str
     img_size: int
     lora_rank: int
@@ -83,7 +81,7 @@ class SegmenterSpec:
     encoder_seed: int
     seed: int
     pos_embed_resize: str
-    decoder: Decoder
+    decoder: str  # a Decoder value
     hsam_cmattn: str
     hsam_cmattn_heads: int | None
     hsam_noise: float

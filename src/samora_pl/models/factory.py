@@ -54,7 +54,7 @@ def build_segmenter(
         seed=spec.seed,
     )
     cls = SEGMENTERS[spec.family]()
-    if spec.family is Family.SAM:  # SAM (v1) only: its position-embedding resize and H-SAM's decoder
+    if spec.family == Family.SAM:  # SAM (v1) only: its position-embedding resize and H-SAM's decoder
         settings.update(
             pos_embed_resize=spec.pos_embed_resize,
             decoder=spec.decoder,
@@ -76,7 +76,7 @@ def _sam2_segmenter() -> type:
 
 
 # model.family -> the segmenter class (a loader, so a family's package is imported only when it is built)
-SEGMENTERS: dict[Family, Callable[[], type]] = {Family.SAM: lambda: SAMoraSegmenter, Family.SAM2: _sam2_segmenter}
+SEGMENTERS: dict[str, Callable[[], type]] = {Family.SAM: lambda: SAMoraSegmenter, Family.SAM2: _sam2_segmenter}
 
 
 def base_fingerprint(model: SAMoraSegmenter) -> str:
