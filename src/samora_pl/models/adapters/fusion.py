@@ -269,11 +269,33 @@ class CrossAttentionUnit(nn.Module):
         self.entropy_count = 0
         self.kv_tokens = 0
 
+    def attend(self, qn: torch.Tensor, kn: torch.Tensor, vn: torch.Tensor) -> torch.Tensor:
+        """``self.attn(qn, kn, vn)`` without its weights, in the [B, N, W] layout throughout.
+
+        The same projections and ``scaled_dot_product_attention`` call as ``nn.MultiheadAttention``, but
+        that module works sequence-first: with ``batch_first`` it copies every input to [N, B, W] and the
+        output back, and the output projection reads a permuted copy. Those copies and their backward cost
+        as much as the cross-attention's matmuls in SAM 2's small windows, so the projections run on the
+        inputs as they are and the heads are strided views.
+        """
+        mha = self.attn
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+        B, Nq, W = qn.shape
+        nh = mha.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, N, W] -> [B, nh, N, W/nh] (a view)
+            return t.reshape(B, t.shape[1], nh, W // nh).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(
+            heads(F.linear(qn, w_q, b_q)), heads(F.linear(kn, w_k, b_k)), heads(F.linear(vn, w_v, b_v))
+        )
+        return mha.out_proj(o.transpose(1, 2).reshape(B, Nq, W))
+
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         qn, kn, vn = self.norm_q(q), self.norm_k(kv), self.norm_v(kv)
         if not self.recording:
-            o, _ = self.attn(qn, kn, vn, need_weights=False)
-            return self.proj(o) + q
+            return self.proj(self.attend(qn, kn, vn)) + q
         o, weights = self.attn(qn, kn, vn, need_weights=True, average_attn_weights=False)  # [B, heads, Nq, Nkv]
         h = attention_entropy(weights.detach())
         self.entropy_sum = h.sum() if self.entropy_sum is None else self.entropy_sum + h.sum()
