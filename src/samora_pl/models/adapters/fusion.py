@@ -292,16 +292,20 @@ class CrossAttentionUnit(nn.Module):
         )
         return mha.out_proj(o.transpose(1, 2).reshape(B, Nq, W))
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def update(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """``CA(Q, KV) - Q``: what HL-Attn's gates scale (adding Q only to subtract it again costs two passes)."""
         qn, kn, vn = self.norm_q(q), self.norm_k(kv), self.norm_v(kv)
         if not self.recording:
-            return self.proj(self.attend(qn, kn, vn)) + q
+            return self.proj(self.attend(qn, kn, vn))
         o, weights = self.attn(qn, kn, vn, need_weights=True, average_attn_weights=False)  # [B, heads, Nq, Nkv]
         h = attention_entropy(weights.detach())
         self.entropy_sum = h.sum() if self.entropy_sum is None else self.entropy_sum + h.sum()
         self.entropy_count += h.numel()
         self.kv_tokens = kv.shape[1]
-        return self.proj(o) + q
+        return self.proj(o)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return self.update(q, kv) + q
 
     def mean_entropy(self) -> float | None:
         """Mean attention entropy over the recorded heads and queries (None before any)."""
@@ -371,9 +375,9 @@ class HLAttention(Fusion):
     def hierarchical(self, residuals: dict[str, torch.Tensor]) -> torch.Tensor:
         """``proj_out(LN(high))`` as [B, N, C] tokens (the paper's fused output)."""
         ra, rb, *rest = (self.proj_in(_tokens(r)[0]) for r in self._get(residuals))
-        high = low = rb + self.g1 * (self.ca1(rb, ra) - rb)
+        high = low = rb + self.g1 * self.ca1.update(rb, ra)
         if rest:
-            high = rest[0] + self.g2 * (self.ca2(rest[0], low) - rest[0])
+            high = rest[0] + self.g2 * self.ca2.update(rest[0], low)
         return self.proj_out(self.norm_out(high))
 
     def forward(self, residuals: dict[str, torch.Tensor]) -> torch.Tensor:
