@@ -9,6 +9,7 @@ Last line: ratio_vs_flops = time ratio / FLOP ratio (goal <= 1.1: SAMora costs n
 arithmetic).
 
     python benchmarks/sam2_encoder_step.py [--variant b+] [--img-size 512] [--batch 1] [--reps 3] [--hl-width N]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hl-width", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     samora = make(args.variant, args.img_size, ("image", "patch", "pixel"), "hl_attn", args.hl_width, device)
     single = make(args.variant, args.img_size, ("samed",), "single:samed", None, device)
@@ -64,6 +68,7 @@ def main() -> None:
     times = median_times({"samora": lambda: step(samora, x), "single": lambda: step(single, x)}, args.warmup, args.reps)
     time_ratio, flop_ratio = times["samora"] / times["single"], flop_samora / flop_single
     print(f"device: {device}")
+    print(f"threads: {torch.get_num_threads()}")
     print(f"variant: hiera_{args.variant} img_size {args.img_size} batch {args.batch}")
     print(f"samora_s: {times['samora']:.4f}")
     print(f"single_lora_s: {times['single']:.4f}")
