@@ -18,6 +18,9 @@ neutral), CPU attention kernels included (``_flops.py``). Two goals, each printe
                                    fused (the speedup if both ran at the same FLOP rate), >= 0.9; the
                                    ceiling is counted without the relative-position bias (rel_pos_off)
 
+Each ratio is also printed from process CPU time (``*_cpu_time``), the figure to compare on a loaded
+host with --threads 1.
+
     python benchmarks/encoder_step.py [--img-size 224] [--variant vit_b] [--batch 1] [--reps 5] [--hl-width 384]
 """
 
@@ -33,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from _flops import count_flops  # noqa: E402
-from _timing import median_times  # noqa: E402
+from _timing import median_wall_and_cpu_times  # noqa: E402
 
 from samora_pl.models.adapters.fusion import build_fusion  # noqa: E402
 from samora_pl.models.adapters.lora import MultiExpertLoRA  # noqa: E402
@@ -126,9 +129,11 @@ def main(argv=None):
     if not args.skip_naive:
         fns["samed_reference"] = lambda: step(samed, x, naive=True)
         fns["samora_naive"] = lambda: step(samora, x, naive=True)
-    t = median_times(fns, args.warmup, args.reps)
+    t, cpu = median_wall_and_cpu_times(fns, args.warmup, args.reps)
     for k, val in t.items():
         print(f"{k}_s: {val:.4f}")
+    for k, val in cpu.items():
+        print(f"{k}_cpu_s: {val:.4f}")
     f_samora = count_flops(lambda: step(samora, x))
     f_samed = count_flops(lambda: step(samed, x))
     print(f"samora_gflops: {f_samora / 1e9:.2f}")
@@ -145,8 +150,10 @@ def main(argv=None):
         print(f"time_ratio_samora_vs_samed_reference: {t['samora_fused'] / t['samed_reference']:.3f}")
         print(f"speedup_fused_vs_naive: {speedup:.3f}")
         print(f"flop_ceiling_fused_vs_naive: {ceiling:.3f}")
+        print(f"fused_vs_naive_of_flop_ceiling_cpu_time: {cpu['samora_naive'] / cpu['samora_fused'] / ceiling:.3f}")
         print(f"fused_vs_naive_of_flop_ceiling: {speedup / ceiling:.3f} (goal >= {GOAL_OF_FLOP_CEILING})")
     print(f"flop_ratio: {flop_ratio:.3f}")
+    print(f"ratio_vs_flops_cpu_time: {cpu['samora_fused'] / cpu['samed_fast'] / flop_ratio:.3f}")
     print(f"ratio_vs_flops: {time_ratio / flop_ratio:.3f} (goal <= {GOAL_RATIO_VS_FLOPS})")
 
 
