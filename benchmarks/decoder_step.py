@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from _flops import count_flops  # noqa: E402
 from _timing import median_times  # noqa: E402
-from encoder_step import flops  # noqa: E402
 
 from samora_pl.losses.hsam import HSAMLoss  # noqa: E402
 from samora_pl.losses.segmentation import SegmentationLoss  # noqa: E402
@@ -100,7 +100,7 @@ def main(argv=None):
             model = build(args.variant, size, decoder, args.classes).to(dev)
             steps[name], loss = step_fn(model, images, label)
             memory[name] = saved_bytes(loss) / 2**20
-            gflops[name] = flops(steps[name]) / 1e9
+            gflops[name] = count_flops(steps[name]) / 1e9
         times = median_times(steps, args.warmup, args.reps)
         for name in steps:
             print(f"{name}_{size}_step_s: {times[name]:.4f}")

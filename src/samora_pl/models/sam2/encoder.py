@@ -100,9 +100,9 @@ class LoRAHieraAttention(nn.Module):
         o = o.transpose(1, 2).reshape(S, Bw, h, w, C)
         if S == 1:
             return self.proj(o[0])
-        base, *streams = o.unbind(0)
-        residuals = {n: F.linear(s - base, self.proj.weight) for n, s in zip(levels, streams)}
-        return self.proj(base) + fusion(residuals)
+        base, streams = o.split([1, S - 1])  # split, not indexing: its backward concatenates, no zero fill
+        deltas = F.linear(streams - base, self.proj.weight)  # every expert's residual in one matmul
+        return self.proj(base.squeeze(0)) + fusion(dict(zip(levels, deltas.unbind(0))))
 
 
 class SAMoraHieraEncoder(nn.Module):

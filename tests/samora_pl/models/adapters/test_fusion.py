@@ -149,6 +149,24 @@ def test_cross_attention_unit_formula():
     assert torch.allclose(ca(q, kv), ca.proj(o.transpose(0, 1)) + q, atol=1e-5)
 
 
+@pytest.mark.parametrize(("batch", "nq", "nkv"), [(3, 10, 7), (1, 16, 16)])
+def test_cross_attention_unit_equals_multihead_attention_forward_and_backward(batch, nq, nkv):
+    torch.manual_seed(0)
+    ca = HLAttention(EXPERTS, 32, heads=4).ca1
+    q, kv = torch.randn(batch, nq, 32), torch.randn(batch, nkv, 32)
+    qn, kn, vn = (t.detach().requires_grad_(True) for t in (ca.norm_q(q), ca.norm_k(kv), ca.norm_v(kv)))
+    grads = []
+    for fn in (lambda: ca.attn(qn, kn, vn, need_weights=False)[0], lambda: ca.attend(qn, kn, vn)):
+        ca.zero_grad()
+        qn.grad = kn.grad = vn.grad = None
+        out = fn()
+        out.square().sum().backward()
+        params = (ca.attn.in_proj_weight.grad, ca.attn.in_proj_bias.grad, ca.attn.out_proj.weight.grad)
+        grads.append((out.detach(), qn.grad, kn.grad, vn.grad, *params))
+    for reference, fast in zip(*grads):
+        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_narrow_width_projects_in_and_out():
     f = build_fusion("hl_attn", EXPERTS, 32, num_heads=4, hl_width=16, hl_heads=2, hl_init="paper")
     assert isinstance(f.proj_in, torch.nn.Linear) and f.proj_in.out_features == 16

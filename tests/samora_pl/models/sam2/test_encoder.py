@@ -124,6 +124,35 @@ def test_fusion_matches_a_per_stream_reference_on_windowed_global_and_q_pool_blo
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_batched_streams_backpropagate_as_the_per_stream_reference(randomize_lora):
+    """The batched residual projection and cross-attention give the reference's gradients, for the fusion's
+    parameters and for the block input, on windowed, global and q-pool blocks."""
+    enc, reference = _encoder(fusion="hl_attn", hl_init="paper")
+    randomize_lora(enc.lora)
+    for i, (blk, ref_blk) in enumerate(zip(enc.image_encoder.trunk.blocks, reference.trunk.blocks)):
+        x = torch.randn(3 if blk.window_size else 2, 8, 8, blk.dim)
+        fusion = enc.fusion[i]
+
+        def reference_attention(x, i=i, ref_blk=ref_blk, fusion=fusion):
+            base = ref_blk.attn(x)
+            deltas = {n: enc.lora[n].blocks[i].qkv_delta for n in enc.lora.names}
+            return base + fusion(
+                {n: _package_attention_with_delta(ref_blk.attn, x, d) - base for n, d in deltas.items()}
+            )
+
+        grads = []
+        for attention in (reference_attention, blk.attn):
+            fusion.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            out = attention(xi)
+            out.backward(torch.ones_like(out).cumsum(-1) / out.shape[-1])
+            grads.append([xi.grad] + [p.grad for p in fusion.parameters()])
+        # round-off against the block's gradient scale (some, such as norm_k's bias, are zero up to round-off)
+        scale = max(float(g.abs().max()) for g in grads[0])
+        for expected, ours in zip(*grads):
+            torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_fusion_trains_through_the_whole_trunk(fusion, randomize_lora):
     enc, _ = _encoder(fusion=fusion)
