@@ -33,7 +33,8 @@ LAC's weights. Training never records, so it keeps the fast attention path.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import permutations
 
 import torch
@@ -161,6 +162,7 @@ class LACFusion(Fusion):
                 f"model.lac_weights is {weights}; give {n} finite weights summing to 1, one per expert in the "
                 f"order {list(self.levels)} (normalised linear composition), or leave it unset for 1/{n} each"
             )
+        self.weights: torch.Tensor
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
 
     def forward(self, residuals: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -210,7 +212,7 @@ class MoLEFusion(Fusion):
 
     def diagnostics(self) -> dict[str, float]:
         out = {"tau": float(self.tau.detach().clamp_min(MOLE_MIN_TEMPERATURE))}
-        if self.gate_count:
+        if self.gate_count and isinstance(self.gate_sum, torch.Tensor):
             mean = (self.gate_sum / self.gate_count).tolist()
             out.update({f"gate_{n}": g for n, g in zip(self.levels, mean)})
         return out
@@ -309,7 +311,9 @@ class CrossAttentionUnit(nn.Module):
 
     def mean_entropy(self) -> float | None:
         """Mean attention entropy over the recorded heads and queries (None before any)."""
-        return float(self.entropy_sum) / self.entropy_count if self.entropy_count else None
+        if not self.entropy_count or self.entropy_sum is None:
+            return None
+        return float(self.entropy_sum) / self.entropy_count
 
 
 class HLAttention(Fusion):
@@ -377,6 +381,7 @@ class HLAttention(Fusion):
         ra, rb, *rest = (self.proj_in(_tokens(r)[0]) for r in self._get(residuals))
         high = low = rb + self.g1 * self.ca1.update(rb, ra)
         if rest:
+            assert self.ca2 is not None and self.g2 is not None  # a third level builds the second unit
             high = rest[0] + self.g2 * self.ca2.update(rest[0], low)
         return self.proj_out(self.norm_out(high))
 
@@ -397,8 +402,9 @@ class HLAttention(Fusion):
         gates = (("g1", self.g1), ("g2", self.g2), ("gamma", self.gamma))
         out = {name: float(p.detach()) for name, p in gates if p is not None}
         for step, unit in ((1, self.ca1), (2, self.ca2)):
-            if unit is not None and unit.mean_entropy() is not None:
-                out[f"entropy_step{step}"] = unit.mean_entropy()
+            entropy = unit.mean_entropy() if unit is not None else None
+            if unit is not None and entropy is not None:
+                out[f"entropy_step{step}"] = entropy
                 out["entropy_uniform"] = math.log(unit.kv_tokens)
         return out
 
@@ -454,18 +460,40 @@ def build_fusion(
         if level not in experts:
             raise SamoraError(f"model.fusion={name!r} names an expert the model lacks; experts are {list(experts)}")
         return SingleFusion(level)
-    if name == "sum":
-        return SumFusion(experts)
-    if name == "lac":
-        return LACFusion(experts, lac_weights)
-    if name == "mole":
-        return MoLEFusion(experts, dim)
     if name == "lorahub":
         raise SamoraError(
             "model.fusion=lorahub composes the experts into one LoRA in the fine-tuning stage, whose blocks "
             "then run single:hub; build that model with `samora finetune model.fusion=lorahub`"
         )
-    if name == "hl_attn":
-        order = parse_hl_order(hl_order, experts)
-        return HLAttention(order, dim, width=hl_width, heads=int(hl_heads or num_heads), init=hl_init)
+    if name in FUSION_BUILDERS:
+        settings = FusionSettings(experts, dim, num_heads, hl_order, hl_width, hl_heads, hl_init, lac_weights)
+        return FUSION_BUILDERS[name](settings)
     raise SamoraError(f"unknown model.fusion {name!r}; choose one of {', '.join(FUSIONS)}")
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """What `build_fusion` was given, for the builder of the named fusion to take its part."""
+
+    experts: tuple[str, ...]
+    dim: int
+    num_heads: int
+    hl_order: str
+    hl_width: int | None
+    hl_heads: int | None
+    hl_init: str
+    lac_weights: Sequence[float] | None
+
+
+def _hl_attention(s: FusionSettings) -> Fusion:
+    order = parse_hl_order(s.hl_order, s.experts)
+    return HLAttention(order, s.dim, width=s.hl_width, heads=int(s.hl_heads or s.num_heads), init=s.hl_init)
+
+
+# model.fusion -> its builder (single:<level> and lorahub are handled before the lookup)
+FUSION_BUILDERS: dict[str, Callable[[FusionSettings], Fusion]] = {
+    "hl_attn": _hl_attention,
+    "sum": lambda s: SumFusion(s.experts),
+    "lac": lambda s: LACFusion(s.experts, s.lac_weights),
+    "mole": lambda s: MoLEFusion(s.experts, s.dim),
+}
