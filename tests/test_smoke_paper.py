@@ -33,7 +33,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from samora_pl.runs.manifest import file_record
+from samora_pl.records.manifest import file_record
 from tests.data_modules.prepare.test_raw import write_raw_synapse
 from tests.samora_pl.models.teachers.test_simclrv2_keys import write_layout
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_path
+from samora_pl.records.atomic import atomic_path
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
 

@@ -53,8 +53,8 @@ from data_modules.labelled.sampling import training_sampler
 from data_modules.labelled.transforms import SegmentationTransform
 from data_modules.options import FRACTION_MODES
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_write_json, atomic_write_text
-from samora_pl.runs.manifest import is_rank_zero
+from samora_pl.records.atomic import atomic_write_json, atomic_write_text
+from samora_pl.records.manifest import is_rank_zero
 
 VAL_READ_FACTOR = 4  # training slices read to find `val_slices` monitoring slices with foreground
 log = logging.getLogger(__name__)

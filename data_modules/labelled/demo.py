@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from data_modules.labelled.synapse import SynapseDataModule
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_path, atomic_write_text
+from samora_pl.records.atomic import atomic_path, atomic_write_text
 
 DEMO_VERSION = 1
 DEFAULT_PARAMS = dict(

@@ -34,7 +34,7 @@ from data_modules.io.readers import intensity as scale_intensity
 from data_modules.io.volume_io import Geometry, read_image, read_shape, strip_image_suffix
 from data_modules.labelled.base import SegmentationDataModule, Volume, as_label_map, label_problems, read_name_list
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_write_text
+from samora_pl.records.atomic import atomic_write_text
 
 TEST_FRACTION = 0.2  # of the cases, for a seeded split
 SLICE_MARK = "_slice"

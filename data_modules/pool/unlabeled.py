@@ -63,8 +63,8 @@ from data_modules.labelled.spec import LabelledDataSpec
 from data_modules.options import INTENSITY_OPTIONS
 from data_modules.pool.spec import PoolSpec
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_write_text
-from samora_pl.runs.manifest import is_rank_zero, sha256
+from samora_pl.records.atomic import atomic_write_text
+from samora_pl.records.manifest import is_rank_zero, sha256
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from data_modules.labelled.promise12 import CASE_FILE, PROMISE12_TEST, Promise12
 from data_modules.labelled.synapse import SYNAPSE_TEST_CASES
 from data_modules.prepare.colin27 import plan_colin27
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_path, atomic_write_text
+from samora_pl.records.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 

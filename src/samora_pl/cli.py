@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _rank_zero_or_warning(record: logging.LogRecord) -> bool:
     """Info lines from global rank zero only: under DDP every rank runs this CLI and would repeat them."""
-    from samora_pl.runs.manifest import is_rank_zero
+    from samora_pl.records.manifest import is_rank_zero
 
     return record.levelno >= logging.WARNING or is_rank_zero()
 

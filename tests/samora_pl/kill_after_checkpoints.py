@@ -11,7 +11,7 @@ import signal
 import sys
 
 from samora_pl.cli import main
-from samora_pl.runs.checkpoint_io import AtomicCheckpointIO
+from samora_pl.records.checkpoint_io import AtomicCheckpointIO
 
 
 def kill_after(count: int) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samora_pl.runs.atomic import atomic_save
+from samora_pl.records.atomic import atomic_save
 
 ALPHA = 0.45  # label colour over the grey image
 

@@ -1,6 +1,6 @@
 """Evaluation outputs: ``results.csv``, ``metrics.json``, ``results.md`` and a console table.
 
-Every file is written atomically (:mod:`samora_pl.runs.atomic`),
+Every file is written atomically (:mod:`samora_pl.records.atomic`),
 so a crash never leaves a half-written file behind. In DDP, gather the rows first
 (:func:`samora_pl.evaluation.gather_rows`) and write on rank zero only.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from samora_pl.evaluation.metrics import _names_by_id, sort_rows, summarise
-from samora_pl.runs.atomic import atomic_write_text
+from samora_pl.records.atomic import atomic_write_text
 
 __all__ = ["write_results", "format_table", "RESIZE_DESCRIPTIONS"]
 

@@ -35,7 +35,7 @@ from samora_pl.export import bundle_script
 from samora_pl.export.bundle_configs import BundleFacts, inference, metadata
 from samora_pl.export.bundle_readme import bundle_readme, license_text
 from samora_pl.export.torchscript import save_scripted, script_model
-from samora_pl.runs.manifest import verify_input
+from samora_pl.records.manifest import verify_input
 from samora_pl.stages.finetune.evaluate import load_finetuned
 from samora_pl.stages.predict import dataset_intensity
 

@@ -17,7 +17,7 @@ import torch
 from samora_pl.config.choices import Family
 from samora_pl.config.specs import ExpertLayout, SegmenterSpec
 from samora_pl.models.segmenter import SAMoraSegmenter
-from samora_pl.runs.manifest import file_record
+from samora_pl.records.manifest import file_record
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from samora_pl.config.plans import PredictPlan
 from samora_pl.errors import SamoraError
 from samora_pl.evaluation import predict_volume
 from samora_pl.evaluation.overlay import write_overlay
-from samora_pl.runs.manifest import verify_input
+from samora_pl.records.manifest import verify_input
 from samora_pl.stages.finetune.evaluate import load_finetuned
 from samora_pl.training.progress import track
 

@@ -38,8 +38,8 @@ from samora_pl.models.adapters.lora import read_expert_metadata
 from samora_pl.models.factory import base_fingerprint
 from samora_pl.models.teachers.factory import build_teacher
 from samora_pl.models.teachers.files import load_teacher
-from samora_pl.runs.atomic import atomic_write_text
-from samora_pl.runs.manifest import StageRecord, is_rank_zero, save_config, verify_input
+from samora_pl.records.atomic import atomic_write_text
+from samora_pl.records.manifest import StageRecord, is_rank_zero, save_config, verify_input
 from samora_pl.stages.cpt.run import initial_teacher
 from samora_pl.stages.distill import run as distill
 from samora_pl.stages.distill.targets import to_teacher_grid

@@ -36,8 +36,8 @@ from omegaconf import OmegaConf
 from samora_pl.config.compose import compose, experiments_dir
 from samora_pl.config.plans import FinetunePlan, build_plan
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_path, atomic_write_text
-from samora_pl.runs.manifest import is_rank_zero, read_manifest
+from samora_pl.records.atomic import atomic_path, atomic_write_text
+from samora_pl.records.manifest import is_rank_zero, read_manifest
 
 log = logging.getLogger(__name__)
 DEFAULT_REFERENCE = "hl_attn"  # the variant compared against when an ablation file names no `reference`

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from samora_pl.config.compose import compose
 from samora_pl.config.plans import CptPlan, DistillPlan, FinetunePlan, build_plan
-from samora_pl.runs.manifest import read_manifest
+from samora_pl.records.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 DEMO_DEFAULTS = ["data.name=demo", "data.fraction=0.1"]

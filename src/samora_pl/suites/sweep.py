@@ -43,8 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 from samora_pl.config.compose import compose, experiments_dir, flat_config
 from samora_pl.config.plans import FINETUNE_KEYS, FinetunePlan, build_plan, folders_of
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_path, atomic_write_text
-from samora_pl.runs.manifest import read_manifest
+from samora_pl.records.atomic import atomic_path, atomic_write_text
+from samora_pl.records.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 OBJECTIVE = "val_mean_dice"  # the fine-tune's last val/mean_dice: held-out labelled training slices

@@ -39,7 +39,7 @@ from samora_pl.config.plans import (
     build_plan,
 )
 from samora_pl.errors import SamoraError
-from samora_pl.runs.manifest import read_manifest
+from samora_pl.records.manifest import read_manifest
 from samora_pl.stages.cpt import run as cpt
 from samora_pl.stages.distill import run as distill
 

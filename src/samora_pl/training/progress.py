@@ -15,7 +15,7 @@ from typing import TypeVar
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from tqdm import tqdm
 
-from samora_pl.runs.manifest import is_rank_zero
+from samora_pl.records.manifest import is_rank_zero
 
 T = TypeVar("T")
 INTERVAL_S = 60.0

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 
 from samora_pl.config.specs import TrainerSpec
-from samora_pl.runs.checkpoint_io import AtomicCheckpointIO
+from samora_pl.records.checkpoint_io import AtomicCheckpointIO
 from samora_pl.training.callbacks import RandomState
 from samora_pl.training.guards import NonFiniteGuard
 from samora_pl.training.loggers import build_logger, logger_dir

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from samora_pl.config.compose import changed_since, compose, load_saved
 from samora_pl.config.migrate import ADDED_KEYS
-from samora_pl.runs.manifest import save_config
+from samora_pl.records.manifest import save_config
 from tests.stage_runs import planned
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from samora_pl.evaluation import format_table, summarise, write_results
-from samora_pl.runs import atomic
+from samora_pl.records import atomic
 
 NAMES = ["spleen", "liver", "aorta"]
 

@@ -38,8 +38,8 @@ def _fake_finetune(calls, fail_on=None, seen=None):
     (per-class Dice), finishes the manifest."""
 
     def fake_run(plan):
-        from samora_pl.runs.atomic import atomic_write_text
-        from samora_pl.runs.manifest import StageRecord, save_config
+        from samora_pl.records.atomic import atomic_write_text
+        from samora_pl.records.manifest import StageRecord, save_config
 
         cfg = OmegaConf.create(plan.config)  # the resolved settings the plan was built from
         if cfg.finetune.tag == fail_on:
@@ -241,8 +241,8 @@ def _fake_stage(stage, calls, fail_on=None):
     config), saves the config, writes an output naming the settings that matter here, finishes the manifest."""
 
     def fake_run(plan):
-        from samora_pl.runs.atomic import atomic_write_text
-        from samora_pl.runs.manifest import StageRecord, save_config
+        from samora_pl.records.atomic import atomic_write_text
+        from samora_pl.records.manifest import StageRecord, save_config
 
         cfg = OmegaConf.create(plan.config)  # the resolved settings the plan was built from
         sub = cfg.cpt.teacher if stage == "cpt" else cfg.distill.level

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_save
+from samora_pl.records.atomic import atomic_save
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from samora_pl.models.teachers.mae import MaeTeacher
 from samora_pl.models.teachers.simclr import SimclrTeacher
 from samora_pl.models.teachers.simclrv2_keys import convert as convert_simclrv2
 from samora_pl.models.teachers.simclrv2_keys import is_simclrv2_pytorch
-from samora_pl.runs.atomic import atomic_torch_save
+from samora_pl.records.atomic import atomic_torch_save
 
 FORMAT_VERSION = 1
 PREFIXES = ("module.", "model.", "teacher.", "backbone.", "encoder.", "resnet.")

@@ -41,8 +41,8 @@ from samora_pl.models.teachers.files import (  # noqa: F401 (load_teacher: API)
 )
 from samora_pl.models.teachers.mae import MaeTeacher
 from samora_pl.models.teachers.simclr import SimclrTeacher
-from samora_pl.runs.checkpoint_io import resumable
-from samora_pl.runs.manifest import (
+from samora_pl.records.checkpoint_io import resumable
+from samora_pl.records.manifest import (
     MANIFEST,
     StageRecord,
     file_record,

@@ -41,8 +41,8 @@ from samora_pl.config.specs import ExpertLayout, SegmenterSpec
 from samora_pl.errors import SamoraError
 from samora_pl.models.factory import base_fingerprint, build_segmenter, log_trainable, sam_checkpoint_record
 from samora_pl.models.teachers.files import load_teacher
-from samora_pl.runs.checkpoint_io import resumable
-from samora_pl.runs.manifest import (
+from samora_pl.records.checkpoint_io import resumable
+from samora_pl.records.manifest import (
     MANIFEST,
     StageRecord,
     is_rank_zero,

@@ -17,7 +17,7 @@ from samora_pl.errors import SamoraError
 from samora_pl.evaluation import CaseMetricsPool, gather_rows, predict_volume, shard_cases, summarise, write_results
 from samora_pl.evaluation.report import format_table
 from samora_pl.models.factory import build_segmenter
-from samora_pl.runs.manifest import is_rank_zero, read_manifest, verify_input
+from samora_pl.records.manifest import is_rank_zero, read_manifest, verify_input
 from samora_pl.training.progress import track
 from samora_pl.training.trainer import build_fabric
 

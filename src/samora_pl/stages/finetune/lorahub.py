@@ -42,8 +42,8 @@ from samora_pl.config.plans import LORAHUB_SLOT, FinetunePlan
 from samora_pl.errors import SamoraError
 from samora_pl.losses.segmentation import SegmentationLoss
 from samora_pl.models.adapters.lora import MultiExpertLoRA, compose_experts, load_expert, read_expert_metadata
-from samora_pl.runs.atomic import atomic_write_text
-from samora_pl.runs.manifest import is_rank_zero, verify_input
+from samora_pl.records.atomic import atomic_write_text
+from samora_pl.records.manifest import is_rank_zero, verify_input
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from samora_pl.config.plans import FINAL_FILE, FinetunePlan
 from samora_pl.errors import SamoraError
 from samora_pl.models.adapters.lora import read_expert_metadata
 from samora_pl.models.factory import base_fingerprint, build_segmenter, log_trainable, sam_checkpoint_record
-from samora_pl.runs.atomic import atomic_save
-from samora_pl.runs.checkpoint_io import resumable
-from samora_pl.runs.manifest import StageRecord, is_rank_zero, read_manifest, save_config, verify_input
+from samora_pl.records.atomic import atomic_save
+from samora_pl.records.checkpoint_io import resumable
+from samora_pl.records.manifest import StageRecord, is_rank_zero, read_manifest, save_config, verify_input
 from samora_pl.stages.finetune import lorahub
 from samora_pl.stages.finetune.evaluate import evaluate_model, pretraining_saw_test_cases
 from samora_pl.stages.finetune.module import FinetuneModule

@@ -19,7 +19,7 @@ from samora_pl.config.compose import compose
 from samora_pl.config.plans import build_plan
 from samora_pl.errors import SamoraError
 from samora_pl.models.teachers.files import load_teacher, save_teacher
-from samora_pl.runs.manifest import sha256
+from samora_pl.records.manifest import sha256
 from samora_pl.stages.distill import module as distill_module
 from samora_pl.stages.distill.module import DistillModule, build_head
 from samora_pl.stages.distill.run import EXPERT, LevelViews, build_student

@@ -392,7 +392,7 @@ def test_a_finished_finetune_loads_without_its_sam_checkpoint(tmp_path, quick, t
 
 def test_the_sam_checkpoint_is_an_input_of_the_manifest(tmp_path, quick, tiny_sam_state_dict):
     """The public SAM .pth a fine-tune starts from is recorded with its sha256, as CPT records its teachers'."""
-    from samora_pl.runs.manifest import StageRecord, sha256
+    from samora_pl.records.manifest import StageRecord, sha256
 
     ckpt = tmp_path / "sam_tiny_1024.pth"
     torch.save(tiny_sam_state_dict(), ckpt)

@@ -15,7 +15,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 
 from samora_pl.errors import SamoraError
-from samora_pl.runs.atomic import atomic_write_text
+from samora_pl.records.atomic import atomic_write_text
 
 MANIFEST = "manifest.json"
 

@@ -17,12 +17,12 @@ import io
 import logging
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from samora_pl.runs.atomic import atomic_path
+from samora_pl.records.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     plain write, so a full disk is an OSError naming `last.ckpt` (torch.save into a file raises a RuntimeError
     from its zip writer instead, and Lightning's own save stages the file in the system temporary folder)."""
 
-    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         buffer = io.BytesIO()
@@ -48,7 +48,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             out.write(data)
 
 
-def unreadable_reason(path: Path) -> Optional[str]:
+def unreadable_reason(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be loaded (None when it is whole).
 
     torch.save writes a zip archive whose central directory comes last and whose entries carry CRC-32s,
@@ -61,7 +61,7 @@ def unreadable_reason(path: Path) -> Optional[str]:
     return f"entry {bad} is damaged" if bad else None
 
 
-def resumable(path: Path, stage: str) -> Optional[Path]:
+def resumable(path: Path, stage: str) -> Path | None:
     """`path` if it exists and is a whole checkpoint; None (with one warning) if it is unreadable."""
     path = Path(path)
     if not path.exists():

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samora_pl.runs.checkpoint_io import AtomicCheckpointIO, resumable, unreadable_reason
 from samora_pl.cli import main
+from samora_pl.records.checkpoint_io import AtomicCheckpointIO, resumable, unreadable_reason
 
 
 def full_disk_after_half(monkeypatch, from_call: int = 1) -> list:

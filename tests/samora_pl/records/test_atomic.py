@@ -7,7 +7,13 @@ import stat
 import pytest
 import torch
 
-from samora_pl.runs.atomic import atomic_save, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
+from samora_pl.records.atomic import (
+    atomic_save,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 
 def test_atomic_write_leaves_no_temp_file(tmp_path):

@@ -9,9 +9,10 @@ as it was and no temporary behind. The variants below cover text, bytes, JSON an
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 FILE_MODE = 0o644
 

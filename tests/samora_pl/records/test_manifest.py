@@ -1,7 +1,7 @@
 import pytest
 
 from samora_pl.errors import SamoraError
-from samora_pl.runs.manifest import StageRecord, read_manifest, sha256, verify_input
+from samora_pl.records.manifest import StageRecord, read_manifest, sha256, verify_input
 
 
 def test_manifest_records_outputs_and_verify_detects_truncation(tmp_path):
